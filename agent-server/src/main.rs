@@ -1,1 +1,78 @@
-fn main() {}
+//! `agent-server`: the daemon on every host that can receive a migrating container.
+
+mod session;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use common::auth::Token;
+use common::podman::{PodmanClient, DEFAULT_SOCKET};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// Receives containers migrated by `agent-client` from other hosts: authenticates the peer,
+/// loads images, stores and verifies checkpoint archives and restores them through podman.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address and port to accept migrations on.
+    #[arg(long, env = "LM_LISTEN", default_value = "0.0.0.0:7878")]
+    listen: SocketAddr,
+    /// File holding the pre-shared token every agent of the cluster uses.
+    #[arg(long, env = "LM_TOKEN_FILE", default_value = "/etc/live-migrate/token")]
+    token_file: PathBuf,
+    /// Socket of this host's podman service (`podman system service`).
+    #[arg(long, env = "LM_PODMAN_SOCKET", default_value = DEFAULT_SOCKET)]
+    podman_socket: PathBuf,
+    /// Directory for incoming checkpoint archives and the agent's records.
+    #[arg(long, env = "LM_STATE_DIR", default_value = "/var/lib/live-migrate")]
+    state_dir: PathBuf,
+}
+
+/// What every session shares.
+pub struct ServerContext {
+    pub token: Token,
+    pub podman: PodmanClient,
+    pub incoming_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let token = Token::from_file(&args.token_file)?;
+    let incoming_dir = args.state_dir.join("incoming");
+    // Archives of sessions that died with a previous run are of no use to anyone.
+    let _ = std::fs::remove_dir_all(&incoming_dir);
+    std::fs::create_dir_all(&incoming_dir)
+        .with_context(|| format!("create {}", incoming_dir.display()))?;
+    let context = Arc::new(ServerContext {
+        token,
+        podman: PodmanClient::new(&args.podman_socket),
+        incoming_dir,
+    });
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, podman = %args.podman_socket.display(), "agent-server ready");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                continue;
+            }
+        };
+        let context = context.clone();
+        tokio::spawn(async move {
+            if let Err(e) = session::serve(stream, peer, context).await {
+                tracing::warn!(%peer, "session ended with an error: {e:#}");
+            }
+        });
+    }
+}

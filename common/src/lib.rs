@@ -1,1 +1,11 @@
-pub mod x {}
+//! Shared code of the live-migration agents: the wire protocol and its authentication, the
+//! engine-facing module, and the migration phases.
+
+pub mod auth;
+pub mod criu;
+pub mod migration;
+pub mod podman;
+pub mod protocol;
+pub mod remote;
+pub mod transfer;
+pub mod wire;

@@ -1,0 +1,301 @@
+//! A migration as a sequence of named phases, run by the source agent.
+//!
+//! Each phase ([`phases`]) does one job and, when it changes anything, records how to undo
+//! it on an [`UndoLog`]. If a phase fails, the log is unwound newest first, so the container
+//! runs again on the source and whatever the migration made is removed; the driver never
+//! needs to know which phase made what.
+
+pub mod phases;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::auth::Token;
+use crate::podman::PodmanClient;
+use crate::remote::RemoteAgent;
+
+/// The phases, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Reach the destination agent and authenticate.
+    Connect,
+    /// Check both hosts and make sure the destination has the image.
+    Prepare,
+    /// Freeze the container and write its checkpoint archive.
+    Checkpoint,
+    /// Send the archive to the destination.
+    Transfer,
+    /// Restore the container on the destination.
+    Restore,
+    /// Remove the source copy and the migration's leftovers.
+    CleanUp,
+}
+
+impl Phase {
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Connect => "connect",
+            Phase::Prepare => "prepare",
+            Phase::Checkpoint => "checkpoint",
+            Phase::Transfer => "transfer",
+            Phase::Restore => "restore",
+            Phase::CleanUp => "clean up",
+        }
+    }
+}
+
+/// What a caller (the CLI) is told while a migration runs.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    PhaseStarted(Phase),
+    PhaseFinished(Phase, Duration),
+    /// Bytes of the checkpoint archive sent so far, out of `total`.
+    Transferred {
+        sent: u64,
+        total: u64,
+    },
+    /// A step of the rollback after a failure.
+    RollingBack(String),
+}
+
+/// Everything a migration needs to know before it starts.
+pub struct MigrationRequest {
+    /// Name or ID of the container on the source host.
+    pub container: String,
+    /// `HOST[:PORT]` of the destination agent.
+    pub destination: String,
+    pub token: Token,
+    /// The source host's podman service.
+    pub podman: PodmanClient,
+    /// Where the source agent keeps checkpoint archives while a migration runs.
+    pub work_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTiming {
+    pub phase: Phase,
+    pub ms: f64,
+}
+
+/// The outcome of a successful migration, printed by the CLI (and as JSON with `--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    pub container: String,
+    pub container_id: String,
+    pub destination: String,
+    pub phases: Vec<PhaseTiming>,
+    /// From the start of the checkpoint until the destination reported the container running:
+    /// the time the workload could not run.
+    pub freeze_to_resume_ms: f64,
+    pub checkpoint_bytes: u64,
+    pub image_transferred: bool,
+    pub total_ms: f64,
+    /// Non-fatal problems after the destination took over.
+    pub warnings: Vec<String>,
+}
+
+/// Why a migration failed, and what the rollback did about it.
+#[derive(Debug)]
+pub struct MigrationFailure {
+    pub phase: Phase,
+    pub error: anyhow::Error,
+    /// Undo steps that themselves failed: what may need a hand.
+    pub rollback_errors: Vec<String>,
+}
+
+impl std::fmt::Display for MigrationFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "migration failed during {}: {:#}",
+            self.phase.label(),
+            self.error
+        )?;
+        for e in &self.rollback_errors {
+            write!(f, "\n  rollback problem: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for MigrationFailure {}
+
+/// How to take back one thing a phase did.
+#[derive(Debug)]
+pub enum Undo {
+    /// The container was checkpointed (and so stopped) on the source: start it again from
+    /// its checkpoint, falling back to the exported archive.
+    RestartOnSource { container: String, archive: PathBuf },
+    /// The destination received (and maybe restored) the container: make it drop both.
+    DiscardOnDestination,
+    /// A local file the migration wrote.
+    RemoveFile(PathBuf),
+}
+
+/// The undo steps recorded so far, newest last.
+#[derive(Debug, Default)]
+pub struct UndoLog {
+    steps: Vec<Undo>,
+}
+
+impl UndoLog {
+    pub fn push(&mut self, undo: Undo) {
+        self.steps.push(undo);
+    }
+
+    /// Runs every step newest first; returns the ones that failed.
+    async fn unwind(
+        &mut self,
+        podman: &PodmanClient,
+        remote: Option<&mut RemoteAgent>,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Vec<String> {
+        let mut remote = remote;
+        let mut errors = Vec::new();
+        while let Some(step) = self.steps.pop() {
+            progress(Progress::RollingBack(format!("{step:?}")));
+            let result = match &step {
+                Undo::RestartOnSource { container, archive } => {
+                    phases::restart_on_source(podman, container, archive).await
+                }
+                Undo::DiscardOnDestination => match remote.as_deref_mut() {
+                    Some(agent) => agent.abort().await,
+                    None => Ok(()),
+                },
+                Undo::RemoveFile(path) => match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                    _ => Ok(()),
+                },
+            };
+            if let Err(e) = result {
+                tracing::warn!(?step, "undo failed: {e:#}");
+                errors.push(format!("{step:?}: {e:#}"));
+            }
+        }
+        errors
+    }
+}
+
+/// Times phases and tells the caller about them.
+struct PhaseClock<'a> {
+    timings: Vec<PhaseTiming>,
+    progress: &'a (dyn Fn(Progress) + Send + Sync),
+}
+
+impl PhaseClock<'_> {
+    fn start(&self, phase: Phase) -> Instant {
+        tracing::info!(phase = phase.label(), "phase started");
+        (self.progress)(Progress::PhaseStarted(phase));
+        Instant::now()
+    }
+
+    fn finish(&mut self, phase: Phase, started: Instant) {
+        let elapsed = started.elapsed();
+        tracing::info!(
+            phase = phase.label(),
+            ms = elapsed.as_secs_f64() * 1e3,
+            "phase done"
+        );
+        (self.progress)(Progress::PhaseFinished(phase, elapsed));
+        self.timings.push(PhaseTiming {
+            phase,
+            ms: elapsed.as_secs_f64() * 1e3,
+        });
+    }
+}
+
+/// Runs a migration end to end. On failure everything done so far is undone before this
+/// returns, and the error says in which phase it failed.
+pub async fn migrate(
+    request: MigrationRequest,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<MigrationReport, MigrationFailure> {
+    let started = Instant::now();
+    let mut clock = PhaseClock {
+        timings: Vec::new(),
+        progress,
+    };
+    let mut undo = UndoLog::default();
+    let mut remote: Option<RemoteAgent> = None;
+    let mut phase = Phase::Connect;
+
+    let outcome: anyhow::Result<(phases::Prepared, u64, Instant)> = async {
+        let t = clock.start(phase);
+        remote = Some(phases::connect(&request.destination, &request.token).await?);
+        let agent = remote.as_mut().expect("just connected");
+        clock.finish(phase, t);
+
+        phase = Phase::Prepare;
+        let t = clock.start(phase);
+        let prepared = phases::prepare(&request.podman, agent, &request.container).await?;
+        clock.finish(phase, t);
+
+        phase = Phase::Checkpoint;
+        let frozen_at = clock.start(phase);
+        let archive = phases::checkpoint(
+            &request.podman,
+            &prepared.container,
+            &request.work_dir,
+            &mut undo,
+        )
+        .await?;
+        clock.finish(phase, frozen_at);
+
+        phase = Phase::Transfer;
+        let t = clock.start(phase);
+        let bytes = phases::transfer(
+            agent,
+            &prepared.container.to_ref(),
+            &archive,
+            progress,
+            &mut undo,
+        )
+        .await?;
+        clock.finish(phase, t);
+
+        phase = Phase::Restore;
+        let t = clock.start(phase);
+        phases::restore(agent, &prepared.container.to_ref()).await?;
+        clock.finish(phase, t);
+        Ok((prepared, bytes, frozen_at))
+    }
+    .await;
+
+    let (prepared, checkpoint_bytes, frozen_at) = match outcome {
+        Ok(done) => done,
+        Err(error) => {
+            tracing::error!(phase = phase.label(), "migration failed: {error:#}");
+            let rollback_errors = undo
+                .unwind(&request.podman, remote.as_mut(), progress)
+                .await;
+            return Err(MigrationFailure {
+                phase,
+                error,
+                rollback_errors,
+            });
+        }
+    };
+    let freeze_to_resume = frozen_at.elapsed();
+
+    // The destination runs the container now: from here on nothing is rolled back, and
+    // problems are only reported.
+    let t = clock.start(Phase::CleanUp);
+    let agent = remote.as_mut().expect("connected");
+    let warnings = phases::clean_up(&request.podman, agent, &prepared.container.name, undo).await;
+    clock.finish(Phase::CleanUp, t);
+
+    Ok(MigrationReport {
+        container: prepared.container.name.clone(),
+        container_id: prepared.container.id.clone(),
+        destination: agent.address().to_string(),
+        phases: clock.timings,
+        freeze_to_resume_ms: freeze_to_resume.as_secs_f64() * 1e3,
+        checkpoint_bytes,
+        image_transferred: prepared.image_transferred,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        warnings,
+    })
+}

@@ -1,0 +1,183 @@
+//! One function per migration phase. A phase that changes something records its undo on
+//! the [`UndoLog`] as soon as the change exists, before anything else can fail.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::{Progress, Undo, UndoLog};
+use crate::auth::Token;
+use crate::criu;
+use crate::podman::{ContainerInfo, PodmanClient};
+use crate::protocol::ContainerRef;
+use crate::remote::RemoteAgent;
+
+/// Connect: reach the destination agent and authenticate both ways. Nothing to undo: the
+/// connection closes with the migration.
+pub async fn connect(destination: &str, token: &Token) -> Result<RemoteAgent> {
+    RemoteAgent::connect(destination, token).await
+}
+
+/// What the prepare phase learned.
+pub struct Prepared {
+    pub container: ContainerInfo,
+    pub image_transferred: bool,
+}
+
+/// Prepare: check the container and both hosts, and give the destination the image while
+/// the container still runs. Nothing to undo: an image on the destination harms nobody and
+/// makes the next migration faster.
+pub async fn prepare(
+    podman: &PodmanClient,
+    remote: &mut RemoteAgent,
+    container: &str,
+) -> Result<Prepared> {
+    let info = podman.inspect_running(container).await?;
+    let source = podman.engine_info().await?;
+    check_runtime("source", &source.oci_runtime)?;
+    check_criu(
+        "source",
+        &criu::version().await.map_err(anyhow::Error::msg)?,
+    )?;
+    let report = remote.preflight(&info.to_ref()).await?;
+    check_runtime(&report.hostname, &report.oci_runtime)?;
+    check_criu(
+        &format!("destination {}", report.hostname),
+        &report.criu_version,
+    )?;
+    if let Some(existing) = &report.conflicting_container {
+        bail!(
+            "destination {} already has a container {existing} (same name or ID as {}); remove it first",
+            report.hostname,
+            info.name
+        );
+    }
+    let image_transferred = !report.has_image;
+    if image_transferred {
+        let archive = podman.export_image(&info.image_id).await?;
+        tracing::info!(bytes = archive.len(), image = %info.image_name, "sending image");
+        remote
+            .put_image(&info.image_id, &archive)
+            .await
+            .context("sending the container image to the destination")?;
+    }
+    Ok(Prepared {
+        container: info,
+        image_transferred,
+    })
+}
+
+fn check_runtime(host: &str, runtime: &str) -> Result<()> {
+    if runtime == "crun" {
+        bail!("{host} podman uses crun, which cannot checkpoint with hybrid cgroups; set runtime = \"runc\" in containers.conf");
+    }
+    Ok(())
+}
+
+fn check_criu(host: &str, version: &str) -> Result<()> {
+    if !criu::is_supported(version) {
+        bail!("{host} has CRIU {version}; >= 4.2 is needed to checkpoint TCP connections (run scripts/setup-host.sh)");
+    }
+    Ok(())
+}
+
+/// Checkpoint: freeze the container (with its established TCP connections) and export the
+/// checkpoint to `work_dir`. Undo: start it again on the source.
+pub async fn checkpoint(
+    podman: &PodmanClient,
+    container: &ContainerInfo,
+    work_dir: &Path,
+    undo: &mut UndoLog,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(work_dir)
+        .with_context(|| format!("create work directory {}", work_dir.display()))?;
+    let archive = work_dir.join(format!("{}.checkpoint.tar", container.id));
+    undo.push(Undo::RemoveFile(archive.clone()));
+    // Registered before the call: a checkpoint that fails halfway may still have stopped it.
+    undo.push(Undo::RestartOnSource {
+        container: container.name.clone(),
+        archive: archive.clone(),
+    });
+    podman.checkpoint_to_file(&container.name, &archive).await?;
+    Ok(archive)
+}
+
+/// Transfer: stream the archive to the destination, which verifies its SHA-256.
+/// Undo: the destination drops what it received (and, later, what it restored).
+pub async fn transfer(
+    remote: &mut RemoteAgent,
+    container: &ContainerRef,
+    archive: &Path,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+    undo: &mut UndoLog,
+) -> Result<u64> {
+    let total = std::fs::metadata(archive)?.len();
+    undo.push(Undo::DiscardOnDestination);
+    remote
+        .put_checkpoint(container, archive, |sent| {
+            progress(Progress::Transferred { sent, total })
+        })
+        .await
+}
+
+/// Restore: the destination creates and starts the container from the archive. Its undo is
+/// the transfer's: the destination removes the restored copy along with the archive.
+pub async fn restore(remote: &mut RemoteAgent, container: &ContainerRef) -> Result<u64> {
+    remote.restore(container).await
+}
+
+/// Clean up: the destination runs the container, so remove the source copy and the
+/// migration's local files, and tell the destination it may forget the session.
+/// Returns warnings: nothing here may undo the migration.
+pub async fn clean_up(
+    podman: &PodmanClient,
+    remote: &mut RemoteAgent,
+    container: &str,
+    undo: UndoLog,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Err(e) = podman.remove(container).await {
+        warnings.push(format!(
+            "could not remove the source copy of {container}: {e}"
+        ));
+    }
+    for step in undo.steps {
+        if let Undo::RemoveFile(path) = step {
+            if let Err(e) = std::fs::remove_file(&path) {
+                warnings.push(format!("could not remove {}: {e}", path.display()));
+            }
+        }
+    }
+    if let Err(e) = remote.finish().await {
+        warnings.push(format!("destination did not acknowledge the end: {e:#}"));
+    }
+    warnings
+}
+
+/// Undo of [`checkpoint`]: bring the container back on the source. The checkpoint kept with
+/// the container is tried first (fast); if podman cannot use it, the container is recreated
+/// from the exported archive.
+pub async fn restart_on_source(
+    podman: &PodmanClient,
+    container: &str,
+    archive: &Path,
+) -> Result<()> {
+    if let Some(info) = podman.find(container).await? {
+        if info.running {
+            return Ok(());
+        }
+        match podman.restore_in_place(container).await {
+            Ok(()) => return Ok(()),
+            Err(e) if archive.exists() => {
+                tracing::warn!("restore in place failed ({e}), restoring from the archive");
+                podman.remove(container).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !archive.exists() {
+        bail!("container {container} is gone and no checkpoint archive exists");
+    }
+    podman.restore_import(archive).await?;
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! The container engine, through the Podman REST API of one host.
+//!
+//! Everything goes through `podman-api`, except restoring from an imported archive: the
+//! crate's `restore` sends no request body, so that one call streams the archive with the
+//! HTTP client of `containers-api` (the transport podman-api itself is built on).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use podman_api::opts::{
+    ContainerCheckpointOpts, ContainerDeleteOpts, ContainerListOpts, ContainerRestoreOpts,
+};
+use podman_api::Podman;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use crate::protocol::ContainerRef;
+
+/// Default path of the rootful Podman service socket.
+pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodmanError {
+    #[error("no such container: {0}")]
+    NoSuchContainer(String),
+    #[error("container {0} is not running")]
+    NotRunning(String),
+    #[error("podman at {socket}: {message}")]
+    Api { socket: String, message: String },
+}
+
+/// What an operator and the migration need to know about a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub image_id: String,
+    pub image_name: String,
+    pub running: bool,
+    /// Addresses on each container network, by network name.
+    pub addresses: BTreeMap<String, String>,
+    /// Published ports as `host_port -> container_port/proto`.
+    pub published_ports: Vec<PublishedPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: String,
+}
+
+impl ContainerInfo {
+    pub fn to_ref(&self) -> ContainerRef {
+        ContainerRef {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            image_id: self.image_id.clone(),
+            image_name: self.image_name.clone(),
+        }
+    }
+}
+
+/// Engine facts used by preflight checks.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub podman_version: String,
+    pub oci_runtime: String,
+}
+
+#[derive(Clone)]
+pub struct PodmanClient {
+    api: Podman,
+    socket: PathBuf,
+}
+
+impl PodmanClient {
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            api: Podman::unix(socket),
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn error(&self, context: &str, e: impl std::fmt::Display) -> PodmanError {
+        PodmanError::Api {
+            socket: self.socket.display().to_string(),
+            message: format!("{context}: {e}"),
+        }
+    }
+
+    pub async fn engine_info(&self) -> Result<EngineInfo, PodmanError> {
+        let info = self
+            .api
+            .info()
+            .await
+            .map_err(|e| self.error("cannot reach the podman service", e))?;
+        Ok(EngineInfo {
+            podman_version: info.version.and_then(|v| v.version).unwrap_or_default(),
+            oci_runtime: info
+                .host
+                .and_then(|h| h.oci_runtime)
+                .and_then(|r| r.name)
+                .unwrap_or_default(),
+        })
+    }
+
+    pub async fn inspect(&self, name_or_id: &str) -> Result<ContainerInfo, PodmanError> {
+        let container = self.api.containers().get(name_or_id);
+        let data = container.inspect().await.map_err(|e| {
+            if is_not_found(&e) {
+                PodmanError::NoSuchContainer(name_or_id.to_string())
+            } else {
+                self.error(&format!("inspect {name_or_id}"), e)
+            }
+        })?;
+        let (networks, ports) = data
+            .network_settings
+            .map(|n| (n.networks, n.ports))
+            .unwrap_or_default();
+        let addresses = networks
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(net, settings)| {
+                settings
+                    .ip_address
+                    .filter(|ip| !ip.is_empty())
+                    .map(|ip| (net, ip))
+            })
+            .collect();
+        let mut published_ports = Vec::new();
+        for (spec, bindings) in ports.unwrap_or_default() {
+            let (port, protocol) = spec.split_once('/').unwrap_or((&spec, "tcp"));
+            let Ok(container_port) = port.parse() else {
+                continue;
+            };
+            for binding in bindings.unwrap_or_default() {
+                if let Some(Ok(host_port)) = binding.host_port.as_deref().map(str::parse) {
+                    published_ports.push(PublishedPort {
+                        host_port,
+                        container_port,
+                        protocol: protocol.to_string(),
+                    });
+                }
+            }
+        }
+        published_ports.sort_by_key(|p| (p.host_port, p.protocol.clone()));
+        Ok(ContainerInfo {
+            id: data.id.unwrap_or_default(),
+            name: data.name.unwrap_or_default(),
+            image_id: data.image.unwrap_or_default(),
+            image_name: data.image_name.unwrap_or_default(),
+            running: data.state.and_then(|s| s.running).unwrap_or(false),
+            addresses,
+            published_ports,
+        })
+    }
+
+    /// Inspects a container that must exist and be running.
+    pub async fn inspect_running(&self, name_or_id: &str) -> Result<ContainerInfo, PodmanError> {
+        let info = self.inspect(name_or_id).await?;
+        if !info.running {
+            return Err(PodmanError::NotRunning(name_or_id.to_string()));
+        }
+        Ok(info)
+    }
+
+    pub async fn list_running(&self) -> Result<Vec<ContainerInfo>, PodmanError> {
+        let list = self
+            .api
+            .containers()
+            .list(&ContainerListOpts::builder().all(false).build())
+            .await
+            .map_err(|e| self.error("list containers", e))?;
+        let mut out = Vec::new();
+        for c in list {
+            if let Some(id) = c.id {
+                out.push(self.inspect(&id).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Looks up a container by name or ID; `None` when there is none.
+    pub async fn find(&self, name_or_id: &str) -> Result<Option<ContainerInfo>, PodmanError> {
+        match self.inspect(name_or_id).await {
+            Ok(info) => Ok(Some(info)),
+            Err(PodmanError::NoSuchContainer(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn image_exists(&self, image_id: &str) -> Result<bool, PodmanError> {
+        self.api
+            .images()
+            .get(image_id)
+            .exists()
+            .await
+            .map_err(|e| self.error(&format!("look up image {image_id}"), e))
+    }
+
+    /// The image as an archive `podman load` accepts. Images of migrated containers are
+    /// small next to memory, and the transfer happens before the freeze, so memory is fine.
+    pub async fn export_image(&self, image_id: &str) -> Result<Vec<u8>, PodmanError> {
+        self.api
+            .images()
+            .get(image_id)
+            .export(&Default::default())
+            .try_concat()
+            .await
+            .map_err(|e| self.error(&format!("export image {image_id}"), e))
+    }
+
+    pub async fn load_image(&self, archive: &[u8]) -> Result<(), PodmanError> {
+        self.api
+            .images()
+            .load(archive)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("load image", e))
+    }
+
+    /// Checkpoints a running container (it stops) and writes the exported archive to
+    /// `archive`; returns its size. Established TCP connections are included. `keep` leaves
+    /// the checkpoint with the container too, so [`Self::restore_in_place`] can bring it back.
+    pub async fn checkpoint_to_file(&self, name: &str, archive: &Path) -> Result<u64, PodmanError> {
+        let opts = ContainerCheckpointOpts::builder()
+            .tcp_established(true)
+            .keep(true)
+            .build();
+        let container = self.api.containers().get(name);
+        let mut stream = container.checkpoint_export(&opts);
+        let mut file = tokio::fs::File::create(archive)
+            .await
+            .map_err(|e| self.error(&format!("create {}", archive.display()), e))?;
+        let mut written = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.error(&format!("checkpoint {name}"), e))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| self.error(&format!("write {}", archive.display()), e))?;
+            written += chunk.len() as u64;
+        }
+        file.flush()
+            .await
+            .map_err(|e| self.error(&format!("write {}", archive.display()), e))?;
+        Ok(written)
+    }
+
+    /// Restores a checkpointed container from the checkpoint it keeps on this host.
+    pub async fn restore_in_place(&self, name: &str) -> Result<(), PodmanError> {
+        self.api
+            .containers()
+            .get(name)
+            .restore(
+                &ContainerRestoreOpts::builder()
+                    .tcp_established(true)
+                    .build(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(&format!("restore {name}"), e))
+    }
+
+    /// Creates and starts a container from an exported checkpoint archive.
+    pub async fn restore_import(&self, archive: &Path) -> Result<(), PodmanError> {
+        use containers_api::conn::{get_unix_connector, Transport};
+        use hyper::{Body, Method, Request};
+
+        let file = tokio::fs::File::open(archive)
+            .await
+            .map_err(|e| self.error(&format!("open {}", archive.display()), e))?;
+        let body = Body::wrap_stream(file_chunks(file));
+        let transport = Transport::Unix {
+            client: hyper::Client::builder().build(get_unix_connector()),
+            path: self.socket.clone(),
+        };
+        let uri = transport
+            .make_uri("/v4.0.0/libpod/containers/import/restore?import=true&tcpEstablished=true")
+            .map_err(|e| self.error("restore", e))?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header("Content-Type", "application/x-tar")
+            .body(body)
+            .map_err(|e| self.error("restore", e))?;
+        let response = transport
+            .request(request)
+            .await
+            .map_err(|e| self.error("restore", e))?;
+        let status = response.status();
+        let text = hyper::body::to_bytes(response.into_body())
+            .await
+            .map_err(|e| self.error("restore", e))?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&text).into_owned());
+            return Err(self.error("restore from archive", message));
+        }
+        Ok(())
+    }
+
+    /// Removes a container, stopping it first if needed.
+    pub async fn remove(&self, name: &str) -> Result<(), PodmanError> {
+        self.api
+            .containers()
+            .get(name)
+            .delete(&ContainerDeleteOpts::builder().force(true).build())
+            .await
+            .map_err(|e| self.error(&format!("remove {name}"), e))
+    }
+}
+
+fn file_chunks(
+    file: tokio::fs::File,
+) -> impl Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    futures_util::stream::try_unfold(file, |mut file| async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.truncate(n);
+        Ok(Some((buf, file)))
+    })
+}
+
+fn is_not_found(e: &podman_api::Error) -> bool {
+    matches!(e, podman_api::Error::Fault { code, .. } if code.as_u16() == 404)
+}

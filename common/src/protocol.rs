@@ -1,0 +1,166 @@
+//! The control protocol between a source agent (`agent-client`) and a destination agent
+//! (`agent-server`). Everything that crosses the wire is defined in this file.
+//!
+//! # Framing
+//! A connection carries frames: `u32` big-endian length `L`, then `L` bytes of which the
+//! first is the frame kind and the rest the payload. `L` never exceeds [`MAX_FRAME_LEN`];
+//! a larger announced length is an error and the connection is closed before reading it.
+//!
+//! | kind | payload                                            |
+//! |------|----------------------------------------------------|
+//! | 0    | one JSON-encoded [`ClientMessage`] or [`ServerMessage`] |
+//! | 1    | raw bytes of a stream (image or checkpoint archive) |
+//!
+//! # Session
+//! 1. Handshake ([`crate::auth`]): `Hello` -> `Challenge` -> `Prove` -> `Welcome`. Both sides
+//!    prove they hold the pre-shared token with HMAC-SHA256 over fresh nonces; the token
+//!    never crosses the wire. The version is checked in the first two messages. Before
+//!    `Welcome` the server acts on nothing.
+//! 2. Requests, each answered by exactly one response:
+//!    - `Preflight` -> `Preflight` (what the destination has and can do);
+//!    - `PutImage` + data frames + `EndOfStream` -> `ImageLoaded`;
+//!    - `PutCheckpoint` + data frames + `EndOfStream` -> `CheckpointStored`;
+//!    - `Restore` -> `Restored`;
+//!    - `Abort` -> `Aborted` (drop the archive and any restored copy);
+//!    - `Finish` -> `Finished` (the source is gone; forget the session).
+//!
+//!    Any request may instead be answered by `Error`.
+//! 3. A connection that closes without `Finish` is treated as `Abort` for whatever has not
+//!    been restored yet.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on every incompatible change of the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default TCP port of `agent-server`.
+pub const DEFAULT_PORT: u16 = 7878;
+
+/// Largest frame (kind byte + payload) either side accepts.
+pub const MAX_FRAME_LEN: usize = 1024 * 1024;
+
+/// Size of the data frames a sender cuts a stream into.
+pub const DATA_CHUNK_LEN: usize = 256 * 1024;
+
+/// Kind byte of a frame holding a JSON message.
+pub const FRAME_MESSAGE: u8 = 0;
+/// Kind byte of a frame holding raw stream bytes.
+pub const FRAME_DATA: u8 = 1;
+
+/// What the source agent sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    Hello {
+        version: u32,
+        /// Hex-encoded random nonce.
+        client_nonce: String,
+    },
+    Prove {
+        /// Hex HMAC proving the client holds the token.
+        client_proof: String,
+    },
+    Preflight {
+        container: ContainerRef,
+    },
+    PutImage {
+        image_id: String,
+    },
+    PutCheckpoint {
+        container: ContainerRef,
+    },
+    /// Ends the data frames of a `Put*` request.
+    EndOfStream {
+        bytes: u64,
+        /// Hex SHA-256 of all data bytes.
+        sha256: String,
+    },
+    Restore {
+        container: ContainerRef,
+    },
+    Abort,
+    Finish,
+}
+
+/// What the destination agent sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Challenge {
+        version: u32,
+        server_nonce: String,
+        /// Hex HMAC proving the server holds the token.
+        server_proof: String,
+    },
+    Welcome,
+    Preflight(HostReport),
+    ImageLoaded,
+    CheckpointStored {
+        bytes: u64,
+    },
+    Restored {
+        /// Time podman took to restore, in milliseconds.
+        restore_ms: u64,
+    },
+    Aborted,
+    Finished,
+    Error {
+        message: String,
+    },
+}
+
+/// Identifies the container being migrated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRef {
+    pub id: String,
+    pub name: String,
+    pub image_id: String,
+    pub image_name: String,
+}
+
+/// What a host can do, for the preflight check of both ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostReport {
+    pub hostname: String,
+    pub podman_version: String,
+    pub criu_version: String,
+    pub oci_runtime: String,
+    /// Whether the image of the container is already present.
+    pub has_image: bool,
+    /// Name or ID of an existing container that would collide with the incoming one.
+    pub conflicting_container: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_tagged_json() {
+        let m = ClientMessage::PutImage {
+            image_id: "abc".into(),
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, r#"{"type":"put_image","image_id":"abc"}"#);
+        assert_eq!(serde_json::from_str::<ClientMessage>(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn unknown_message_type_is_rejected() {
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"rm_rf"}"#).is_err());
+    }
+
+    #[test]
+    fn server_report_roundtrips() {
+        let m = ServerMessage::Preflight(HostReport {
+            hostname: "h2".into(),
+            podman_version: "5.4.2".into(),
+            criu_version: "4.2.1".into(),
+            oci_runtime: "runc".into(),
+            has_image: false,
+            conflicting_container: Some("counter".into()),
+        });
+        let json = serde_json::to_vec(&m).unwrap();
+        assert_eq!(serde_json::from_slice::<ServerMessage>(&json).unwrap(), m);
+    }
+}

@@ -1,0 +1,170 @@
+//! The source agent's handle on a destination agent: one authenticated connection and a
+//! typed method per request of [`crate::protocol`].
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::net::TcpStream;
+
+use crate::auth::{authenticate_to_server, Token};
+use crate::protocol::{ClientMessage, ContainerRef, HostReport, ServerMessage, DEFAULT_PORT};
+use crate::transfer::{send_file, send_stream};
+use crate::wire::FramedStream;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Replies that involve podman on the far side (load, restore) may take a while.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct RemoteAgent {
+    stream: FramedStream<TcpStream>,
+    address: String,
+}
+
+/// Adds the default agent port to a `HOST` given without one.
+pub fn with_default_port(destination: &str) -> String {
+    let has_port = match destination.rsplit_once(':') {
+        // A bare IPv6 address has colons but no port unless bracketed.
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    };
+    if has_port {
+        destination.to_string()
+    } else if destination.contains(':') && !destination.starts_with('[') {
+        format!("[{destination}]:{DEFAULT_PORT}")
+    } else {
+        format!("{destination}:{DEFAULT_PORT}")
+    }
+}
+
+impl RemoteAgent {
+    /// Connects to `destination` (`HOST[:PORT]`) and authenticates both ways.
+    pub async fn connect(destination: &str, token: &Token) -> Result<Self> {
+        let address = with_default_port(destination);
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address))
+            .await
+            .map_err(|_| {
+                anyhow!("destination agent {address} did not answer within {CONNECT_TIMEOUT:?}")
+            })?
+            .with_context(|| format!("cannot reach destination agent {address}"))?;
+        tcp.set_nodelay(true)?;
+        let mut stream = FramedStream::new(tcp);
+        tokio::time::timeout(CONNECT_TIMEOUT, authenticate_to_server(&mut stream, token))
+            .await
+            .map_err(|_| anyhow!("destination agent {address} did not complete the handshake"))?
+            .with_context(|| format!("handshake with {address}"))?;
+        Ok(Self { stream, address })
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    async fn request(&mut self, message: &ClientMessage) -> Result<ServerMessage> {
+        self.stream.send(message).await?;
+        self.reply().await
+    }
+
+    async fn reply(&mut self) -> Result<ServerMessage> {
+        let reply = tokio::time::timeout(REPLY_TIMEOUT, self.stream.recv::<ServerMessage>())
+            .await
+            .map_err(|_| anyhow!("destination agent {} stopped answering", self.address))?
+            .with_context(|| format!("destination agent {}", self.address))?;
+        match reply {
+            ServerMessage::Error { message } => {
+                bail!("destination agent {}: {message}", self.address)
+            }
+            other => Ok(other),
+        }
+    }
+
+    pub async fn preflight(&mut self, container: &ContainerRef) -> Result<HostReport> {
+        match self
+            .request(&ClientMessage::Preflight {
+                container: container.clone(),
+            })
+            .await?
+        {
+            ServerMessage::Preflight(report) => Ok(report),
+            other => bail!("unexpected reply to preflight: {other:?}"),
+        }
+    }
+
+    pub async fn put_image(&mut self, image_id: &str, archive: &[u8]) -> Result<()> {
+        self.stream
+            .send(&ClientMessage::PutImage {
+                image_id: image_id.to_string(),
+            })
+            .await?;
+        send_stream(&mut self.stream, archive, |_| {}).await?;
+        match self.reply().await? {
+            ServerMessage::ImageLoaded => Ok(()),
+            other => bail!("unexpected reply to image upload: {other:?}"),
+        }
+    }
+
+    /// Uploads the checkpoint archive; `progress` gets the bytes sent so far.
+    pub async fn put_checkpoint(
+        &mut self,
+        container: &ContainerRef,
+        archive: &Path,
+        progress: impl FnMut(u64),
+    ) -> Result<u64> {
+        self.stream
+            .send(&ClientMessage::PutCheckpoint {
+                container: container.clone(),
+            })
+            .await?;
+        let sent = send_file(&mut self.stream, archive, progress)
+            .await
+            .with_context(|| format!("sending the checkpoint to {}", self.address))?;
+        match self.reply().await? {
+            ServerMessage::CheckpointStored { bytes } if bytes == sent => Ok(sent),
+            other => bail!("unexpected reply to checkpoint upload: {other:?}"),
+        }
+    }
+
+    /// Restores the uploaded checkpoint; returns podman's restore time in milliseconds.
+    pub async fn restore(&mut self, container: &ContainerRef) -> Result<u64> {
+        match self
+            .request(&ClientMessage::Restore {
+                container: container.clone(),
+            })
+            .await?
+        {
+            ServerMessage::Restored { restore_ms } => Ok(restore_ms),
+            other => bail!("unexpected reply to restore: {other:?}"),
+        }
+    }
+
+    /// Asks the destination to drop the archive and any restored copy.
+    pub async fn abort(&mut self) -> Result<()> {
+        match self.request(&ClientMessage::Abort).await? {
+            ServerMessage::Aborted => Ok(()),
+            other => bail!("unexpected reply to abort: {other:?}"),
+        }
+    }
+
+    pub async fn finish(&mut self) -> Result<()> {
+        match self.request(&ClientMessage::Finish).await? {
+            ServerMessage::Finished => Ok(()),
+            other => bail!("unexpected reply to finish: {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_default_port;
+
+    #[test]
+    fn default_port_is_added_only_when_missing() {
+        assert_eq!(with_default_port("h2"), "h2:7878");
+        assert_eq!(with_default_port("h2:9000"), "h2:9000");
+        assert_eq!(with_default_port("10.0.0.2"), "10.0.0.2:7878");
+        assert_eq!(with_default_port("[fd00::2]:9000"), "[fd00::2]:9000");
+        assert_eq!(with_default_port("fd00::2"), "[fd00::2]:7878");
+    }
+}
