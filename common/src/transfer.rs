@@ -21,7 +21,7 @@ pub enum TransferError {
     TooLarge(u64),
     #[error("expected data or end of stream, got {0}")]
     Unexpected(String),
-    #[error("local file: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -147,6 +147,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(1024 * 1024);
         let (mut a, mut b) = (FramedStream::new(a), FramedStream::new(b));
         a.send_data(&[0u8; 100]).await.unwrap();
+        a.send(&ClientMessage::Abort).await.unwrap();
         let mut out = Vec::new();
         assert!(matches!(
             receive_stream(&mut b, &mut out, 50).await,

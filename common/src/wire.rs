@@ -2,7 +2,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 
 use crate::protocol::{DATA_CHUNK_LEN, FRAME_DATA, FRAME_MESSAGE, MAX_FRAME_LEN};
 
@@ -14,7 +14,7 @@ pub enum WireError {
     Oversized(usize),
     #[error("malformed frame: {0}")]
     Malformed(String),
-    #[error("i/o error: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
@@ -25,14 +25,17 @@ pub enum Frame {
     Data(Vec<u8>),
 }
 
-/// A framed, bidirectional connection.
+/// A framed, bidirectional connection. Buffered both ways: a data frame is three small
+/// writes plus a large one, and messages are flushed as soon as they are written.
 pub struct FramedStream<S> {
-    inner: S,
+    inner: BufStream<S>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FramedStream<S> {
     pub fn new(inner: S) -> Self {
-        Self { inner }
+        Self {
+            inner: BufStream::with_capacity(DATA_CHUNK_LEN * 2, DATA_CHUNK_LEN * 2, inner),
+        }
     }
 
     pub async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), WireError> {
@@ -96,7 +99,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FramedStream<S> {
         self.inner.write_u32(len as u32).await?;
         self.inner.write_u8(kind).await?;
         self.inner.write_all(payload).await?;
-        self.inner.flush().await?;
+        // Data frames are always followed by a message, which flushes them.
+        if kind == FRAME_MESSAGE {
+            self.inner.flush().await?;
+        }
         Ok(())
     }
 }
@@ -139,6 +145,7 @@ mod tests {
         let (mut a, mut b) = (FramedStream::new(a), FramedStream::new(b));
         a.send(&ClientMessage::Abort).await.unwrap();
         a.send_data(&vec![7u8; DATA_CHUNK_LEN + 10]).await.unwrap();
+        a.send(&ClientMessage::Finish).await.unwrap();
         assert_eq!(
             b.recv::<ClientMessage>().await.unwrap(),
             ClientMessage::Abort
@@ -151,6 +158,10 @@ mod tests {
             }
         }
         assert_eq!(total, DATA_CHUNK_LEN + 10);
+        assert_eq!(
+            b.recv::<ClientMessage>().await.unwrap(),
+            ClientMessage::Finish
+        );
     }
 
     #[tokio::test]
