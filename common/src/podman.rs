@@ -202,14 +202,14 @@ impl PodmanClient {
 
     /// The image as an archive `podman load` accepts. Images of migrated containers are
     /// small next to memory, and the transfer happens before the freeze, so memory is fine.
-    pub async fn export_image(&self, image_id: &str) -> Result<Vec<u8>, PodmanError> {
+    pub async fn export_image(&self, reference: &str) -> Result<Vec<u8>, PodmanError> {
         self.api
             .images()
-            .get(image_id)
+            .get(reference)
             .export(&Default::default())
             .try_concat()
             .await
-            .map_err(|e| self.error(&format!("export image {image_id}"), e))
+            .map_err(|e| self.error(&format!("export image {reference}"), e))
     }
 
     pub async fn load_image(&self, archive: &[u8]) -> Result<(), PodmanError> {

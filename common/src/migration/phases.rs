@@ -54,7 +54,14 @@ pub async fn prepare(
     }
     let image_transferred = !report.has_image;
     if image_transferred {
-        let archive = podman.export_image(&info.image_id).await?;
+        // Exported by name: an archive made from the bare ID carries no name, and restore
+        // looks the image up by name.
+        let reference = if info.image_name.is_empty() {
+            &info.image_id
+        } else {
+            &info.image_name
+        };
+        let archive = podman.export_image(reference).await?;
         tracing::info!(bytes = archive.len(), image = %info.image_name, "sending image");
         remote
             .put_image(&info.image_id, &archive)
