@@ -15,7 +15,10 @@ type Scenario = fn(&Lab) -> Result<()>;
 const SCENARIOS: &[(&str, Scenario)] = &[
     ("counter_continues_after_h1_h2_and_back", counter_round_trip),
     ("memhog_256mib_memory_intact", memhog_memory_intact),
-    ("missing_image_is_sent_before_the_freeze", missing_image_is_sent),
+    (
+        "missing_image_is_sent_before_the_freeze",
+        missing_image_is_sent,
+    ),
     ("wrong_token_is_rejected", wrong_token),
     ("unknown_container_is_an_error", unknown_container),
     ("stopped_container_is_an_error", stopped_container),
@@ -289,7 +292,10 @@ fn missing_image_is_sent(lab: &Lab) -> Result<()> {
     lab.podman("h1", &["rm", "-f", "-t", "0", "base"])?;
     let image_on_h3 = || -> Result<bool> {
         Ok(lab
-            .exec_unchecked("h3", &["podman", "image", "exists", "localhost/counter-h1-only"])?
+            .exec_unchecked(
+                "h3",
+                &["podman", "image", "exists", "localhost/counter-h1-only"],
+            )?
             .status
             .success())
     };
@@ -297,7 +303,10 @@ fn missing_image_is_sent(lab: &Lab) -> Result<()> {
     run_container(lab, "h1", "fresh", &[], "localhost/counter-h1-only")?;
     let before = counter_advances(lab, "h1", "fresh", 3)?;
     let report = migrate(lab, "h1", "fresh", "h3")?;
-    ensure!(report["image_transferred"] == true, "report says the image was not sent");
+    ensure!(
+        report["image_transferred"] == true,
+        "report says the image was not sent"
+    );
     ensure!(image_on_h3()?, "h3 has no image after the migration");
     counter_advances(lab, "h3", "fresh", before)?;
     lab.podman("h3", &["rm", "-f", "-t", "0", "fresh"])?;
