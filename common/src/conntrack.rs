@@ -1,0 +1,699 @@
+//! Connection-tracking entries of the current network namespace, read and written over
+//! ctnetlink (`NETLINK_NETFILTER`, subsystem `NFNL_SUBSYS_CTNETLINK`) with the
+//! `netlink-packet-netfilter` crate.
+//!
+//! A migration uses it to carry the conntrack state of a container's flows from the source
+//! host to the destination: [`list`] + [`involving`] on the source, [`Flow`] is sent over
+//! the wire (serde), [`create`] on the destination pre-creates the entries (ESTABLISHED,
+//! ASSURED, with a mark telling the firewall that replies go back through the tunnel), and
+//! [`delete`] / [`delete_marked`] undo that.
+//!
+//! Everything here acts on the network namespace of the thread that polls the future (the
+//! netlink socket is opened on first poll). Nothing ever sends a delete request without an
+//! original tuple: ctnetlink treats such a request as "flush the whole table".
+//!
+//! Attribute coverage: the crate models every attribute used here (`CTA_TUPLE_ORIG/REPLY`,
+//! `CTA_STATUS`, `CTA_TIMEOUT`, `CTA_MARK`, `CTA_PROTOINFO_TCP_STATE`,
+//! `CTA_PROTOINFO_TCP_FLAGS_*`). Its `TCPFlags` struct is `#[non_exhaustive]` and has no
+//! constructor, so the flags value is built with `TCPFlags::parse` over the two raw bytes
+//! (`flags`, `mask`) of `struct nf_ct_tcp_flags`.
+//!
+//! NAT: [`create`] does not install NAT bindings (`CTA_NAT_*` are not sent). An entry whose
+//! reply tuple is not the mirror of its original tuple is stored as given but no address
+//! translation is applied to its packets. Use [`Flow::without_nat`] to get the view of a
+//! flow as the container itself sees it, which is what a destination host needs.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{anyhow, bail, Context, Result};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::{
+    conntrack::{
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
+        Protocol, Status, TCPFlags, Tuple as NlTuple,
+    },
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
+use netlink_sys::{protocols::NETLINK_NETFILTER, AsyncSocket, AsyncSocketExt, TokioSocket};
+use serde::{Deserialize, Serialize};
+
+/// `TCP_CONNTRACK_ESTABLISHED` (include/uapi/linux/netfilter/nf_conntrack_tcp.h).
+pub const TCP_STATE_ESTABLISHED: u8 = 3;
+/// Timeout given to pre-created TCP entries, seconds (refreshed by traffic anyway).
+pub const TCP_TIMEOUT_SECS: u32 = 3600;
+/// Timeout given to pre-created UDP entries, seconds.
+pub const UDP_TIMEOUT_SECS: u32 = 120;
+/// `IP_CT_TCP_FLAG_BE_LIBERAL`: do not drop packets of the entry as out-of-window. Set on
+/// pre-created TCP entries, whose window tracking has no sequence numbers to start from.
+const IP_CT_TCP_FLAG_BE_LIBERAL: u8 = 0x08;
+
+/// Names of the TCP conntrack states, indexed by `TCP_CONNTRACK_*`.
+const TCP_STATE_NAMES: [&str; 10] = [
+    "NONE",
+    "SYN_SENT",
+    "SYN_RECV",
+    "ESTABLISHED",
+    "FIN_WAIT",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "TIME_WAIT",
+    "CLOSE",
+    "SYN_SENT2",
+];
+
+/// Transport protocol of a tracked flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+
+    /// Lower-case name, as nft and conntrack(8) spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+
+    fn to_netlink(self) -> Protocol {
+        match self {
+            Proto::Tcp => Protocol::Tcp,
+            Proto::Udp => Protocol::Udp,
+        }
+    }
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => bail!("unsupported protocol {other:?} (tcp or udp)"),
+        }
+    }
+}
+
+/// One direction of a flow: the addresses and ports as seen in packets of that direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Tuple {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+impl Tuple {
+    pub fn new(src: SocketAddr, dst: SocketAddr) -> Self {
+        Tuple { src, dst }
+    }
+
+    /// The same tuple seen from the other end.
+    pub fn reversed(self) -> Self {
+        Tuple {
+            src: self.dst,
+            dst: self.src,
+        }
+    }
+}
+
+impl std::fmt::Display for Tuple {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {}", self.src, self.dst)
+    }
+}
+
+/// A conntrack entry (only what a migration needs to recreate it elsewhere).
+///
+/// Addresses are IPv4 in everything [`list`] returns; [`create`] and [`delete`] also accept
+/// IPv6 tuples (both ends of both tuples must be of the same family).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Flow {
+    pub proto: Proto,
+    /// Direction of the packet that created the entry.
+    pub orig: Tuple,
+    /// Direction of the answers; differs from `orig.reversed()` when NAT applies.
+    pub reply: Tuple,
+    /// ct mark (0 = none).
+    pub mark: u32,
+    /// `TCP_CONNTRACK_*` state of a TCP entry (3 = ESTABLISHED); `None` for UDP.
+    pub tcp_state: Option<u8>,
+    /// Seconds left before the entry expires (as dumped); `None` = use the default on create.
+    pub timeout: Option<u32>,
+}
+
+impl Flow {
+    /// A flow without NAT: the reply tuple is the mirror of `orig`.
+    pub fn new(proto: Proto, src: SocketAddr, dst: SocketAddr) -> Self {
+        let orig = Tuple::new(src, dst);
+        Flow {
+            proto,
+            orig,
+            reply: orig.reversed(),
+            mark: 0,
+            tcp_state: match proto {
+                Proto::Tcp => Some(TCP_STATE_ESTABLISHED),
+                Proto::Udp => None,
+            },
+            timeout: None,
+        }
+    }
+
+    /// An ESTABLISHED TCP flow `src -> dst` without NAT.
+    pub fn tcp(src: SocketAddr, dst: SocketAddr) -> Self {
+        Self::new(Proto::Tcp, src, dst)
+    }
+
+    /// A UDP flow `src -> dst` without NAT.
+    pub fn udp(src: SocketAddr, dst: SocketAddr) -> Self {
+        Self::new(Proto::Udp, src, dst)
+    }
+
+    /// The same flow with ct mark `mark`.
+    pub fn with_mark(mut self, mark: u32) -> Self {
+        self.mark = mark;
+        self
+    }
+
+    /// Whether source or destination NAT applies (reply is not the mirror of orig).
+    pub fn is_nat(&self) -> bool {
+        self.reply != self.orig.reversed()
+    }
+
+    /// The flow as the endpoint behind the NAT sees it: for a DNATed flow (client ->
+    /// host port => container) this is client -> container; for a masqueraded flow
+    /// (container -> server, SNAT to the host) it is container -> server. Keeps proto,
+    /// mark, TCP state and timeout. This is the entry a destination host needs for a
+    /// migrated container, whose packets reach it un-translated.
+    pub fn without_nat(&self) -> Self {
+        let orig = Tuple::new(self.orig.src, self.reply.src);
+        Flow {
+            orig,
+            reply: orig.reversed(),
+            ..self.clone()
+        }
+    }
+
+    /// Whether `ip` is an endpoint of the flow on the original source or the reply
+    /// source side (see [`involving`]).
+    pub fn involves(&self, ip: IpAddr) -> bool {
+        self.orig.src.ip() == ip || self.reply.src.ip() == ip
+    }
+
+    /// Name of the TCP state (`ESTABLISHED`...), if any.
+    pub fn tcp_state_name(&self) -> Option<&'static str> {
+        self.tcp_state
+            .and_then(|s| TCP_STATE_NAMES.get(usize::from(s)).copied())
+    }
+}
+
+impl std::fmt::Display for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.proto, self.orig)?;
+        if self.is_nat() {
+            write!(f, " (reply {})", self.reply)?;
+        }
+        if let Some(state) = self.tcp_state_name() {
+            write!(f, " {state}")?;
+        }
+        if self.mark != 0 {
+            write!(f, " mark={:#x}", self.mark)?;
+        }
+        Ok(())
+    }
+}
+
+/// Entries of `flows` whose original source or reply source is `ip`: flows started by
+/// the container (orig src) and flows towards it (reply src), including DNATed ones
+/// whose original destination is a host port.
+pub fn involving(flows: &[Flow], ip: impl Into<IpAddr>) -> Vec<Flow> {
+    let ip = ip.into();
+    flows.iter().filter(|f| f.involves(ip)).cloned().collect()
+}
+
+/// All IPv4 TCP and UDP conntrack entries of the current network namespace.
+pub async fn list() -> Result<Vec<Flow>> {
+    let replies = request(
+        NetfilterProtoFamily::IPv4,
+        ConntrackMessage::Get(vec![]),
+        NLM_F_REQUEST | NLM_F_DUMP,
+    )
+    .await
+    .context("dumping the conntrack table")?;
+    Ok(replies
+        .iter()
+        .filter_map(|attrs| flow_from_attributes(attrs))
+        .filter(|f| f.orig.src.is_ipv4())
+        .collect())
+}
+
+/// Creates a conntrack entry for `flow`: status CONFIRMED|ASSURED|SEEN_REPLY, TCP state
+/// ESTABLISHED (or `flow.tcp_state`) with liberal window tracking, timeout
+/// `flow.timeout` but at least [`TCP_TIMEOUT_SECS`] / [`UDP_TIMEOUT_SECS`], ct mark
+/// `flow.mark`.
+/// An existing entry with the same tuples (EEXIST) is success.
+pub async fn create(flow: &Flow) -> Result<()> {
+    let msg = ConntrackMessage::New(create_attributes(flow)?);
+    match request(
+        family_of(flow)?,
+        msg,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if errno_of(&e) == Some(libc_errno::EEXIST) => Ok(()),
+        Err(e) => Err(e.context(format!("creating conntrack entry {flow}"))),
+    }
+}
+
+/// Deletes the entry whose original tuple is `flow.orig` (ENOENT is success).
+pub async fn delete(flow: &Flow) -> Result<()> {
+    let msg = ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple_attrs(
+        flow.proto, &flow.orig,
+    )?)]);
+    match request(family_of(flow)?, msg, NLM_F_REQUEST | NLM_F_ACK).await {
+        Ok(_) => Ok(()),
+        Err(e) if errno_of(&e) == Some(libc_errno::ENOENT) => Ok(()),
+        Err(e) => Err(e.context(format!("deleting conntrack entry {flow}"))),
+    }
+}
+
+/// Deletes every IPv4 TCP/UDP entry with ct mark `mark`; returns how many were matched.
+/// `mark` 0 is refused (it would mean "every unmarked entry").
+///
+/// Done as dump + delete-by-tuple rather than with a kernel-side filtered flush, so that
+/// a kernel ignoring the filter can never turn it into a flush of the whole table.
+pub async fn delete_marked(mark: u32) -> Result<usize> {
+    if mark == 0 {
+        bail!("refusing to delete conntrack entries with mark 0 (that is every unmarked entry)");
+    }
+    let marked: Vec<Flow> = list()
+        .await?
+        .into_iter()
+        .filter(|f| f.mark == mark)
+        .collect();
+    for flow in &marked {
+        delete(flow).await?;
+    }
+    Ok(marked.len())
+}
+
+/// errno values used here (kept local: `libc` is not a dependency of this crate).
+mod libc_errno {
+    pub const ENOENT: i32 = 2;
+    pub const EEXIST: i32 = 17;
+}
+
+/// Error carrying the errno of a netlink NACK.
+#[derive(Debug, thiserror::Error)]
+#[error("netlink error: {source}")]
+struct NetlinkNack {
+    errno: i32,
+    source: std::io::Error,
+}
+
+fn errno_of(e: &anyhow::Error) -> Option<i32> {
+    e.downcast_ref::<NetlinkNack>().map(|n| n.errno)
+}
+
+fn family_of(flow: &Flow) -> Result<NetfilterProtoFamily> {
+    let addrs = [flow.orig.src, flow.orig.dst, flow.reply.src, flow.reply.dst];
+    if addrs.iter().all(|a| a.is_ipv4()) {
+        Ok(NetfilterProtoFamily::IPv4)
+    } else if addrs.iter().all(|a| a.is_ipv6()) {
+        Ok(NetfilterProtoFamily::IPv6)
+    } else {
+        bail!("flow {flow} mixes IPv4 and IPv6 addresses")
+    }
+}
+
+fn tuple_attrs(proto: Proto, t: &Tuple) -> Result<Vec<NlTuple>> {
+    Ok(vec![
+        NlTuple::Ip(vec![
+            IPTuple::SourceAddress(t.src.ip()),
+            IPTuple::DestinationAddress(t.dst.ip()),
+        ]),
+        NlTuple::Proto(vec![
+            ProtoTuple::Protocol(proto.to_netlink()),
+            ProtoTuple::SourcePort(t.src.port()),
+            ProtoTuple::DestinationPort(t.dst.port()),
+        ]),
+    ])
+}
+
+/// Attributes of the IPCTNL_MSG_CT_NEW request that creates `flow`.
+fn create_attributes(flow: &Flow) -> Result<Vec<ConntrackAttribute>> {
+    let status = Status::Confirmed | Status::Assured | Status::SeenReply;
+    let default = match flow.proto {
+        Proto::Tcp => TCP_TIMEOUT_SECS,
+        Proto::Udp => UDP_TIMEOUT_SECS,
+    };
+    // A dumped flow carries its *remaining* time, which may be about to run out.
+    let timeout = flow.timeout.unwrap_or(default).max(default);
+    let mut attrs = vec![
+        ConntrackAttribute::CtaTupleOrig(tuple_attrs(flow.proto, &flow.orig)?),
+        ConntrackAttribute::CtaTupleReply(tuple_attrs(flow.proto, &flow.reply)?),
+        ConntrackAttribute::CtaStatus(status),
+        ConntrackAttribute::CtaTimeout(timeout),
+        ConntrackAttribute::CtaMark(flow.mark),
+    ];
+    if flow.proto == Proto::Tcp {
+        // struct nf_ct_tcp_flags { u8 flags; u8 mask; }
+        let liberal = [IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL];
+        let flags = TCPFlags::parse(&liberal).map_err(|e| anyhow!("{e}"))?;
+        attrs.push(ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(
+            vec![
+                ProtoInfoTCP::State(flow.tcp_state.unwrap_or(TCP_STATE_ESTABLISHED)),
+                ProtoInfoTCP::OriginalFlags(flags.clone()),
+                ProtoInfoTCP::ReplyFlags(flags),
+            ],
+        )]));
+    }
+    Ok(attrs)
+}
+
+fn parse_tuple(tuples: &[NlTuple]) -> Option<(Protocol, Tuple)> {
+    let (mut src_ip, mut dst_ip, mut proto, mut sport, mut dport) = (None, None, None, None, None);
+    for t in tuples {
+        match t {
+            NlTuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(a) => src_ip = Some(*a),
+                        IPTuple::DestinationAddress(a) => dst_ip = Some(*a),
+                        _ => {}
+                    }
+                }
+            }
+            NlTuple::Proto(ps) => {
+                for p in ps {
+                    match p {
+                        ProtoTuple::Protocol(x) => proto = Some(*x),
+                        ProtoTuple::SourcePort(x) => sport = Some(*x),
+                        ProtoTuple::DestinationPort(x) => dport = Some(*x),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((
+        proto?,
+        Tuple::new(
+            SocketAddr::new(src_ip?, sport?),
+            SocketAddr::new(dst_ip?, dport?),
+        ),
+    ))
+}
+
+/// A [`Flow`] from the attributes of a dumped entry; `None` for other protocols or
+/// entries lacking a tuple.
+fn flow_from_attributes(attrs: &[ConntrackAttribute]) -> Option<Flow> {
+    let (mut orig, mut reply, mut mark, mut tcp_state, mut timeout) = (None, None, 0, None, None);
+    for attr in attrs {
+        match attr {
+            ConntrackAttribute::CtaTupleOrig(t) => orig = parse_tuple(t),
+            ConntrackAttribute::CtaTupleReply(t) => reply = parse_tuple(t),
+            ConntrackAttribute::CtaMark(m) => mark = *m,
+            ConntrackAttribute::CtaTimeout(t) => timeout = Some(*t),
+            ConntrackAttribute::CtaProtoInfo(infos) => {
+                for info in infos {
+                    if let ProtoInfo::TCP(tcp) = info {
+                        for item in tcp {
+                            if let ProtoInfoTCP::State(s) = item {
+                                tcp_state = Some(*s);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let (proto, orig) = orig?;
+    let (_, reply) = reply?;
+    let proto = match proto {
+        Protocol::Tcp => Proto::Tcp,
+        Protocol::Udp => Proto::Udp,
+        _ => return None,
+    };
+    Some(Flow {
+        proto,
+        orig,
+        reply,
+        mark,
+        tcp_state: if proto == Proto::Tcp { tcp_state } else { None },
+        timeout,
+    })
+}
+
+/// Sends one ctnetlink request and collects the attributes of every conntrack message of
+/// the answer, until the ACK (non-dump) or NLMSG_DONE (dump). A NACK becomes a
+/// [`NetlinkNack`] error.
+async fn request(
+    family: NetfilterProtoFamily,
+    msg: ConntrackMessage,
+    flags: u16,
+) -> Result<Vec<Vec<ConntrackAttribute>>> {
+    let mut socket = TokioSocket::new(NETLINK_NETFILTER).context("opening a netlink socket")?;
+    socket
+        .socket_mut()
+        .bind_auto()
+        .context("binding the netlink socket")?;
+    socket
+        .socket_mut()
+        .connect(&netlink_sys::SocketAddr::new(0, 0))
+        .context("connecting the netlink socket")?;
+
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = 1;
+    let mut packet = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(family, 0, 0),
+            msg,
+        )),
+    );
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket
+        .send(&buf)
+        .await
+        .context("sending a ctnetlink request")?;
+
+    let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+    let mut out = Vec::new();
+    loop {
+        let (data, _) = socket
+            .recv_from_full()
+            .await
+            .context("receiving a ctnetlink answer")?;
+        if data.is_empty() {
+            bail!("netlink socket closed before the end of the answer");
+        }
+        let mut offset = 0;
+        while offset < data.len() {
+            let bytes = &data[offset..];
+            let reply = NetlinkMessage::<NetfilterMessage>::deserialize(bytes)
+                .map_err(|e| anyhow!("malformed ctnetlink message: {e}"))?;
+            let len = reply.header.length as usize;
+            match reply.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(err) => match err.code {
+                    None if !dump => return Ok(out),
+                    None => {}
+                    Some(code) => {
+                        return Err(NetlinkNack {
+                            errno: -code.get(),
+                            source: err.to_io(),
+                        }
+                        .into())
+                    }
+                },
+                NetlinkPayload::InnerMessage(NetfilterMessage {
+                    inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
+                    ..
+                }) => out.push(attrs),
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            offset += (len + 3) & !3;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn involving_matches_orig_and_reply_sources() {
+        let ctr: IpAddr = "10.88.0.5".parse().unwrap();
+        // Client -> host port 8080, DNATed to the container.
+        let dnat = Flow {
+            proto: Proto::Tcp,
+            orig: Tuple::new(sa("192.168.1.9:40000"), sa("192.168.1.2:8080")),
+            reply: Tuple::new(sa("10.88.0.5:80"), sa("192.168.1.9:40000")),
+            mark: 0,
+            tcp_state: Some(3),
+            timeout: Some(100),
+        };
+        // Container -> outside, masqueraded.
+        let snat = Flow {
+            proto: Proto::Udp,
+            orig: Tuple::new(sa("10.88.0.5:5353"), sa("1.1.1.1:53")),
+            reply: Tuple::new(sa("1.1.1.1:53"), sa("192.168.1.2:5353")),
+            mark: 0,
+            tcp_state: None,
+            timeout: Some(20),
+        };
+        let other = Flow::tcp(sa("10.88.0.6:1000"), sa("10.88.0.7:80"));
+        // Container IP only as orig destination (no NAT): reply src is the container.
+        let direct = Flow::tcp(sa("10.88.0.9:1000"), sa("10.88.0.5:22"));
+        let flows = vec![dnat.clone(), snat.clone(), other, direct.clone()];
+        assert_eq!(involving(&flows, ctr), vec![dnat, snat, direct]);
+        let v4: std::net::Ipv4Addr = "10.88.0.6".parse().unwrap();
+        assert_eq!(involving(&flows, v4).len(), 1);
+        assert!(involving(&flows, "10.99.0.1".parse::<IpAddr>().unwrap()).is_empty());
+    }
+
+    #[test]
+    fn without_nat_gives_the_container_view() {
+        let dnat = Flow {
+            proto: Proto::Tcp,
+            orig: Tuple::new(sa("192.168.1.9:40000"), sa("192.168.1.2:8080")),
+            reply: Tuple::new(sa("10.88.0.5:80"), sa("192.168.1.9:40000")),
+            mark: 7,
+            tcp_state: Some(3),
+            timeout: None,
+        };
+        assert!(dnat.is_nat());
+        let plain = dnat.without_nat();
+        assert!(!plain.is_nat());
+        assert_eq!(
+            plain.orig,
+            Tuple::new(sa("192.168.1.9:40000"), sa("10.88.0.5:80"))
+        );
+        assert_eq!(plain.mark, 7);
+        let snat = Flow {
+            proto: Proto::Udp,
+            orig: Tuple::new(sa("10.88.0.5:5353"), sa("1.1.1.1:53")),
+            reply: Tuple::new(sa("1.1.1.1:53"), sa("192.168.1.2:5353")),
+            mark: 0,
+            tcp_state: None,
+            timeout: None,
+        };
+        assert_eq!(
+            snat.without_nat().reply,
+            Tuple::new(sa("1.1.1.1:53"), sa("10.88.0.5:5353"))
+        );
+        let direct = Flow::udp(sa("1.2.3.4:1"), sa("5.6.7.8:2"));
+        assert_eq!(direct.without_nat(), direct);
+    }
+
+    #[test]
+    fn flow_serde_round_trip() {
+        let f = Flow::tcp(sa("10.1.1.1:1234"), sa("10.2.2.2:80")).with_mark(0x7801);
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(json.contains("\"proto\":\"tcp\""), "{json}");
+        let back: Flow = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, f);
+        assert_eq!(
+            f.to_string(),
+            "tcp 10.1.1.1:1234 -> 10.2.2.2:80 ESTABLISHED mark=0x7801"
+        );
+    }
+
+    #[test]
+    fn create_attributes_round_trip_through_the_parser() {
+        let f = Flow::tcp(sa("10.1.1.1:1234"), sa("10.2.2.2:80")).with_mark(0x7801);
+        let attrs = create_attributes(&f).unwrap();
+        assert!(attrs.contains(&ConntrackAttribute::CtaTimeout(TCP_TIMEOUT_SECS)));
+        assert!(attrs.contains(&ConntrackAttribute::CtaMark(0x7801)));
+        let parsed = flow_from_attributes(&attrs).unwrap();
+        assert_eq!(parsed.orig, f.orig);
+        assert_eq!(parsed.reply, f.reply);
+        assert_eq!(parsed.mark, 0x7801);
+        assert_eq!(parsed.tcp_state, Some(TCP_STATE_ESTABLISHED));
+
+        // A dumped flow about to expire gets the long default, a longer one keeps its own.
+        let mut short = f.clone();
+        short.timeout = Some(5);
+        assert!(create_attributes(&short)
+            .unwrap()
+            .contains(&ConntrackAttribute::CtaTimeout(TCP_TIMEOUT_SECS)));
+        short.timeout = Some(7200);
+        assert!(create_attributes(&short)
+            .unwrap()
+            .contains(&ConntrackAttribute::CtaTimeout(7200)));
+
+        let u = Flow::udp(sa("10.1.1.1:53"), sa("10.2.2.2:53"));
+        let attrs = create_attributes(&u).unwrap();
+        assert!(attrs.contains(&ConntrackAttribute::CtaTimeout(UDP_TIMEOUT_SECS)));
+        assert!(!attrs
+            .iter()
+            .any(|a| matches!(a, ConntrackAttribute::CtaProtoInfo(_))));
+    }
+
+    #[test]
+    fn create_message_serializes() {
+        // The full netlink message must serialize and parse back (catches length bugs
+        // in nested attributes).
+        let f = Flow::tcp(sa("10.1.1.1:1234"), sa("10.2.2.2:80")).with_mark(0x7801);
+        let mut packet = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::from(NetfilterMessage::new(
+                NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+                ConntrackMessage::New(create_attributes(&f).unwrap()),
+            )),
+        );
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        let back = NetlinkMessage::<NetfilterMessage>::deserialize(&buf).unwrap();
+        match back.payload {
+            NetlinkPayload::InnerMessage(NetfilterMessage {
+                inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
+                ..
+            }) => assert_eq!(flow_from_attributes(&attrs).unwrap().orig, f.orig),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mixed_families_are_rejected() {
+        let mut f = Flow::tcp(sa("10.1.1.1:1"), sa("10.2.2.2:2"));
+        f.reply.src = sa("[::1]:2");
+        assert!(family_of(&f).is_err());
+        let v6 = Flow::tcp(sa("[fd00::1]:1"), sa("[fd00::2]:2"));
+        assert_eq!(family_of(&v6).unwrap(), NetfilterProtoFamily::IPv6);
+    }
+}

@@ -1,0 +1,411 @@
+//! nftables table and conntrack entries, exercised for real inside throw-away network
+//! namespaces (`lmnfttest-<pid>-<name>`). Runs only as root with `LM_LAB_SKIP` unset.
+//!
+//! Each test creates its namespace with `ip netns add`, enters it with setns(2) on a
+//! dedicated thread (namespaces are per thread; `nft` child processes inherit it), builds a
+//! current-thread tokio runtime there, and deletes the namespace afterwards through a Drop
+//! guard, also when an assertion fails. Nothing touches the root namespace.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+use common::conntrack::{self, Flow, Proto, TCP_STATE_ESTABLISHED};
+use common::nft::{Firewall, RuleKind, NAT_PREROUTING_CHAIN, PREROUTING_CHAIN};
+
+fn skip() -> bool {
+    if std::env::var_os("LM_LAB_SKIP").is_some() {
+        eprintln!("skipped: LM_LAB_SKIP is set");
+        return true;
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return true;
+    }
+    false
+}
+
+/// A network namespace that is deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(suffix: &str) -> Netns {
+        let name = format!("lmnfttest-{}-{suffix}", std::process::id());
+        // A leftover of an earlier run with the same pid: remove it first.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("running ip netns add");
+        assert!(st.success(), "ip netns add {name} failed");
+        Netns { name }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Moves the calling thread into namespace `name` (and checks it left the one it was in).
+fn enter(name: &str) {
+    let root = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    let file = std::fs::File::open(format!("/run/netns/{name}")).expect("opening the netns file");
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    let now = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    assert_ne!(now, root, "still in the original network namespace");
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("running ip");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+/// Runs `body` on a fresh thread inside a fresh namespace, on a current-thread runtime.
+/// Panics in `body` are re-raised after the namespace is deleted.
+fn in_netns<F, Fut>(suffix: &str, body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let ns = Netns::new(suffix);
+    let name = ns.name.clone();
+    let result = std::thread::spawn(move || {
+        enter(&name);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("building a runtime");
+        rt.block_on(body());
+    })
+    .join();
+    drop(ns);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Table names in the current namespace, from `nft -j list tables`.
+fn tables() -> Vec<(String, String)> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "tables"])
+        .output()
+        .expect("running nft");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("table"))
+        .map(|t| {
+            (
+                t["family"].as_str().unwrap().to_owned(),
+                t["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn kinds(fw: &Firewall) -> Vec<RuleKind> {
+    fw.rules().unwrap().into_iter().map(|r| r.kind).collect()
+}
+
+#[test]
+fn firewall_rules_lifecycle() {
+    if skip() {
+        return;
+    }
+    in_netns("fw", || async {
+        assert!(!Firewall::table_exists().unwrap());
+        // Removing what does not exist is fine.
+        Firewall::remove_table().unwrap();
+
+        let fw = Firewall::ensure().unwrap();
+        let fw2 = Firewall::ensure().unwrap(); // idempotent
+        assert!(Firewall::table_exists().unwrap());
+        assert!(tables().contains(&("inet".into(), "live_migrate".into())));
+        assert!(fw.rules().unwrap().is_empty());
+
+        fw.mark_tunnel("wg-lm0", 0x7801).unwrap();
+        fw2.mark_tunnel("wg-lm0", 0x7801).unwrap(); // no duplicate
+        fw.mark_tunnel("wg-lm1", 0x7802).unwrap();
+        let rules = fw.rules().unwrap();
+        assert_eq!(rules.len(), 4, "{rules:?}");
+        assert!(rules.iter().all(|r| r.chain == PREROUTING_CHAIN));
+        let k = kinds(&fw);
+        assert!(k.contains(&RuleKind::MarkTunnel {
+            ifname: "wg-lm0".into(),
+            mark: 0x7801
+        }));
+        assert!(k.contains(&RuleKind::RestoreMark {
+            ifname: "wg-lm1".into(),
+            mark: 0x7802
+        }));
+
+        // Changing the mark of a tunnel replaces its rules.
+        fw.mark_tunnel("wg-lm0", 0x7803).unwrap();
+        let k = kinds(&fw);
+        assert_eq!(k.len(), 4, "{k:?}");
+        assert!(k.contains(&RuleKind::MarkTunnel {
+            ifname: "wg-lm0".into(),
+            mark: 0x7803
+        }));
+        assert!(!k.contains(&RuleKind::MarkTunnel {
+            ifname: "wg-lm0".into(),
+            mark: 0x7801
+        }));
+
+        fw.forward_port(Proto::Tcp, 8080, Ipv4Addr::new(10, 88, 0, 5), 80)
+            .unwrap();
+        fw.forward_port(Proto::Tcp, 8080, Ipv4Addr::new(10, 88, 0, 5), 80)
+            .unwrap();
+        fw.forward_port(Proto::Udp, 8080, Ipv4Addr::new(10, 88, 0, 6), 53)
+            .unwrap();
+        fw.forward_port(Proto::Udp, 8080, Ipv4Addr::new(10, 88, 0, 7), 53)
+            .unwrap(); // replaces
+        let fwd: Vec<_> = fw
+            .rules()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.chain == NAT_PREROUTING_CHAIN)
+            .map(|r| r.kind)
+            .collect();
+        assert_eq!(
+            fwd,
+            vec![
+                RuleKind::ForwardPort {
+                    proto: Proto::Tcp,
+                    host_port: 8080,
+                    container: "10.88.0.5:80".parse().unwrap()
+                },
+                RuleKind::ForwardPort {
+                    proto: Proto::Udp,
+                    host_port: 8080,
+                    container: "10.88.0.7:53".parse().unwrap()
+                },
+            ]
+        );
+
+        // nft itself shows the rules as intended.
+        let out = Command::new("nft")
+            .args(["list", "table", "inet", "live_migrate"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{text}");
+        assert!(text.contains("dnat ip to 10.88.0.5:80"), "{text}");
+        assert!(text.contains("ct mark set 0x00007803"), "{text}");
+        assert!(text.contains("meta mark set ct mark"), "{text}");
+
+        fw.unforward_port(Proto::Tcp, 8080).unwrap();
+        fw.unforward_port(Proto::Tcp, 8080).unwrap(); // no-op
+        fw.unmark_tunnel("wg-lm0").unwrap();
+        fw.unmark_tunnel("wg-lm0").unwrap(); // no-op
+        let k = kinds(&fw);
+        assert_eq!(k.len(), 3, "{k:?}");
+        assert!(k.iter().all(|k| !matches!(k,
+            RuleKind::MarkTunnel { ifname, .. } | RuleKind::RestoreMark { ifname, .. }
+                if ifname == "wg-lm0")));
+
+        fw.remove_all().unwrap();
+        fw.remove_all().unwrap(); // idempotent
+        assert!(!Firewall::table_exists().unwrap());
+        assert!(tables().is_empty(), "{:?}", tables());
+        assert!(fw.rules().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn conntrack_create_list_delete() {
+    if skip() {
+        return;
+    }
+    in_netns("ct", || async {
+        let flow = Flow::tcp(
+            "10.1.1.1:1234".parse().unwrap(),
+            "10.2.2.2:80".parse().unwrap(),
+        )
+        .with_mark(0x7801);
+        let udp = Flow::udp(
+            "10.1.1.1:5000".parse().unwrap(),
+            "10.2.2.2:53".parse().unwrap(),
+        )
+        .with_mark(0x7801);
+        conntrack::create(&flow).await.unwrap();
+        conntrack::create(&flow).await.unwrap(); // EEXIST is fine
+        conntrack::create(&udp).await.unwrap();
+
+        let all = conntrack::list().await.unwrap();
+        let found = all
+            .iter()
+            .find(|f| f.orig == flow.orig)
+            .unwrap_or_else(|| panic!("entry not listed: {all:?}"));
+        assert_eq!(found.proto, Proto::Tcp);
+        assert_eq!(found.reply, flow.reply);
+        assert_eq!(found.mark, 0x7801);
+        assert_eq!(found.tcp_state, Some(TCP_STATE_ESTABLISHED));
+        let t = found.timeout.unwrap();
+        assert!(t > 3500 && t <= 3600, "timeout {t}");
+        let u = all.iter().find(|f| f.orig == udp.orig).expect("udp entry");
+        assert_eq!(u.proto, Proto::Udp);
+        assert_eq!(u.tcp_state, None);
+        assert!(u.timeout.unwrap() <= 120);
+
+        let ip: IpAddr = "10.2.2.2".parse().unwrap();
+        assert_eq!(conntrack::involving(&all, ip).len(), 2);
+        assert!(conntrack::involving(&all, "10.9.9.9".parse::<IpAddr>().unwrap()).is_empty());
+
+        conntrack::delete(&flow).await.unwrap();
+        conntrack::delete(&flow).await.unwrap(); // ENOENT is fine
+        let all = conntrack::list().await.unwrap();
+        assert!(all.iter().all(|f| f.orig != flow.orig), "{all:?}");
+        assert!(all.iter().any(|f| f.orig == udp.orig));
+
+        // delete_marked leaves other marks alone.
+        let other = Flow::udp(
+            "10.1.1.1:5001".parse().unwrap(),
+            "10.2.2.2:53".parse().unwrap(),
+        )
+        .with_mark(0x42);
+        conntrack::create(&other).await.unwrap();
+        assert!(conntrack::delete_marked(0).await.is_err());
+        assert_eq!(conntrack::delete_marked(0x7801).await.unwrap(), 1);
+        let all = conntrack::list().await.unwrap();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert_eq!(all[0].orig, other.orig);
+        conntrack::delete(&other).await.unwrap();
+        assert!(conntrack::list().await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn conntrack_sees_real_traffic() {
+    if skip() {
+        return;
+    }
+    in_netns("traffic", || async {
+        let st = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // Conntrack only tracks packets in a namespace once something uses it: a rule
+        // with a ct expression (our mark rules) registers the conntrack hooks.
+        let fw = Firewall::ensure().unwrap();
+        fw.mark_tunnel("wg-lm0", 0x7801).unwrap();
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_server, peer) = listener.accept().unwrap();
+        let client_addr = client.local_addr().unwrap();
+        assert_eq!(peer, client_addr);
+
+        let flows = conntrack::list().await.unwrap();
+        let server_addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let f = flows
+            .iter()
+            .find(|f| f.orig.src == client_addr && f.orig.dst == server_addr)
+            .unwrap_or_else(|| panic!("connection not tracked: {flows:?}"));
+        assert_eq!(f.proto, Proto::Tcp);
+        assert_eq!(f.reply.src, server_addr);
+        assert_eq!(f.tcp_state, Some(TCP_STATE_ESTABLISHED));
+        assert_eq!(f.mark, 0, "lo is not the tunnel");
+        assert!(!f.is_nat());
+        let lo: IpAddr = Ipv4Addr::LOCALHOST.into();
+        assert!(!conntrack::involving(&flows, lo).is_empty());
+
+        fw.remove_all().unwrap();
+    });
+}
+
+/// Two namespaces joined by a veth whose host end is called like a tunnel: a connection
+/// from the client to a forwarded port is DNATed and its conntrack entry carries the
+/// tunnel's mark.
+#[test]
+fn tunnel_mark_and_forward_with_traffic() {
+    if skip() {
+        return;
+    }
+    let host = Netns::new("host");
+    let client = Netns::new("client");
+    let (host_name, client_name) = (host.name.clone(), client.name.clone());
+    let result = std::thread::spawn(move || {
+        enter(&host_name);
+        ip(&["link", "set", "lo", "up"]);
+        ip(&[
+            "link",
+            "add",
+            "wg-lm0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c0",
+            "netns",
+            &client_name,
+        ]);
+        ip(&["addr", "add", "10.9.0.1/24", "dev", "wg-lm0"]);
+        ip(&["link", "set", "wg-lm0", "up"]);
+        let fw = Firewall::ensure().unwrap();
+        fw.mark_tunnel("wg-lm0", 0x7801).unwrap();
+        fw.forward_port(Proto::Tcp, 8080, Ipv4Addr::new(10, 9, 0, 1), 9000)
+            .unwrap();
+        let listener = TcpListener::bind("10.9.0.1:9000").unwrap();
+
+        let client_thread = std::thread::spawn(move || {
+            enter(&client_name);
+            ip(&["link", "set", "lo", "up"]);
+            ip(&["addr", "add", "10.9.0.2/24", "dev", "c0"]);
+            ip(&["link", "set", "c0", "up"]);
+            let s = TcpStream::connect_timeout(
+                &"10.9.0.1:8080".parse().unwrap(),
+                std::time::Duration::from_secs(5),
+            )
+            .expect("connecting to the forwarded port");
+            let local = s.local_addr().unwrap();
+            (s, local)
+        });
+        let (_conn, peer) = listener.accept().unwrap();
+        let (_client_conn, client_addr) = client_thread.join().unwrap();
+        assert_eq!(peer, client_addr);
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let flows = rt.block_on(conntrack::list()).unwrap();
+        let f = flows
+            .iter()
+            .find(|f| f.orig.src == client_addr)
+            .unwrap_or_else(|| panic!("connection not tracked: {flows:?}"));
+        assert_eq!(f.orig.dst, "10.9.0.1:8080".parse().unwrap());
+        assert_eq!(f.reply.src, "10.9.0.1:9000".parse().unwrap());
+        assert!(f.is_nat());
+        assert_eq!(f.mark, 0x7801, "entered through the tunnel: {f}");
+        let plain = f.without_nat();
+        assert_eq!(plain.orig.dst, "10.9.0.1:9000".parse().unwrap());
+        assert_eq!(conntrack::involving(&flows, client_addr.ip()).len(), 1);
+        fw.remove_all().unwrap();
+    })
+    .join();
+    drop(client);
+    drop(host);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
