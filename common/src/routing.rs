@@ -1,0 +1,822 @@
+//! Links, addresses, routes and policy rules of the current network namespace, spoken to the
+//! kernel over rtnetlink (no `ip` command involved).
+//!
+//! A [`Routing`] wraps one rtnetlink connection. Its netlink socket is opened in the network
+//! namespace of the thread that calls [`Routing::new`] and stays bound to that namespace for
+//! its whole life, whichever thread later drives it.
+//!
+//! # What the agent owns
+//!
+//! The agent only ever creates routes in the tables [`AGENT_TABLE_MIN`]`..=`[`AGENT_TABLE_MAX`]
+//! and policy rules with priorities [`AGENT_RULE_PRIORITY_MIN`]`..=`[`AGENT_RULE_PRIORITY_MAX`].
+//! Everything else in the namespace (the main table, the default rules, other programs'
+//! routes) is left alone; [`Routing::replace_route`] and [`Routing::add_fwmark_rule`] refuse
+//! table numbers / priorities outside these ranges so a typo cannot rewrite the main table.
+//!
+//! # Idempotence
+//!
+//! * [`Routing::add_address`] and [`Routing::add_fwmark_rule`] succeed when the exact object
+//!   already exists (`EEXIST`).
+//! * [`Routing::replace_route`] uses `NLM_F_CREATE | NLM_F_REPLACE`, so switching a `/32`
+//!   from a blackhole to a device route is one atomic kernel operation (no window without a
+//!   route).
+//! * [`Routing::delete_route`] / [`Routing::delete_fwmark_rule`] return `Ok(false)` when there
+//!   was nothing to delete (`ENOENT` / `ESRCH`).
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::RangeInclusive,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    packet_route::{
+        address::{AddressAttribute, AddressMessage},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        route::{
+            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+            RouteType,
+        },
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+        AddressFamily,
+    },
+    Handle, IpVersion, LinkUnspec, RouteMessageBuilder,
+};
+
+/// First routing table number reserved for the agent.
+pub const AGENT_TABLE_MIN: u32 = 7800;
+/// Last routing table number reserved for the agent.
+pub const AGENT_TABLE_MAX: u32 = 7899;
+/// The tables the agent owns.
+pub const AGENT_TABLES: RangeInclusive<u32> = AGENT_TABLE_MIN..=AGENT_TABLE_MAX;
+/// Lowest policy-rule priority the agent uses (lower number = evaluated earlier; the kernel's
+/// default rules sit at 0, 32766 and 32767).
+pub const AGENT_RULE_PRIORITY_MIN: u32 = 7800;
+/// Highest policy-rule priority the agent uses.
+pub const AGENT_RULE_PRIORITY_MAX: u32 = 7899;
+/// The rule priorities the agent owns.
+pub const AGENT_RULE_PRIORITIES: RangeInclusive<u32> =
+    AGENT_RULE_PRIORITY_MIN..=AGENT_RULE_PRIORITY_MAX;
+
+const RT_TABLE_UNSPEC: u8 = 0;
+
+/// errno values that matter here (positive, as in `errno`).
+pub mod errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOENT: i32 = 2;
+    pub const ESRCH: i32 = 3;
+    pub const EBUSY: i32 = 16;
+    pub const EEXIST: i32 = 17;
+    pub const ENODEV: i32 = 19;
+    pub const EINVAL: i32 = 22;
+    pub const ERANGE: i32 = 34;
+    pub const ENETUNREACH: i32 = 101;
+    pub const EOPNOTSUPP: i32 = 95;
+    pub const EADDRNOTAVAIL: i32 = 99;
+
+    /// Symbolic name of an errno, for error messages.
+    pub fn name(code: i32) -> &'static str {
+        match code {
+            EPERM => "EPERM",
+            ENOENT => "ENOENT",
+            ESRCH => "ESRCH",
+            EBUSY => "EBUSY",
+            EEXIST => "EEXIST",
+            ENODEV => "ENODEV",
+            EINVAL => "EINVAL",
+            ERANGE => "ERANGE",
+            ENETUNREACH => "ENETUNREACH",
+            EOPNOTSUPP => "EOPNOTSUPP",
+            EADDRNOTAVAIL => "EADDRNOTAVAIL",
+            _ => "errno",
+        }
+    }
+}
+
+/// The positive errno carried by a netlink error reply, if the error is one.
+pub fn netlink_errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(msg) => {
+            let code = msg.raw_code().abs();
+            (code != 0).then_some(code)
+        }
+        _ => None,
+    }
+}
+
+/// Turn an rtnetlink error into an `anyhow` error naming the operation and the errno.
+fn nl_error(err: rtnetlink::Error, what: impl fmt::Display) -> anyhow::Error {
+    match netlink_errno(&err) {
+        Some(code) => anyhow!(
+            "{what}: {} ({}, errno {code})",
+            errno::name(code),
+            std::io::Error::from_raw_os_error(code)
+                .to_string()
+                .split(" (os error")
+                .next()
+                .unwrap_or_default(),
+        ),
+        None => anyhow!("{what}: {err}"),
+    }
+}
+
+fn family_of(addr: &IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn max_prefix(addr: &IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+fn check_prefix(addr: &IpAddr, prefix: u8) -> Result<()> {
+    if prefix > max_prefix(addr) {
+        bail!("invalid prefix length /{prefix} for {addr}");
+    }
+    Ok(())
+}
+
+/// What a route does with the packets it matches.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RouteKind {
+    /// Unicast out of this interface, no gateway (`dev IFNAME`, scope link).
+    Device(String),
+    /// Silently drop (`blackhole`).
+    Blackhole,
+    /// Only in read-back results: a route this module does not create (unreachable,
+    /// gateway route, ...), described for logs.
+    Other(String),
+}
+
+impl fmt::Display for RouteKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteKind::Device(dev) => write!(f, "dev {dev}"),
+            RouteKind::Blackhole => write!(f, "blackhole"),
+            RouteKind::Other(desc) => write!(f, "{desc}"),
+        }
+    }
+}
+
+/// One route: `dst/prefix` in `table`, doing `kind`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub dst: IpAddr,
+    pub prefix: u8,
+    pub table: u32,
+    pub kind: RouteKind,
+}
+
+impl Route {
+    /// A device route for an IPv4 destination.
+    pub fn device_v4(dst: Ipv4Addr, prefix: u8, table: u32, dev: impl Into<String>) -> Self {
+        Route {
+            dst: IpAddr::V4(dst),
+            prefix,
+            table,
+            kind: RouteKind::Device(dev.into()),
+        }
+    }
+
+    /// A blackhole route for an IPv4 destination.
+    pub fn blackhole_v4(dst: Ipv4Addr, prefix: u8, table: u32) -> Self {
+        Route {
+            dst: IpAddr::V4(dst),
+            prefix,
+            table,
+            kind: RouteKind::Blackhole,
+        }
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{} {} table {}",
+            self.dst, self.prefix, self.kind, self.table
+        )
+    }
+}
+
+/// A policy rule as read back from the kernel (only the fields the agent cares about).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleEntry {
+    /// 4 or 6.
+    pub ip_version: u8,
+    pub priority: u32,
+    pub table: u32,
+    pub fwmark: Option<u32>,
+    pub fwmask: Option<u32>,
+    /// "to_table", "blackhole", ... (lower-case Debug of the rule action).
+    pub action: String,
+    /// True if the rule has selectors besides fwmark (source/destination prefix, interfaces,
+    /// ...), i.e. it is not a plain fwmark rule.
+    pub other_selectors: bool,
+}
+
+impl RuleEntry {
+    /// Whether this is exactly the fwmark rule `add_fwmark_rule(mark, mask, table, priority)`
+    /// would create.
+    pub fn is_fwmark_rule(&self, mark: u32, mask: u32, table: u32, priority: u32) -> bool {
+        self.ip_version == 4
+            && self.priority == priority
+            && self.table == table
+            && self.fwmark == Some(mark)
+            && self.fwmask.unwrap_or(u32::MAX) == mask
+            && self.action == "to_table"
+            && !self.other_selectors
+    }
+}
+
+/// State of a link as read from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    pub index: u32,
+    pub name: String,
+    pub mtu: Option<u32>,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+    /// `IFLA_INFO_KIND` ("wireguard", "tun", "veth", ...), if the link reports one.
+    pub kind: Option<String>,
+}
+
+/// Handle on the rtnetlink socket of the network namespace it was created in.
+#[derive(Clone, Debug)]
+pub struct Routing {
+    handle: Handle,
+}
+
+impl Routing {
+    /// Open an rtnetlink connection in the calling thread's network namespace and spawn its
+    /// connection task on the current tokio runtime.
+    pub fn new() -> Result<Self> {
+        let rt = tokio::runtime::Handle::try_current()
+            .context("Routing::new must be called inside a tokio runtime")?;
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context("opening rtnetlink socket")?;
+        rt.spawn(connection);
+        Ok(Routing { handle })
+    }
+
+    /// The underlying rtnetlink handle, for operations not wrapped here.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    // ----------------------------------------------------------------------------- links
+
+    /// The link called `name`, or `None` if there is none.
+    pub async fn link(&self, name: &str) -> Result<Option<LinkState>> {
+        let mut stream = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(Some(link_state(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) if matches!(netlink_errno(&e), Some(errno::ENODEV)) => Ok(None),
+            Err(e) => Err(nl_error(e, format_args!("looking up link {name}"))),
+        }
+    }
+
+    /// All links of the namespace.
+    pub async fn links(&self) -> Result<Vec<LinkState>> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_error(e, "listing links"))?;
+        Ok(msgs.iter().map(link_state).collect())
+    }
+
+    /// Interface index of `name`, `None` if the link does not exist.
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
+        Ok(self.link(name).await?.map(|l| l.index))
+    }
+
+    async fn require_index(&self, name: &str) -> Result<u32> {
+        self.link_index(name)
+            .await?
+            .ok_or_else(|| anyhow!("link {name} does not exist"))
+    }
+
+    /// Set `name` administratively up.
+    pub async fn set_link_up(&self, name: &str) -> Result<()> {
+        let index = self.require_index(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| nl_error(e, format_args!("setting link {name} up")))
+    }
+
+    /// Set the MTU of `name` and bring it up, in one request.
+    pub async fn set_link_mtu_up(&self, name: &str, mtu: u32) -> Result<()> {
+        let index = self.require_index(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .map_err(|e| nl_error(e, format_args!("setting link {name} mtu {mtu} up")))
+    }
+
+    /// Delete link `name`. `Ok(false)` if it did not exist.
+    pub async fn delete_link(&self, name: &str) -> Result<bool> {
+        let Some(index) = self.link_index(name).await? else {
+            return Ok(false);
+        };
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(netlink_errno(&e), Some(errno::ENODEV)) => Ok(false),
+            Err(e) => Err(nl_error(e, format_args!("deleting link {name}"))),
+        }
+    }
+
+    // ------------------------------------------------------------------------- addresses
+
+    /// Add `addr/prefix` to `link`. Succeeds if the address is already there.
+    pub async fn add_address(&self, link: &str, addr: IpAddr, prefix: u8) -> Result<()> {
+        check_prefix(&addr, prefix)?;
+        let index = self
+            .require_index(link)
+            .await
+            .with_context(|| format!("adding address {addr}/{prefix}"))?;
+        match self
+            .handle
+            .address()
+            .add(index, addr, prefix)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(netlink_errno(&e), Some(errno::EEXIST)) => Ok(()),
+            Err(e) => Err(nl_error(
+                e,
+                format_args!("adding address {addr}/{prefix} to {link}"),
+            )),
+        }
+    }
+
+    /// Addresses on `link` (empty if the link does not exist).
+    pub async fn addresses(&self, link: &str) -> Result<Vec<(IpAddr, u8)>> {
+        let Some(index) = self.link_index(link).await? else {
+            return Ok(Vec::new());
+        };
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_error(e, format_args!("listing addresses of {link}")))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(|m| {
+                // IFA_LOCAL is the interface's own address on point-to-point links;
+                // IFA_ADDRESS is the peer there. Prefer IFA_LOCAL.
+                let local = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                });
+                let address = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                });
+                local.or(address).map(|ip| (ip, m.header.prefix_len))
+            })
+            .collect())
+    }
+
+    /// Remove `addr/prefix` from `link`. `Ok(false)` if it was not there.
+    pub async fn delete_address(&self, link: &str, addr: IpAddr, prefix: u8) -> Result<bool> {
+        let Some(index) = self.link_index(link).await? else {
+            return Ok(false);
+        };
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(addr)
+            .set_prefix_length_filter(prefix)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_error(e, format_args!("listing addresses of {link}")))?;
+        let mut deleted = false;
+        for msg in msgs {
+            match self.handle.address().del(msg).execute().await {
+                Ok(()) => deleted = true,
+                Err(e) if matches!(netlink_errno(&e), Some(errno::EADDRNOTAVAIL)) => {}
+                Err(e) => {
+                    return Err(nl_error(
+                        e,
+                        format_args!("deleting address {addr}/{prefix} from {link}"),
+                    ))
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    // ---------------------------------------------------------------------------- routes
+
+    /// Create or atomically replace the route to `route.dst/route.prefix` in `route.table`
+    /// (`NLM_F_CREATE | NLM_F_REPLACE`, like `ip route replace`). The table must be one of
+    /// the agent's ([`AGENT_TABLES`]) or the main table (254), which the agent uses for
+    /// blackholing a migrating container's address.
+    pub async fn replace_route(&self, route: &Route) -> Result<()> {
+        check_prefix(&route.dst, route.prefix)?;
+        check_route_table(route.table)?;
+        let mut msg = base_route_message(route.dst, route.prefix, route.table);
+        msg.header.protocol = RouteProtocol::Static;
+        match &route.kind {
+            RouteKind::Device(dev) => {
+                let index = self
+                    .require_index(dev)
+                    .await
+                    .with_context(|| format!("replacing route {route}"))?;
+                msg.header.kind = RouteType::Unicast;
+                msg.header.scope = RouteScope::Link;
+                msg.attributes.push(RouteAttribute::Oif(index));
+            }
+            RouteKind::Blackhole => {
+                msg.header.kind = RouteType::BlackHole;
+                msg.header.scope = RouteScope::Universe;
+            }
+            RouteKind::Other(desc) => bail!("cannot create a route of kind {desc:?}"),
+        }
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| nl_error(e, format_args!("replacing route {route}")))
+    }
+
+    /// Delete the route to `dst/prefix` in `table`, whatever its kind. `Ok(false)` if there
+    /// was none.
+    pub async fn delete_route(&self, dst: IpAddr, prefix: u8, table: u32) -> Result<bool> {
+        check_prefix(&dst, prefix)?;
+        let mut msg = base_route_message(dst, prefix, table);
+        // Wildcards so any route type / protocol / scope matches.
+        msg.header.kind = RouteType::Unspec;
+        msg.header.protocol = RouteProtocol::Unspec;
+        msg.header.scope = RouteScope::NoWhere;
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(netlink_errno(&e), Some(errno::ENOENT | errno::ESRCH)) => Ok(false),
+            Err(e) => Err(nl_error(
+                e,
+                format_args!("deleting route {dst}/{prefix} table {table}"),
+            )),
+        }
+    }
+
+    /// All IPv4 and IPv6 routes of `table`.
+    pub async fn routes_in_table(&self, table: u32) -> Result<Vec<Route>> {
+        let names: HashMap<u32, String> = self
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.index, l.name))
+            .collect();
+        let mut out = Vec::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let query = match version {
+                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+                    .table_id(table)
+                    .build(),
+                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+                    .table_id(table)
+                    .build(),
+            };
+            let msgs: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(query)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| nl_error(e, format_args!("listing routes of table {table}")))?;
+            out.extend(
+                msgs.iter()
+                    .filter(|m| route_table(m) == table)
+                    .filter_map(|m| route_from_message(m, &names)),
+            );
+        }
+        Ok(out)
+    }
+
+    // ----------------------------------------------------------------------------- rules
+
+    /// Add the IPv4 rule `priority: fwmark mark/mask lookup table`. Succeeds if this exact
+    /// rule already exists.
+    pub async fn add_fwmark_rule(
+        &self,
+        mark: u32,
+        mask: u32,
+        table: u32,
+        priority: u32,
+    ) -> Result<()> {
+        let what = || format!("adding rule {priority}: fwmark {mark:#x}/{mask:#x} lookup {table}");
+        check_rule(table, priority).with_context(what)?;
+        let mut req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .action(RuleAction::ToTable)
+            .priority(priority)
+            .fw_mark(mark);
+        let msg = req.message_mut();
+        msg.attributes.push(RuleAttribute::FwMask(mask));
+        set_rule_table(msg, table);
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(netlink_errno(&e), Some(errno::EEXIST)) => Ok(()),
+            Err(e) => Err(nl_error(e, what())),
+        }
+    }
+
+    /// Delete the rule made by [`Self::add_fwmark_rule`] with the same arguments. `Ok(false)`
+    /// if it did not exist.
+    pub async fn delete_fwmark_rule(
+        &self,
+        mark: u32,
+        mask: u32,
+        table: u32,
+        priority: u32,
+    ) -> Result<bool> {
+        let mut msg = RuleMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.action = RuleAction::ToTable;
+        msg.attributes.push(RuleAttribute::Priority(priority));
+        msg.attributes.push(RuleAttribute::FwMark(mark));
+        msg.attributes.push(RuleAttribute::FwMask(mask));
+        set_rule_table(&mut msg, table);
+        match self.handle.rule().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(netlink_errno(&e), Some(errno::ENOENT | errno::ESRCH)) => Ok(false),
+            Err(e) => Err(nl_error(
+                e,
+                format_args!("deleting rule {priority}: fwmark {mark:#x}/{mask:#x} lookup {table}"),
+            )),
+        }
+    }
+
+    /// All IPv4 and IPv6 policy rules of the namespace.
+    pub async fn rules(&self) -> Result<Vec<RuleEntry>> {
+        let mut out = Vec::new();
+        for (version, v) in [(IpVersion::V4, 4u8), (IpVersion::V6, 6u8)] {
+            let msgs: Vec<RuleMessage> = self
+                .handle
+                .rule()
+                .get(version)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| nl_error(e, format_args!("listing IPv{v} rules")))?;
+            out.extend(msgs.iter().map(|m| rule_entry(m, v)));
+        }
+        Ok(out)
+    }
+
+    /// The rules in the agent's priority range ([`AGENT_RULE_PRIORITIES`]).
+    pub async fn agent_rules(&self) -> Result<Vec<RuleEntry>> {
+        Ok(self
+            .rules()
+            .await?
+            .into_iter()
+            .filter(|r| AGENT_RULE_PRIORITIES.contains(&r.priority))
+            .collect())
+    }
+}
+
+fn check_route_table(table: u32) -> Result<()> {
+    if AGENT_TABLES.contains(&table) || table == u32::from(RouteHeader::RT_TABLE_MAIN) {
+        Ok(())
+    } else {
+        bail!(
+            "route table {table} is not the agent's (allowed: {AGENT_TABLE_MIN}-{AGENT_TABLE_MAX} or main)"
+        )
+    }
+}
+
+fn check_rule(table: u32, priority: u32) -> Result<()> {
+    if !AGENT_RULE_PRIORITIES.contains(&priority) {
+        bail!(
+            "rule priority {priority} is outside the agent's range {AGENT_RULE_PRIORITY_MIN}-{AGENT_RULE_PRIORITY_MAX}"
+        );
+    }
+    if !AGENT_TABLES.contains(&table) {
+        bail!(
+            "rule table {table} is outside the agent's range {AGENT_TABLE_MIN}-{AGENT_TABLE_MAX}"
+        );
+    }
+    Ok(())
+}
+
+fn set_rule_table(msg: &mut RuleMessage, table: u32) {
+    msg.attributes
+        .retain(|a| !matches!(a, RuleAttribute::Table(_)));
+    if table > 255 {
+        msg.header.table = RT_TABLE_UNSPEC;
+        msg.attributes.push(RuleAttribute::Table(table));
+    } else {
+        msg.header.table = table as u8;
+    }
+}
+
+fn base_route_message(dst: IpAddr, prefix: u8, table: u32) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family_of(&dst);
+    msg.header.destination_prefix_length = prefix;
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+    if table > 255 {
+        msg.header.table = RT_TABLE_UNSPEC;
+        msg.attributes.push(RouteAttribute::Table(table));
+    } else {
+        msg.header.table = table as u8;
+    }
+    msg
+}
+
+fn route_table(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
+fn route_from_message(msg: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> {
+    let dst = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+            _ => None,
+        })
+        .or(match msg.header.address_family {
+            // The default route carries no RTA_DST.
+            AddressFamily::Inet => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            AddressFamily::Inet6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+            _ => None,
+        })?;
+    let oif = msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    });
+    let has_gateway = msg
+        .attributes
+        .iter()
+        .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Via(_)));
+    let kind = match (msg.header.kind, oif, has_gateway) {
+        (RouteType::BlackHole, _, _) => RouteKind::Blackhole,
+        (RouteType::Unicast, Some(i), false) => {
+            RouteKind::Device(names.get(&i).cloned().unwrap_or_else(|| format!("if#{i}")))
+        }
+        (kind, oif, gw) => RouteKind::Other(format!(
+            "{kind:?}{}{}",
+            oif.map(|i| format!(" oif {}", names.get(&i).cloned().unwrap_or(i.to_string())))
+                .unwrap_or_default(),
+            if gw { " via gateway" } else { "" }
+        )),
+    };
+    Some(Route {
+        dst,
+        prefix: msg.header.destination_prefix_length,
+        table: route_table(msg),
+        kind,
+    })
+}
+
+fn rule_entry(msg: &RuleMessage, ip_version: u8) -> RuleEntry {
+    let mut entry = RuleEntry {
+        ip_version,
+        priority: 0,
+        table: u32::from(msg.header.table),
+        fwmark: None,
+        fwmask: None,
+        action: format!("{:?}", msg.header.action).to_lowercase(),
+        other_selectors: msg.header.dst_len != 0 || msg.header.src_len != 0 || msg.header.tos != 0,
+    };
+    if msg.header.action == RuleAction::ToTable {
+        entry.action = "to_table".to_string();
+    }
+    for attr in &msg.attributes {
+        match attr {
+            RuleAttribute::Priority(p) => entry.priority = *p,
+            RuleAttribute::Table(t) => entry.table = *t,
+            RuleAttribute::FwMark(m) => entry.fwmark = Some(*m),
+            RuleAttribute::FwMask(m) => entry.fwmask = Some(*m),
+            RuleAttribute::Iifname(_)
+            | RuleAttribute::Oifname(_)
+            | RuleAttribute::Source(_)
+            | RuleAttribute::Destination(_)
+            | RuleAttribute::IpProtocol(_)
+            | RuleAttribute::SourcePortRange(_)
+            | RuleAttribute::DestinationPortRange(_)
+            | RuleAttribute::UidRange(_) => entry.other_selectors = true,
+            _ => {}
+        }
+    }
+    entry
+}
+
+fn link_state(msg: &LinkMessage) -> LinkState {
+    let mut state = LinkState {
+        index: msg.header.index,
+        name: String::new(),
+        mtu: None,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        kind: None,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => state.name = n.clone(),
+            LinkAttribute::Mtu(m) => state.mtu = Some(*m),
+            LinkAttribute::LinkInfo(infos) => {
+                state.kind = infos.iter().find_map(|i| match i {
+                    LinkInfo::Kind(InfoKind::Other(k)) => Some(k.clone()),
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                });
+            }
+            _ => {}
+        }
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_ranges_are_sane() {
+        const {
+            assert!(
+                AGENT_TABLE_MIN > 255,
+                "agent tables must not collide with u8 ids"
+            );
+            assert!(
+                AGENT_RULE_PRIORITY_MAX < 32766,
+                "agent rules must come before main"
+            );
+        }
+        assert!(check_rule(7800, 7800).is_ok());
+        assert!(check_rule(254, 7800).is_err());
+        assert!(check_rule(7800, 100).is_err());
+        assert!(check_route_table(254).is_ok());
+        assert!(check_route_table(255).is_err());
+        assert!(check_route_table(7899).is_ok());
+    }
+
+    #[test]
+    fn route_message_uses_table_attribute_for_large_tables() {
+        let msg = base_route_message("10.1.2.3".parse().unwrap(), 32, 7801);
+        assert_eq!(msg.header.table, RT_TABLE_UNSPEC);
+        assert_eq!(route_table(&msg), 7801);
+        let msg = base_route_message("10.1.2.3".parse().unwrap(), 32, 254);
+        assert_eq!(route_table(&msg), 254);
+    }
+
+    #[test]
+    fn prefix_checks() {
+        assert!(check_prefix(&"10.0.0.1".parse().unwrap(), 32).is_ok());
+        assert!(check_prefix(&"10.0.0.1".parse().unwrap(), 33).is_err());
+        assert!(check_prefix(&"::1".parse().unwrap(), 128).is_ok());
+    }
+
+    #[test]
+    fn errno_names() {
+        assert_eq!(errno::name(17), "EEXIST");
+        assert_eq!(errno::name(3), "ESRCH");
+    }
+}
