@@ -29,9 +29,13 @@ struct Args {
     /// Socket of this host's podman service.
     #[arg(long, env = "LM_PODMAN_SOCKET", default_value = DEFAULT_SOCKET)]
     podman_socket: PathBuf,
-    /// Directory for the checkpoint archive while the migration runs.
+    /// Directory for this agent's WireGuard key and the checkpoint archive.
     #[arg(long, env = "LM_STATE_DIR", default_value = "/var/lib/live-migrate")]
     state_dir: PathBuf,
+    /// Do not forward new connections to the container's published ports on this host
+    /// after it moved (flows that already exist are kept either way).
+    #[arg(long)]
+    no_forward_new: bool,
     /// Print the report as JSON on stdout (progress goes to stderr).
     #[arg(long)]
     json: bool,
@@ -59,7 +63,8 @@ async fn run(args: &Args) -> Result<()> {
         destination: args.dest.clone(),
         token: Token::from_file(&args.token_file)?,
         podman: PodmanClient::new(&args.podman_socket),
-        work_dir: args.state_dir.join("outgoing"),
+        state_dir: args.state_dir.clone(),
+        forward_new_connections: !args.no_forward_new,
     };
     eprintln!("migrating {} to {}", args.container, args.dest);
     let report = migrate(request, &print_progress).await?;

@@ -10,11 +10,14 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use common::auth::Token;
 use common::podman::{PodmanClient, DEFAULT_SOCKET};
+use common::wireguard::KeyPair;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 /// Receives containers migrated by `agent-client` from other hosts: authenticates the peer,
-/// loads images, stores and verifies checkpoint archives and restores them through podman.
+/// sets up a WireGuard tunnel to it, loads images, stores and verifies checkpoint archives,
+/// installs the conntrack entries that keep the container's flows alive, and restores the
+/// container through podman.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -35,6 +38,8 @@ struct Args {
 /// What every session shares.
 pub struct ServerContext {
     pub token: Token,
+    /// This agent's WireGuard key pair.
+    pub keys: KeyPair,
     pub podman: PodmanClient,
     pub incoming_dir: PathBuf,
 }
@@ -51,8 +56,10 @@ async fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&incoming_dir);
     std::fs::create_dir_all(&incoming_dir)
         .with_context(|| format!("create {}", incoming_dir.display()))?;
+    let keys = common::overlay::load_keys(&args.state_dir)?;
     let context = Arc::new(ServerContext {
         token,
+        keys,
         podman: PodmanClient::new(&args.podman_socket),
         incoming_dir,
     });

@@ -7,7 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use common::auth::authenticate_client;
+use std::net::{IpAddr, Ipv4Addr};
+
+use common::conntrack::{self, Flow};
+use common::overlay::{TunnelEnd, MAIN_TABLE};
 use common::protocol::{ClientMessage, ContainerRef, HostReport, ServerMessage};
+use common::routing::{Route, Routing};
 use common::transfer::receive_stream;
 use common::wire::FramedStream;
 use tokio::net::TcpStream;
@@ -25,6 +30,10 @@ const CHECKPOINT_LIMIT: u64 = 256 << 30;
 #[derive(Default)]
 struct Session {
     archive: Option<PathBuf>,
+    /// Conntrack entries made for the incoming container's flows.
+    flows: Vec<Flow>,
+    /// The incoming container's address, held (blackholed) until it runs.
+    held_ip: Option<Ipv4Addr>,
     restored: Option<ContainerRef>,
     finished: bool,
 }
@@ -45,9 +54,19 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, context: Arc<ServerContext>
     let mut session = Session::default();
     let result = handle_requests(&mut stream, &context, &mut session).await;
     if !session.finished {
-        // The source went away or gave up: drop what it sent. A restored container stays:
-        // once it runs here, this host has taken over.
+        // The source went away or gave up: drop what it sent. A restored container stays
+        // with its flows: once it runs here, this host has taken over.
         discard_archive(&mut session);
+        if let Err(e) = release_held_ip(&mut session).await {
+            tracing::warn!("could not release the container address: {e:#}");
+        }
+        if session.restored.is_none() {
+            for flow in session.flows.drain(..) {
+                if let Err(e) = conntrack::delete(&flow).await {
+                    tracing::warn!("could not remove a conntrack entry: {e:#}");
+                }
+            }
+        }
     }
     result
 }
@@ -95,6 +114,39 @@ async fn handle(
 ) -> Result<ServerMessage> {
     let podman = &context.podman;
     match request {
+        ClientMessage::OpenTunnel { public_key } => {
+            let ours = context.keys.public_base64();
+            let end = TunnelEnd::between(&ours, &public_key);
+            end.bring_up(&context.keys, &public_key, None).await?;
+            tracing::info!(interface = %end.interface, "tunnel to source ready");
+            Ok(ServerMessage::TunnelReady {
+                public_key: ours,
+                listen_port: end.listen_port,
+            })
+        }
+        ClientMessage::PrepareTraffic {
+            source_public_key,
+            container_ip,
+            flows,
+        } => {
+            let end = TunnelEnd::between(&context.keys.public_base64(), &source_public_key);
+            // Until the restored sockets exist, packets for the container must be dropped
+            // here, not answered with a reset by its half-restored network namespace. This
+            // also replaces a route into a tunnel left from when the container lived here.
+            session.held_ip = Some(container_ip);
+            Routing::new()?
+                .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
+                .await?;
+            for flow in flows {
+                let flow = flow.with_mark(end.mark);
+                conntrack::create(&flow).await?;
+                session.flows.push(flow);
+            }
+            tracing::info!(flows = session.flows.len(), %container_ip, "flows prepared");
+            Ok(ServerMessage::TrafficPrepared {
+                flows: session.flows.len(),
+            })
+        }
         ClientMessage::Preflight { container } => Ok(ServerMessage::Preflight(
             preflight(context, &container).await?,
         )),
@@ -125,7 +177,9 @@ async fn handle(
                 bail!("no checkpoint was uploaded in this session");
             };
             let started = Instant::now();
-            if let Err(e) = podman.restore_import(&archive).await {
+            let restored = podman.restore_import(&archive).await;
+            release_held_ip(session).await?;
+            if let Err(e) = restored {
                 // Leave no half-restored copy behind.
                 if podman.find(&container.id).await.ok().flatten().is_some() {
                     let _ = podman.remove(&container.id).await;
@@ -151,6 +205,10 @@ async fn handle(
                 tracing::info!(container = %container.name, "restored copy removed on abort");
             }
             discard_archive(session);
+            release_held_ip(session).await?;
+            for flow in session.flows.drain(..) {
+                conntrack::delete(&flow).await?;
+            }
             Ok(ServerMessage::Aborted)
         }
         ClientMessage::Finish => {
@@ -184,6 +242,16 @@ async fn preflight(context: &ServerContext, container: &ContainerRef) -> Result<
         has_image: podman.image_exists(&container.image_id).await?,
         conflicting_container,
     })
+}
+
+/// The container's address is routed locally again (its sockets exist, or it is not coming).
+async fn release_held_ip(session: &mut Session) -> Result<()> {
+    if let Some(ip) = session.held_ip.take() {
+        Routing::new()?
+            .delete_route(IpAddr::V4(ip), 32, MAIN_TABLE)
+            .await?;
+    }
+    Ok(())
 }
 
 fn discard_archive(session: &mut Session) {

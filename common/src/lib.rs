@@ -2,10 +2,15 @@
 //! engine-facing module, and the migration phases.
 
 pub mod auth;
+pub mod conntrack;
 pub mod criu;
 pub mod migration;
+pub mod nft;
+pub mod overlay;
 pub mod podman;
 pub mod protocol;
 pub mod remote;
+pub mod routing;
 pub mod transfer;
 pub mod wire;
+pub mod wireguard;

@@ -52,6 +52,11 @@ pub struct PublishedPort {
 }
 
 impl ContainerInfo {
+    /// The container's IPv4 address, if it has one (the first network's).
+    pub fn ipv4(&self) -> Option<std::net::Ipv4Addr> {
+        self.addresses.values().find_map(|a| a.parse().ok())
+    }
+
     pub fn to_ref(&self) -> ContainerRef {
         ContainerRef {
             id: self.id.clone(),

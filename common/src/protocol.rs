@@ -17,21 +17,31 @@
 //!    never crosses the wire. The version is checked in the first two messages. Before
 //!    `Welcome` the server acts on nothing.
 //! 2. Requests, each answered by exactly one response:
+//!    - `OpenTunnel` -> `TunnelReady` (WireGuard keys exchanged; both ends bring the
+//!      tunnel up, see [`crate::overlay`]). The source then opens a new connection through
+//!      the tunnel, authenticates again and sends everything else there: the checkpoint
+//!      holds the container's memory and is never sent in the clear;
 //!    - `Preflight` -> `Preflight` (what the destination has and can do);
 //!    - `PutImage` + data frames + `EndOfStream` -> `ImageLoaded`;
 //!    - `PutCheckpoint` + data frames + `EndOfStream` -> `CheckpointStored`;
+//!    - `PrepareTraffic` -> `TrafficPrepared` (before the restore: the container's flows
+//!      get conntrack entries marked for the tunnel, so its replies go back through it);
 //!    - `Restore` -> `Restored`;
-//!    - `Abort` -> `Aborted` (drop the archive and any restored copy);
+//!    - `Abort` -> `Aborted` (drop the archive, any restored copy and the flows' entries);
 //!    - `Finish` -> `Finished` (the source is gone; forget the session).
 //!
 //!    Any request may instead be answered by `Error`.
 //! 3. A connection that closes without `Finish` is treated as `Abort` for whatever has not
 //!    been restored yet.
 
+use std::net::Ipv4Addr;
+
 use serde::{Deserialize, Serialize};
 
+use crate::conntrack::Flow;
+
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default TCP port of `agent-server`.
 pub const DEFAULT_PORT: u16 = 7878;
@@ -60,6 +70,10 @@ pub enum ClientMessage {
         /// Hex HMAC proving the client holds the token.
         client_proof: String,
     },
+    OpenTunnel {
+        /// The source agent's WireGuard public key (base64).
+        public_key: String,
+    },
     Preflight {
         container: ContainerRef,
     },
@@ -74,6 +88,13 @@ pub enum ClientMessage {
         bytes: u64,
         /// Hex SHA-256 of all data bytes.
         sha256: String,
+    },
+    PrepareTraffic {
+        /// The source agent's WireGuard public key: names the tunnel the flows come through.
+        source_public_key: String,
+        container_ip: Ipv4Addr,
+        /// The container's flows as the destination will see them (no NAT).
+        flows: Vec<Flow>,
     },
     Restore {
         container: ContainerRef,
@@ -93,10 +114,19 @@ pub enum ServerMessage {
         server_proof: String,
     },
     Welcome,
+    TunnelReady {
+        /// The destination agent's WireGuard public key (base64).
+        public_key: String,
+        /// UDP port its end of the tunnel listens on.
+        listen_port: u16,
+    },
     Preflight(HostReport),
     ImageLoaded,
     CheckpointStored {
         bytes: u64,
+    },
+    TrafficPrepared {
+        flows: usize,
     },
     Restored {
         /// Time podman took to restore, in milliseconds.

@@ -80,6 +80,46 @@ impl RemoteAgent {
         }
     }
 
+    /// Exchanges WireGuard public keys; returns the destination's key and listen port.
+    pub async fn open_tunnel(&mut self, public_key: &str) -> Result<(String, u16)> {
+        match self
+            .request(&ClientMessage::OpenTunnel {
+                public_key: public_key.to_string(),
+            })
+            .await?
+        {
+            ServerMessage::TunnelReady {
+                public_key,
+                listen_port,
+            } => Ok((public_key, listen_port)),
+            other => bail!("unexpected reply to open tunnel: {other:?}"),
+        }
+    }
+
+    /// The destination's address as connected to.
+    pub fn peer_addr(&self) -> Result<std::net::SocketAddr> {
+        Ok(self.stream.get_ref().peer_addr()?)
+    }
+
+    pub async fn prepare_traffic(
+        &mut self,
+        source_public_key: &str,
+        container_ip: std::net::Ipv4Addr,
+        flows: Vec<crate::conntrack::Flow>,
+    ) -> Result<usize> {
+        match self
+            .request(&ClientMessage::PrepareTraffic {
+                source_public_key: source_public_key.to_string(),
+                container_ip,
+                flows,
+            })
+            .await?
+        {
+            ServerMessage::TrafficPrepared { flows } => Ok(flows),
+            other => bail!("unexpected reply to prepare traffic: {other:?}"),
+        }
+    }
+
     pub async fn preflight(&mut self, container: &ContainerRef) -> Result<HostReport> {
         match self
             .request(&ClientMessage::Preflight {

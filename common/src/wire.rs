@@ -38,6 +38,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FramedStream<S> {
         }
     }
 
+    pub fn get_ref(&self) -> &S {
+        self.inner.get_ref()
+    }
+
     pub async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), WireError> {
         let payload =
             serde_json::to_vec(message).map_err(|e| WireError::Malformed(e.to_string()))?;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::auth::Token;
+use crate::conntrack::Proto;
 use crate::podman::PodmanClient;
 use crate::remote::RemoteAgent;
 
@@ -22,14 +23,19 @@ use crate::remote::RemoteAgent;
 pub enum Phase {
     /// Reach the destination agent and authenticate.
     Connect,
+    /// Bring up the WireGuard tunnel to the destination and move the session into it.
+    Tunnel,
     /// Check both hosts and make sure the destination has the image.
     Prepare,
     /// Freeze the container and write its checkpoint archive.
     Checkpoint,
     /// Send the archive to the destination.
     Transfer,
-    /// Restore the container on the destination.
+    /// Install the flows' conntrack entries on the destination, then restore the container.
     Restore,
+    /// Route the container's address (and new connections to its published ports) into
+    /// the tunnel, so flows that still arrive here reach it.
+    SwitchTraffic,
     /// Remove the source copy and the migration's leftovers.
     CleanUp,
 }
@@ -38,10 +44,12 @@ impl Phase {
     pub fn label(self) -> &'static str {
         match self {
             Phase::Connect => "connect",
+            Phase::Tunnel => "tunnel",
             Phase::Prepare => "prepare",
             Phase::Checkpoint => "checkpoint",
             Phase::Transfer => "transfer",
             Phase::Restore => "restore",
+            Phase::SwitchTraffic => "switch traffic",
             Phase::CleanUp => "clean up",
         }
     }
@@ -70,8 +78,11 @@ pub struct MigrationRequest {
     pub token: Token,
     /// The source host's podman service.
     pub podman: PodmanClient,
-    /// Where the source agent keeps checkpoint archives while a migration runs.
-    pub work_dir: PathBuf,
+    /// The source agent's state directory: its WireGuard key, and checkpoint archives
+    /// while a migration runs.
+    pub state_dir: PathBuf,
+    /// Also forward new connections to the container's published ports on this host.
+    pub forward_new_connections: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -133,6 +144,10 @@ pub enum Undo {
     DiscardOnDestination,
     /// A local file the migration wrote.
     RemoveFile(PathBuf),
+    /// The container's address was routed away from this host (blackhole, then tunnel).
+    RemoveContainerRoute(std::net::Ipv4Addr),
+    /// New connections to a published port were forwarded to the migrated container.
+    UnforwardPort { protocol: Proto, host_port: u16 },
 }
 
 /// The undo steps recorded so far, newest last.
@@ -169,6 +184,11 @@ impl UndoLog {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
                     _ => Ok(()),
                 },
+                Undo::RemoveContainerRoute(ip) => phases::route_container_locally(*ip).await,
+                Undo::UnforwardPort {
+                    protocol,
+                    host_port,
+                } => phases::unforward_port(*protocol, *host_port).await,
             };
             if let Err(e) = result {
                 tracing::warn!(?step, "undo failed: {e:#}");
@@ -222,26 +242,32 @@ pub async fn migrate(
     let mut remote: Option<RemoteAgent> = None;
     let mut phase = Phase::Connect;
 
-    let outcome: anyhow::Result<(phases::Prepared, u64, Instant)> = async {
+    let outcome: anyhow::Result<(phases::Prepared, u64, Instant, Instant)> = async {
         let t = clock.start(phase);
-        remote = Some(phases::connect(&request.destination, &request.token).await?);
-        let agent = remote.as_mut().expect("just connected");
+        let direct = phases::connect(&request.destination, &request.token).await?;
+        clock.finish(phase, t);
+
+        phase = Phase::Tunnel;
+        let t = clock.start(phase);
+        let keys = crate::overlay::load_keys(&request.state_dir)?;
+        let (agent, tunnel) = phases::tunnel(direct, &request.token, &keys).await?;
+        let agent = remote.insert(agent);
         clock.finish(phase, t);
 
         phase = Phase::Prepare;
         let t = clock.start(phase);
         let prepared = phases::prepare(&request.podman, agent, &request.container).await?;
         clock.finish(phase, t);
+        let container_ip = prepared.container.ipv4();
 
         phase = Phase::Checkpoint;
         let frozen_at = clock.start(phase);
-        let archive = phases::checkpoint(
-            &request.podman,
-            &prepared.container,
-            &request.work_dir,
-            &mut undo,
-        )
-        .await?;
+        let work_dir = request.state_dir.join("outgoing");
+        let archive =
+            phases::checkpoint(&request.podman, &prepared.container, &work_dir, &mut undo).await?;
+        if let Some(ip) = container_ip {
+            phases::hold_traffic(ip, &mut undo).await?;
+        }
         clock.finish(phase, frozen_at);
 
         phase = Phase::Transfer;
@@ -258,13 +284,31 @@ pub async fn migrate(
 
         phase = Phase::Restore;
         let t = clock.start(phase);
+        if let Some(ip) = container_ip {
+            phases::prepare_flows(agent, &keys, ip).await?;
+        }
         phases::restore(agent, &prepared.container.to_ref()).await?;
+        let resumed_at = Instant::now();
         clock.finish(phase, t);
-        Ok((prepared, bytes, frozen_at))
+
+        phase = Phase::SwitchTraffic;
+        let t = clock.start(phase);
+        if let Some(ip) = container_ip {
+            phases::switch_traffic(
+                &tunnel,
+                ip,
+                &prepared.container,
+                request.forward_new_connections,
+                &mut undo,
+            )
+            .await?;
+        }
+        clock.finish(phase, t);
+        Ok((prepared, bytes, frozen_at, resumed_at))
     }
     .await;
 
-    let (prepared, checkpoint_bytes, frozen_at) = match outcome {
+    let (prepared, checkpoint_bytes, frozen_at, resumed_at) = match outcome {
         Ok(done) => done,
         Err(error) => {
             tracing::error!(phase = phase.label(), "migration failed: {error:#}");
@@ -278,7 +322,7 @@ pub async fn migrate(
             });
         }
     };
-    let freeze_to_resume = frozen_at.elapsed();
+    let freeze_to_resume = resumed_at - frozen_at;
 
     // The destination runs the container now: from here on nothing is rolled back, and
     // problems are only reported.

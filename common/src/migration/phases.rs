@@ -6,16 +6,48 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::{Progress, Undo, UndoLog};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
 use crate::auth::Token;
+use crate::conntrack::{self, Proto};
 use crate::criu;
+use crate::nft::Firewall;
+use crate::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::podman::{ContainerInfo, PodmanClient};
 use crate::protocol::ContainerRef;
 use crate::remote::RemoteAgent;
+use crate::routing::{Route, Routing};
+use crate::wireguard::KeyPair;
 
 /// Connect: reach the destination agent and authenticate both ways. Nothing to undo: the
 /// connection closes with the migration.
 pub async fn connect(destination: &str, token: &Token) -> Result<RemoteAgent> {
     RemoteAgent::connect(destination, token).await
+}
+
+/// Tunnel: bring up the WireGuard tunnel to the destination (reused if it exists) and
+/// continue the session through it, authenticated again. Nothing to undo: the tunnel is
+/// kept for later migrations between the same hosts.
+pub async fn tunnel(
+    mut direct: RemoteAgent,
+    token: &Token,
+    keys: &KeyPair,
+) -> Result<(RemoteAgent, TunnelEnd)> {
+    let ours = keys.public_base64();
+    let (theirs, listen_port) = direct.open_tunnel(&ours).await?;
+    let end = TunnelEnd::between(&ours, &theirs);
+    let agent_addr = direct.peer_addr()?;
+    end.bring_up(
+        keys,
+        &theirs,
+        Some(SocketAddr::new(agent_addr.ip(), listen_port)),
+    )
+    .await?;
+    let through = SocketAddr::new(end.peer_address.into(), agent_addr.port());
+    let agent = RemoteAgent::connect(&through.to_string(), token)
+        .await
+        .context("reaching the destination agent through the tunnel")?;
+    Ok((agent, end))
 }
 
 /// What the prepare phase learned.
@@ -107,6 +139,84 @@ pub async fn checkpoint(
     });
     podman.checkpoint_to_file(&container.name, &archive).await?;
     Ok(archive)
+}
+
+/// Part of the checkpoint phase: packets for the frozen container are dropped here until the
+/// destination runs it. Answering them (or letting them reach the destination before its
+/// sockets exist) would reset the client's connections; dropped ones are retransmitted.
+/// Undo: the container's address is local again.
+pub async fn hold_traffic(container_ip: Ipv4Addr, undo: &mut UndoLog) -> Result<()> {
+    undo.push(Undo::RemoveContainerRoute(container_ip));
+    Routing::new()?
+        .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
+        .await
+}
+
+/// Part of the restore phase: tell the destination about the container's flows, as it will
+/// see them (without this host's NAT), so it tracks them as established connections that
+/// came through the tunnel. Undone with the transfer's `DiscardOnDestination`.
+pub async fn prepare_flows(
+    remote: &mut RemoteAgent,
+    keys: &KeyPair,
+    container_ip: Ipv4Addr,
+) -> Result<usize> {
+    let flows: Vec<_> = conntrack::involving(&conntrack::list().await?, IpAddr::V4(container_ip))
+        .into_iter()
+        .map(|f| f.without_nat())
+        .collect();
+    tracing::info!(flows = flows.len(), %container_ip, "sending the container's flows");
+    remote
+        .prepare_traffic(&keys.public_base64(), container_ip, flows)
+        .await
+}
+
+/// Switch traffic: flows that still arrive here for the container go through the tunnel,
+/// and (if enabled) so do new connections to its published ports. Undo: route it locally
+/// again and drop the forwards.
+pub async fn switch_traffic(
+    tunnel: &TunnelEnd,
+    container_ip: Ipv4Addr,
+    container: &ContainerInfo,
+    forward_new_connections: bool,
+    undo: &mut UndoLog,
+) -> Result<()> {
+    Routing::new()?
+        .replace_route(&Route::device_v4(
+            container_ip,
+            32,
+            MAIN_TABLE,
+            tunnel.interface.clone(),
+        ))
+        .await?;
+    if forward_new_connections {
+        for port in &container.published_ports {
+            let protocol: Proto = port.protocol.parse()?;
+            undo.push(Undo::UnforwardPort {
+                protocol,
+                host_port: port.host_port,
+            });
+            let (host_port, container_port) = (port.host_port, port.container_port);
+            tokio::task::spawn_blocking(move || {
+                Firewall::ensure()?.forward_port(protocol, host_port, container_ip, container_port)
+            })
+            .await??;
+        }
+    }
+    Ok(())
+}
+
+/// Undo of [`hold_traffic`] and [`switch_traffic`]'s route.
+pub async fn route_container_locally(container_ip: Ipv4Addr) -> Result<()> {
+    Routing::new()?
+        .delete_route(IpAddr::V4(container_ip), 32, MAIN_TABLE)
+        .await?;
+    Ok(())
+}
+
+/// Undo of [`switch_traffic`]'s port forwards.
+pub async fn unforward_port(protocol: Proto, host_port: u16) -> Result<()> {
+    tokio::task::spawn_blocking(move || Firewall::ensure()?.unforward_port(protocol, host_port))
+        .await?
 }
 
 /// Transfer: stream the archive to the destination, which verifies its SHA-256.

@@ -1,0 +1,188 @@
+//! The WireGuard tunnel between two agents, and the traffic plumbing that rides on it.
+//!
+//! Each pair of agents shares one tunnel. Everything about it is derived from the two
+//! public keys, so both ends agree without negotiating: the interface name, the /31 of
+//! tunnel addresses, and the firewall mark and routing table that send the replies of
+//! flows that came in through the tunnel back into it.
+//!
+//! Traffic plumbing on a host, per tunnel:
+//! - connections that enter through the tunnel get conntrack mark `mark` (nft);
+//! - packets of such connections from anywhere else get fwmark `mark` (nft), and
+//!   `ip rule fwmark mark lookup table` sends them to `table`, whose default route is the
+//!   tunnel: replies return the way the flow came, whatever the host's own routes say.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::nft::Firewall;
+use crate::routing::{Route, Routing, AGENT_TABLE_MIN};
+use crate::wireguard::{self, KeyPair, TunnelSpec};
+
+/// The kernel's main routing table, where the agent routes a migrated container's address.
+pub const MAIN_TABLE: u32 = 254;
+
+/// Tunnel addresses come from this /16 of the shared address space (RFC 6598), which
+/// container networks and LANs rarely use.
+const TUNNEL_NET: [u8; 2] = [100, 127];
+/// Base UDP port of tunnels; each peer gets its own, so one host can have many tunnels.
+const BASE_LISTEN_PORT: u16 = 51800;
+/// How many distinct tunnels (marks, tables, ports) one host can tell apart.
+const SLOTS: u32 = 100;
+/// So the source's end of a fresh tunnel announces itself at once and stays reachable.
+const KEEPALIVE_SECS: u16 = 25;
+
+/// One end of the tunnel between this agent and a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelEnd {
+    pub interface: String,
+    /// This end's tunnel address (/31 with the peer's).
+    pub local_address: Ipv4Addr,
+    pub peer_address: Ipv4Addr,
+    pub listen_port: u16,
+    /// Conntrack/fwmark for flows that entered through this tunnel.
+    pub mark: u32,
+    /// Routing table whose default route is this tunnel.
+    pub table: u32,
+    /// Rule priority of the fwmark rule.
+    pub priority: u32,
+}
+
+fn digest(parts: &[&str]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().into()
+}
+
+impl TunnelEnd {
+    /// The parameters of this host's end of the tunnel to `peer_public`.
+    pub fn between(local_public: &str, peer_public: &str) -> Self {
+        // Per-peer numbers depend on the peer alone: unique among this host's tunnels.
+        let peer = digest(&[peer_public]);
+        let slot = u32::from_be_bytes([peer[0], peer[1], peer[2], peer[3]]) % SLOTS;
+        // Addresses depend on the pair, lower key takes the even address.
+        let (low, high) = if local_public < peer_public {
+            (local_public, peer_public)
+        } else {
+            (peer_public, local_public)
+        };
+        let pair = digest(&[low, high]);
+        let even = pair[1] & 0xfe;
+        let base = [TUNNEL_NET[0], TUNNEL_NET[1], pair[0], even];
+        let low_addr = Ipv4Addr::from(base);
+        let high_addr = Ipv4Addr::from([base[0], base[1], base[2], even + 1]);
+        let (local_address, peer_address) = if local_public == low {
+            (low_addr, high_addr)
+        } else {
+            (high_addr, low_addr)
+        };
+        Self {
+            interface: format!("{}{}", wireguard::INTERFACE_PREFIX, &hex::encode(peer)[..8]),
+            local_address,
+            peer_address,
+            listen_port: BASE_LISTEN_PORT + slot as u16,
+            mark: AGENT_TABLE_MIN + slot,
+            table: AGENT_TABLE_MIN + slot,
+            priority: AGENT_TABLE_MIN + slot,
+        }
+    }
+
+    /// Creates or reuses this end: the WireGuard interface (everything allowed: it has one
+    /// peer, routes decide what goes in), its address, and the mark/rule/table plumbing.
+    /// `peer_endpoint` is where the peer listens, if known (the side that connects knows it).
+    pub async fn bring_up(
+        &self,
+        keys: &KeyPair,
+        peer_public: &str,
+        peer_endpoint: Option<SocketAddr>,
+    ) -> Result<()> {
+        let spec = TunnelSpec {
+            interface: self.interface.clone(),
+            private_key: keys.private_key().clone(),
+            listen_port: self.listen_port,
+            peer_public_key: peer_public.to_string(),
+            peer_endpoint,
+            allowed_ips: vec![(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)],
+            keepalive: peer_endpoint.map(|_| KEEPALIVE_SECS),
+        };
+        wireguard::ensure_tunnel(&spec)
+            .await
+            .with_context(|| format!("tunnel {}", self.interface))?;
+        let routing = Routing::new()?;
+        routing
+            .add_address(&self.interface, IpAddr::V4(self.local_address), 31)
+            .await?;
+        routing
+            .replace_route(&Route::device_v4(
+                Ipv4Addr::UNSPECIFIED,
+                0,
+                self.table,
+                self.interface.clone(),
+            ))
+            .await?;
+        routing
+            .add_fwmark_rule(self.mark, u32::MAX, self.table, self.priority)
+            .await?;
+        let (interface, mark) = (self.interface.clone(), self.mark);
+        // nft is driven through its CLI by the nftables crate: keep it off the async threads.
+        tokio::task::spawn_blocking(move || Firewall::ensure()?.mark_tunnel(&interface, mark))
+            .await??;
+        Ok(())
+    }
+
+    /// Removes this end and all its plumbing. Missing pieces are not an error.
+    pub async fn tear_down(&self) -> Result<()> {
+        let routing = Routing::new()?;
+        routing
+            .delete_fwmark_rule(self.mark, u32::MAX, self.table, self.priority)
+            .await?;
+        routing
+            .delete_route(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, self.table)
+            .await?;
+        let interface = self.interface.clone();
+        tokio::task::spawn_blocking(move || Firewall::ensure()?.unmark_tunnel(&interface))
+            .await??;
+        wireguard::remove_tunnel(&self.interface).await
+    }
+}
+
+/// This agent's WireGuard key pair, kept in its state directory.
+pub fn load_keys(state_dir: &Path) -> Result<KeyPair> {
+    KeyPair::load_or_create(state_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_ends_agree() {
+        let (a, b) = ("AAAApublicKeyOfHostA=", "BBBBpublicKeyOfHostB=");
+        let at_a = TunnelEnd::between(a, b);
+        let at_b = TunnelEnd::between(b, a);
+        assert_eq!(at_a.local_address, at_b.peer_address);
+        assert_eq!(at_a.peer_address, at_b.local_address);
+        assert_ne!(at_a.local_address, at_a.peer_address);
+        assert!(at_a.interface.len() <= 15);
+        assert!(at_a.interface.starts_with("lmwg-"));
+        assert_eq!(at_a.local_address.octets()[..2], TUNNEL_NET);
+        // One /31: the addresses differ in the last bit only.
+        assert_eq!(
+            u32::from(at_a.local_address) ^ u32::from(at_a.peer_address),
+            1
+        );
+    }
+
+    #[test]
+    fn numbers_stay_in_the_agent_ranges() {
+        let end = TunnelEnd::between("x", "y");
+        assert!(crate::routing::AGENT_TABLES.contains(&end.table));
+        assert!(crate::routing::AGENT_RULE_PRIORITIES.contains(&end.priority));
+        assert!((BASE_LISTEN_PORT..BASE_LISTEN_PORT + SLOTS as u16).contains(&end.listen_port));
+    }
+}

@@ -1,0 +1,159 @@
+//! `flowcheck`: a client that proves a flow survived. It sends sequence-numbered messages
+//! to an echo server, checks that every reply comes back intact and in order, and reports
+//! the longest pause between replies as JSON when it stops (after `--seconds`, or when
+//! the file given with `--stop-file` appears).
+//!
+//! TCP: any reset, EOF or wrong byte ends the run as a failure. UDP: lost datagrams are
+//! counted (a migration freeze may drop a few); the flow must resume.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(value_enum)]
+    proto: Proto,
+    /// Echo server address.
+    addr: SocketAddr,
+    /// Stop after this many seconds.
+    #[arg(long, default_value_t = 3600.0)]
+    seconds: f64,
+    /// Stop as soon as this file exists.
+    #[arg(long)]
+    stop_file: Option<PathBuf>,
+    /// Time between messages, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    interval_ms: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Serialize, Default)]
+struct Summary {
+    ok: bool,
+    sent: u64,
+    received: u64,
+    lost: u64,
+    max_pause_ms: f64,
+    error: Option<String>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let mut summary = Summary::default();
+    let result = match args.proto {
+        Proto::Tcp => tcp(&args, &mut summary),
+        Proto::Udp => udp(&args, &mut summary),
+    };
+    summary.ok = result.is_ok();
+    summary.error = result.err().map(|e| format!("{e:#}"));
+    println!("{}", serde_json::to_string(&summary).expect("serialisable"));
+    std::process::exit(if summary.ok { 0 } else { 1 });
+}
+
+fn should_stop(args: &Args, started: Instant) -> bool {
+    started.elapsed().as_secs_f64() >= args.seconds
+        || args.stop_file.as_ref().is_some_and(|f| f.exists())
+}
+
+/// Tracks the longest time without a reply.
+struct PauseMeter {
+    last: Instant,
+}
+
+impl PauseMeter {
+    fn reply(&mut self, summary: &mut Summary) {
+        let pause = self.last.elapsed().as_secs_f64() * 1e3;
+        summary.max_pause_ms = summary.max_pause_ms.max(pause);
+        self.last = Instant::now();
+    }
+}
+
+fn tcp(args: &Args, summary: &mut Summary) -> Result<()> {
+    let stream = TcpStream::connect_timeout(&args.addr, Duration::from_secs(5))
+        .with_context(|| format!("connect {}", args.addr))?;
+    stream.set_nodelay(true)?;
+    // A flow that silently stops (packets dropped on the way) must fail, not hang.
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let started = Instant::now();
+    let mut meter = PauseMeter { last: started };
+    let mut line = String::new();
+    while !should_stop(args, started) {
+        let message = format!("{}\n", summary.sent);
+        writer.write_all(message.as_bytes()).context("send")?;
+        summary.sent += 1;
+        line.clear();
+        if reader.read_line(&mut line).context("receive")? == 0 {
+            bail!(
+                "connection closed by the server after {} replies",
+                summary.received
+            );
+        }
+        if line != message {
+            bail!("reply {:?} to message {:?}", line, message.trim());
+        }
+        summary.received += 1;
+        meter.reply(summary);
+        std::thread::sleep(Duration::from_millis(args.interval_ms));
+    }
+    Ok(())
+}
+
+fn udp(args: &Args, summary: &mut Summary) -> Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(args.addr)?;
+    socket.set_read_timeout(Some(Duration::from_millis(args.interval_ms.max(10))))?;
+    let started = Instant::now();
+    let mut meter = PauseMeter { last: started };
+    let mut next_expected = 0u64;
+    let mut buf = [0u8; 64];
+    while !should_stop(args, started) {
+        socket.send(&summary.sent.to_be_bytes()).context("send")?;
+        summary.sent += 1;
+        // Drain every reply that has arrived; a late one is fine, a reordered one is not.
+        loop {
+            match socket.recv(&mut buf) {
+                Ok(8) => {
+                    let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+                    if seq < next_expected {
+                        bail!("datagram {seq} arrived after {}", next_expected - 1);
+                    }
+                    summary.lost += seq - next_expected;
+                    next_expected = seq + 1;
+                    summary.received += 1;
+                    meter.reply(summary);
+                }
+                Ok(n) => bail!("reply of {n} bytes"),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => return Err(e).context("receive"),
+            }
+        }
+    }
+    if summary.received == 0 {
+        bail!("no reply at all");
+    }
+    // The flow must have resumed: replies kept coming until the end.
+    if meter.last.elapsed() > Duration::from_secs(2) {
+        bail!("no reply in the last {:?}", meter.last.elapsed());
+    }
+    Ok(())
+}
