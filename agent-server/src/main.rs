@@ -42,6 +42,8 @@ pub struct ServerContext {
     pub keys: KeyPair,
     pub podman: PodmanClient,
     pub incoming_dir: PathBuf,
+    /// One journal file per open session, for recovery after a crash.
+    pub journal_dir: PathBuf,
 }
 
 #[tokio::main]
@@ -57,11 +59,15 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&incoming_dir)
         .with_context(|| format!("create {}", incoming_dir.display()))?;
     let keys = common::overlay::load_keys(&args.state_dir)?;
+    let podman = PodmanClient::new(&args.podman_socket);
+    let journal_dir = args.state_dir.join("sessions");
+    session::recover(&journal_dir, &podman).await?;
     let context = Arc::new(ServerContext {
         token,
         keys,
-        podman: PodmanClient::new(&args.podman_socket),
+        podman,
         incoming_dir,
+        journal_dir,
     });
     let listener = TcpListener::bind(args.listen)
         .await

@@ -5,16 +5,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
 use anyhow::{bail, Context, Result};
 use common::auth::authenticate_client;
-use std::net::{IpAddr, Ipv4Addr};
-
 use common::conntrack::{self, Flow};
 use common::overlay::{TunnelEnd, MAIN_TABLE};
+use common::podman::PodmanClient;
 use common::protocol::{ClientMessage, ContainerRef, HostReport, ServerMessage};
 use common::routing::{Route, Routing};
 use common::transfer::receive_stream;
 use common::wire::FramedStream;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
 use crate::ServerContext;
@@ -26,16 +29,87 @@ const IMAGE_LIMIT: u64 = 16 << 30;
 /// Largest checkpoint archive accepted.
 const CHECKPOINT_LIMIT: u64 = 256 << 30;
 
-/// What this session has made on this host, so it can be undone.
-#[derive(Default)]
+/// What this session has made on this host, so it can be undone. Saved to the state
+/// directory on every change, so that an agent that died mid-migration cleans up after
+/// itself when it starts again ([`recover`]).
+#[derive(Default, Serialize, Deserialize)]
 struct Session {
+    #[serde(skip)]
+    journal: PathBuf,
     archive: Option<PathBuf>,
     /// Conntrack entries made for the incoming container's flows.
     flows: Vec<Flow>,
     /// The incoming container's address, held (blackholed) until it runs.
     held_ip: Option<Ipv4Addr>,
+    /// A restore was asked for and not yet confirmed to the source.
+    restoring: Option<ContainerRef>,
+    /// The container runs here and the source was told so: this host has taken over.
     restored: Option<ContainerRef>,
     finished: bool,
+}
+
+impl Session {
+    fn new(journal_dir: &Path) -> Self {
+        Self {
+            journal: journal_dir.join(format!("{:016x}.json", rand::random::<u64>())),
+            ..Self::default()
+        }
+    }
+
+    fn save(&self) -> Result<()> {
+        let json = serde_json::to_vec(self)?;
+        std::fs::write(&self.journal, json)
+            .with_context(|| format!("write {}", self.journal.display()))
+    }
+
+    /// Undoes whatever the source did not see through, then forgets the session. A
+    /// container that was confirmed restored stays, with its flows.
+    async fn wind_down(mut self, podman: &PodmanClient) {
+        discard_archive(&mut self);
+        if let Err(e) = release_held_ip(&mut self).await {
+            tracing::warn!("could not release the container address: {e:#}");
+        }
+        if self.restored.is_none() && !self.finished {
+            if let Some(container) = self.restoring.take() {
+                if let Ok(Some(_)) = podman.find(&container.id).await {
+                    tracing::info!(container = %container.name, "removing an unconfirmed restore");
+                    if let Err(e) = podman.remove(&container.id).await {
+                        tracing::warn!("could not remove {}: {e}", container.name);
+                    }
+                }
+            }
+            for flow in self.flows.drain(..) {
+                if let Err(e) = conntrack::delete(&flow).await {
+                    tracing::warn!("could not remove a conntrack entry: {e:#}");
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&self.journal);
+    }
+}
+
+/// Winds down the sessions a previous run of the agent left unfinished.
+pub async fn recover(journal_dir: &Path, podman: &PodmanClient) -> Result<()> {
+    std::fs::create_dir_all(journal_dir)
+        .with_context(|| format!("create {}", journal_dir.display()))?;
+    for entry in std::fs::read_dir(journal_dir)? {
+        let path = entry?.path();
+        let session = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Session>(&bytes).ok());
+        match session {
+            Some(mut session) => {
+                tracing::info!(journal = %path.display(), "winding down a session of a previous run");
+                session.journal = path;
+                session.wind_down(podman).await;
+            }
+            None => {
+                tracing::warn!(journal = %path.display(), "unreadable session journal removed");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, context: Arc<ServerContext>) -> Result<()> {
@@ -51,23 +125,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, context: Arc<ServerContext>
         Ok(Err(e)) => bail!("rejected {peer}: {e}"),
         Err(_) => bail!("rejected {peer}: no handshake within {HANDSHAKE_TIMEOUT:?}"),
     }
-    let mut session = Session::default();
+    let mut session = Session::new(&context.journal_dir);
     let result = handle_requests(&mut stream, &context, &mut session).await;
-    if !session.finished {
-        // The source went away or gave up: drop what it sent. A restored container stays
-        // with its flows: once it runs here, this host has taken over.
-        discard_archive(&mut session);
-        if let Err(e) = release_held_ip(&mut session).await {
-            tracing::warn!("could not release the container address: {e:#}");
-        }
-        if session.restored.is_none() {
-            for flow in session.flows.drain(..) {
-                if let Err(e) = conntrack::delete(&flow).await {
-                    tracing::warn!("could not remove a conntrack entry: {e:#}");
-                }
-            }
-        }
-    }
+    // The session ends here; whatever the source did not see through is undone.
+    session.wind_down(&context.podman).await;
     result
 }
 
@@ -99,6 +160,7 @@ async fn handle_requests(
                 }
             }
         };
+        session.save()?;
         stream.send(&reply).await?;
         if finish {
             return Ok(());
@@ -134,13 +196,15 @@ async fn handle(
             // here, not answered with a reset by its half-restored network namespace. This
             // also replaces a route into a tunnel left from when the container lived here.
             session.held_ip = Some(container_ip);
+            session.save()?;
             Routing::new()?
                 .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
                 .await?;
             for flow in flows {
                 let flow = flow.with_mark(end.mark);
+                session.flows.push(flow.clone());
+                session.save()?;
                 conntrack::create(&flow).await?;
-                session.flows.push(flow);
             }
             tracing::info!(flows = session.flows.len(), %container_ip, "flows prepared");
             Ok(ServerMessage::TrafficPrepared {
@@ -176,6 +240,8 @@ async fn handle(
             let Some(archive) = session.archive.clone() else {
                 bail!("no checkpoint was uploaded in this session");
             };
+            session.restoring = Some(container.clone());
+            session.save()?;
             let started = Instant::now();
             let restored = podman.restore_import(&archive).await;
             release_held_ip(session).await?;
@@ -196,7 +262,10 @@ async fn handle(
             }
             let restore_ms = started.elapsed().as_millis() as u64;
             tracing::info!(container = %container.name, restore_ms, "container restored");
+            session.restoring = None;
             session.restored = Some(container);
+            // Saved before the source hears of it: from here on the container stays.
+            session.save()?;
             Ok(ServerMessage::Restored { restore_ms })
         }
         ClientMessage::Abort => {

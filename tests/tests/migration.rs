@@ -31,6 +31,12 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         destination_killed_mid_transfer,
     ),
     ("garbage_frames_do_not_hurt_the_daemon", garbage_frames),
+    ("tcp_and_udp_flows_survive_h1_h2_h3_h1", flows_survive_hops),
+    ("new_connections_reach_the_moved_container", new_connections),
+    (
+        "failure_after_checkpoint_keeps_flows_on_source",
+        failure_after_checkpoint,
+    ),
 ];
 
 fn main() {
@@ -474,4 +480,229 @@ fn garbage_frames(lab: &Lab) -> Result<()> {
     counter_advances(lab, "h2", "victim", before)?;
     lab.podman("h2", &["rm", "-f", "-t", "0", "victim"])?;
     Ok(())
+}
+
+/// A `flowcheck` client in the client namespace, checking every echo reply until stopped.
+struct FlowClient {
+    child: std::process::Child,
+    stop_file: String,
+    what: String,
+}
+
+impl FlowClient {
+    fn start(lab: &Lab, proto: &str, addr: &str) -> Result<Self> {
+        let stop_file = format!(
+            "/tmp/lm-flow-stop-{}-{proto}-{}",
+            std::process::id(),
+            addr.replace(':', "-")
+        );
+        let _ = std::fs::remove_file(&stop_file);
+        let child = lab.spawn(
+            "client",
+            &["flowcheck", proto, addr, "--stop-file", &stop_file],
+        )?;
+        Ok(Self {
+            child,
+            stop_file,
+            what: format!("{proto} flow to {addr}"),
+        })
+    }
+
+    /// Stops the client and returns its summary; fails if the flow broke.
+    fn finish(mut self) -> Result<serde_json::Value> {
+        std::fs::write(&self.stop_file, "")?;
+        let mut out = String::new();
+        std::io::Read::read_to_string(self.child.stdout.as_mut().expect("piped"), &mut out)?;
+        self.child.wait()?;
+        std::fs::remove_file(&self.stop_file)?;
+        let summary: serde_json::Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("summary of {}: {out:?}", self.what))?;
+        eprintln!("{}: {summary}", self.what);
+        eprintln!(
+            "{}: longest pause the client saw: {:.0} ms",
+            self.what,
+            summary["max_pause_ms"].as_f64().unwrap_or(-1.0)
+        );
+        ensure!(
+            summary["ok"] == true,
+            "{} broke: {}",
+            self.what,
+            summary["error"]
+        );
+        ensure!(
+            summary["received"].as_u64().unwrap_or(0) > 10,
+            "{} saw almost no replies",
+            self.what
+        );
+        Ok(summary)
+    }
+}
+
+/// One short flow: the service answers a new connection.
+fn answers(lab: &Lab, proto: &str, addr: &str) -> Result<()> {
+    let out = lab.exec_timeout(
+        "client",
+        &["flowcheck", proto, addr, "--seconds", "1"],
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.status.success(),
+        "{proto} {addr} not answered: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}
+
+fn flows_survive_hops(lab: &Lab) -> Result<()> {
+    run_container(
+        lab,
+        "h1",
+        "tcpecho",
+        &["-p", "5000:5000"],
+        "localhost/tcp-echo",
+    )?;
+    run_container(
+        lab,
+        "h1",
+        "udpecho",
+        &["-p", "5001:5001/udp"],
+        "localhost/udp-echo",
+    )?;
+    lab.wait_tcp(
+        "client",
+        "10.77.0.11:5000".parse()?,
+        Duration::from_secs(10),
+    )?;
+    let tcp = FlowClient::start(lab, "tcp", "10.77.0.11:5000")?;
+    let udp = FlowClient::start(lab, "udp", "10.77.0.11:5001")?;
+    std::thread::sleep(Duration::from_secs(1));
+    for (from, to) in [("h1", "h2"), ("h2", "h3"), ("h3", "h1")] {
+        migrate(lab, from, "tcpecho", to)?;
+        migrate(lab, from, "udpecho", to)?;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let tcp = tcp.finish();
+    let udp = udp.finish();
+    lab.podman("h1", &["rm", "-f", "-t", "0", "tcpecho", "udpecho"])?;
+    tcp?;
+    let udp = udp?;
+    eprintln!("udp datagrams lost over three hops: {}", udp["lost"]);
+    Ok(())
+}
+
+fn new_connections(lab: &Lab) -> Result<()> {
+    run_container(
+        lab,
+        "h1",
+        "newconn",
+        &["-p", "5100:5000"],
+        "localhost/tcp-echo",
+    )?;
+    lab.wait_tcp(
+        "client",
+        "10.77.0.11:5100".parse()?,
+        Duration::from_secs(10),
+    )?;
+    migrate(lab, "h1", "newconn", "h2")?;
+    // Through the old host (forwarded into the tunnel) and directly at the new one.
+    answers(lab, "tcp", "10.77.0.11:5100")?;
+    answers(lab, "tcp", "10.77.0.12:5100")?;
+    lab.podman("h2", &["rm", "-f", "-t", "0", "newconn"])?;
+    Ok(())
+}
+
+/// Nothing of a migration of the container with address `ip` and published `port` is
+/// left on `host`.
+fn no_agent_state(lab: &Lab, host: &str, ip: &str, port: u16) -> Result<()> {
+    let route = lab.exec_stdout(
+        host,
+        &["ip", "route", "show", "table", "main", &format!("{ip}/32")],
+    )?;
+    ensure!(route.is_empty(), "{host} still routes {ip}: {route}");
+    let sessions = lab.exec_stdout(
+        host,
+        &[
+            "sh",
+            "-c",
+            "ls -A /var/lib/live-migrate/sessions 2>/dev/null || true",
+        ],
+    )?;
+    ensure!(sessions.is_empty(), "{host} has open sessions: {sessions}");
+    let rules = lab.exec_stdout(
+        host,
+        &[
+            "sh",
+            "-c",
+            "nft list table inet live_migrate 2>/dev/null || true",
+        ],
+    )?;
+    ensure!(
+        !rules.contains(&format!("port={port} ")),
+        "{host} still forwards port {port}: {rules}"
+    );
+    let marked = lab.exec_stdout(
+        host,
+        &[
+            "sh",
+            "-c",
+            "conntrack -L -d \"$1\" 2>/dev/null | grep -c 'mark=78' || true",
+            "sh",
+            ip,
+        ],
+    )?;
+    ensure!(
+        marked.trim() == "0",
+        "{host} keeps {marked} marked conntrack entries for {ip}"
+    );
+    outgoing_is_empty(lab, host)
+}
+
+fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
+    run_container(
+        lab,
+        "h1",
+        "fragile",
+        &["-p", "5200:5000"],
+        "localhost/tcp-echo",
+    )?;
+    let ip = lab.container_ip("h1", "fragile")?;
+    lab.wait_tcp(
+        "client",
+        "10.77.0.11:5200".parse()?,
+        Duration::from_secs(10),
+    )?;
+    let flow = FlowClient::start(lab, "tcp", "10.77.0.11:5200")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut child = lab.spawn(
+        "h1",
+        &["agent-client", "--container", "fragile", "--dest", "h2"],
+    )?;
+    let stderr = child.stderr.take().expect("piped");
+    let mut seen = String::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        if line.contains("restore ...") {
+            // The destination dies at the restore step.
+            lab.kill_agent("h2")?;
+        }
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    let status = child.wait()?;
+    eprintln!("{seen}");
+    // A restarted agent winds down what its dead predecessor left.
+    lab.start_agent("h2")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let flow = flow.finish();
+    let running = is_running(lab, "h1", "fragile");
+    lab.podman("h1", &["rm", "-f", "-t", "0", "fragile"])?;
+    ensure!(
+        !status.success(),
+        "migration succeeded although the destination died"
+    );
+    ensure!(running?, "fragile is not running on h1 again");
+    flow?;
+    ensure!(!exists(lab, "h2", "fragile")?, "h2 holds a copy");
+    no_agent_state(lab, "h1", &ip, 5200)?;
+    no_agent_state(lab, "h2", &ip, 5200)
 }
