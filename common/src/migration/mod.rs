@@ -334,7 +334,7 @@ pub async fn migrate(
     Ok(MigrationReport {
         container: prepared.container.name.clone(),
         container_id: prepared.container.id.clone(),
-        destination: agent.address().to_string(),
+        destination: crate::remote::with_default_port(&request.destination),
         phases: clock.timings,
         freeze_to_resume_ms: freeze_to_resume.as_secs_f64() * 1e3,
         checkpoint_bytes,

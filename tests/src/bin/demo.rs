@@ -1,8 +1,13 @@
-//! `demo`: the main job, end to end. Brings up a lab of three simulated hosts, starts the
-//! `counter` workload on h1, migrates it to h2 with `agent-client`, shows that it goes on
-//! counting from where it was, prints the phase timings and tears everything down (also on
-//! Ctrl-C).
+//! `demo`: the main job, end to end. Brings up a lab of three simulated hosts, then
+//! 1. starts the `counter` workload on h1, migrates it to h2 and shows it counting on from
+//!    where it was (its state lives only in memory);
+//! 2. starts a TCP echo service on h1 with a published port, connects a client to it that
+//!    prints its replies live, and moves the service h1 -> h2 -> h3 while the client keeps
+//!    talking through h1: the client sees a pause at each hop and never a break.
+//!
+//! It prints the phase timings and tears everything down (also on Ctrl-C).
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -19,6 +24,70 @@ fn main() -> Result<()> {
 }
 
 fn run(lab: &Lab) -> Result<()> {
+    counter(lab)?;
+    live_connection(lab)
+}
+
+fn live_connection(lab: &Lab) -> Result<()> {
+    println!("\n== starting `tcp-echo` on h1, published as h1:5000; a client connects to h1:5000");
+    lab.podman(
+        "h1",
+        &[
+            "run",
+            "-d",
+            "--pull=never",
+            "--name",
+            "echo",
+            "-p",
+            "5000:5000",
+            "localhost/tcp-echo",
+        ],
+    )?;
+    lab.wait_tcp(
+        "client",
+        "10.77.0.11:5000".parse()?,
+        Duration::from_secs(10),
+    )?;
+    let stop = format!("/tmp/lm-demo-stop-{}", std::process::id());
+    let _ = std::fs::remove_file(&stop);
+    let mut client = lab.command(
+        "client",
+        &[
+            "flowcheck",
+            "tcp",
+            "10.77.0.11:5000",
+            "--stop-file",
+            &stop,
+            "--live",
+            "50",
+        ],
+    )?;
+    client.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut client = client.spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    for (from, to) in [("h1", "h2"), ("h2", "h3")] {
+        println!("== {from}$ agent-client --container echo --dest {to}");
+        let out = lab.exec(from, &["agent-client", "--container", "echo", "--dest", to])?;
+        print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    std::fs::write(&stop, "")?;
+    let mut summary = String::new();
+    std::io::Read::read_to_string(client.stdout.as_mut().expect("piped"), &mut summary)?;
+    client.wait()?;
+    std::fs::remove_file(&stop)?;
+    let summary: serde_json::Value = serde_json::from_str(summary.trim())?;
+    println!(
+        "== the client's connection to h1:5000 {}: {} messages, {} replies checked, longest pause {:.0} ms",
+        if summary["ok"] == true { "never broke" } else { "BROKE" },
+        summary["sent"],
+        summary["received"],
+        summary["max_pause_ms"].as_f64().unwrap_or(-1.0)
+    );
+    Ok(())
+}
+
+fn counter(lab: &Lab) -> Result<()> {
     println!(
         "== starting `counter` on h1 (prints 0, 1, 2, ... every 100 ms; state only in memory)"
     );

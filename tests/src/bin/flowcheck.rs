@@ -30,6 +30,9 @@ struct Args {
     /// Time between messages, in milliseconds.
     #[arg(long, default_value_t = 20)]
     interval_ms: u64,
+    /// Print every Nth reply and every pause over 200 ms to stderr, as they happen.
+    #[arg(long)]
+    live: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,16 +69,33 @@ fn should_stop(args: &Args, started: Instant) -> bool {
         || args.stop_file.as_ref().is_some_and(|f| f.exists())
 }
 
-/// Tracks the longest time without a reply.
+/// Tracks the longest time without a reply, and tells a watching person about replies.
 struct PauseMeter {
     last: Instant,
+    live: Option<u64>,
 }
 
 impl PauseMeter {
-    fn reply(&mut self, summary: &mut Summary) {
+    fn new(live: Option<u64>) -> Self {
+        Self {
+            last: Instant::now(),
+            live,
+        }
+    }
+
+    fn reply(&mut self, summary: &mut Summary, reply: &str) {
         let pause = self.last.elapsed().as_secs_f64() * 1e3;
         summary.max_pause_ms = summary.max_pause_ms.max(pause);
         self.last = Instant::now();
+        if let Some(every) = self.live {
+            if pause > 200.0 {
+                eprintln!(
+                    "   client: pause of {pause:.0} ms, then reply {reply} (intact, in order)"
+                );
+            } else if summary.received % every.max(1) == 0 {
+                eprintln!("   client: reply {reply}");
+            }
+        }
     }
 }
 
@@ -88,7 +108,7 @@ fn tcp(args: &Args, summary: &mut Summary) -> Result<()> {
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let started = Instant::now();
-    let mut meter = PauseMeter { last: started };
+    let mut meter = PauseMeter::new(args.live);
     let mut line = String::new();
     while !should_stop(args, started) {
         let message = format!("{}\n", summary.sent);
@@ -105,7 +125,7 @@ fn tcp(args: &Args, summary: &mut Summary) -> Result<()> {
             bail!("reply {:?} to message {:?}", line, message.trim());
         }
         summary.received += 1;
-        meter.reply(summary);
+        meter.reply(summary, line.trim());
         std::thread::sleep(Duration::from_millis(args.interval_ms));
     }
     Ok(())
@@ -116,7 +136,7 @@ fn udp(args: &Args, summary: &mut Summary) -> Result<()> {
     socket.connect(args.addr)?;
     socket.set_read_timeout(Some(Duration::from_millis(args.interval_ms.max(10))))?;
     let started = Instant::now();
-    let mut meter = PauseMeter { last: started };
+    let mut meter = PauseMeter::new(args.live);
     let mut next_expected = 0u64;
     let mut buf = [0u8; 64];
     while !should_stop(args, started) {
@@ -133,7 +153,7 @@ fn udp(args: &Args, summary: &mut Summary) -> Result<()> {
                     summary.lost += seq - next_expected;
                     next_expected = seq + 1;
                     summary.received += 1;
-                    meter.reply(summary);
+                    meter.reply(summary, &seq.to_string());
                 }
                 Ok(n) => bail!("reply of {n} bytes"),
                 Err(e)
