@@ -92,7 +92,7 @@ impl PauseMeter {
                 eprintln!(
                     "   client: pause of {pause:.0} ms, then reply {reply} (intact, in order)"
                 );
-            } else if summary.received % every.max(1) == 0 {
+            } else if summary.received.is_multiple_of(every.max(1)) {
                 eprintln!("   client: reply {reply}");
             }
         }
