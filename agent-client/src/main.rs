@@ -1,18 +1,19 @@
 //! `agent-client`: moves a running container from this host to another one.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
 use common::auth::Token;
+use common::config::HostPaths;
 use common::migration::{migrate, MigrationReport, MigrationRequest, Progress};
-use common::podman::{PodmanClient, DEFAULT_SOCKET};
+use common::podman::PodmanClient;
 use tracing_subscriber::EnvFilter;
 
 /// Live-migrates a podman container from this host to the agent-server on another host.
-/// The container is checkpointed with its established TCP connections, sent to the
-/// destination, restored there, and removed here only once it runs there. If anything
+/// The container is checkpointed with its established TCP connections, sent through a
+/// WireGuard tunnel to the destination, restored there, and removed here only once it runs
+/// there; flows that still arrive here are forwarded to it through the tunnel. If anything
 /// fails, it runs here again.
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -23,15 +24,8 @@ struct Args {
     /// Destination agent, `HOST[:PORT]` (default port 7878).
     #[arg(long)]
     dest: String,
-    /// File holding the pre-shared token (the same on every host).
-    #[arg(long, env = "LM_TOKEN_FILE", default_value = "/etc/live-migrate/token")]
-    token_file: PathBuf,
-    /// Socket of this host's podman service.
-    #[arg(long, env = "LM_PODMAN_SOCKET", default_value = DEFAULT_SOCKET)]
-    podman_socket: PathBuf,
-    /// Directory for this agent's WireGuard key and the checkpoint archive.
-    #[arg(long, env = "LM_STATE_DIR", default_value = "/var/lib/live-migrate")]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    paths: HostPaths,
     /// Do not forward new connections to the container's published ports on this host
     /// after it moved (flows that already exist are kept either way).
     #[arg(long)]
@@ -61,9 +55,9 @@ async fn run(args: &Args) -> Result<()> {
     let request = MigrationRequest {
         container: args.container.clone(),
         destination: args.dest.clone(),
-        token: Token::from_file(&args.token_file)?,
-        podman: PodmanClient::new(&args.podman_socket),
-        state_dir: args.state_dir.clone(),
+        token: Token::from_file(&args.paths.token_file)?,
+        podman: PodmanClient::new(&args.paths.podman_socket),
+        state_dir: args.paths.state_dir.clone(),
         forward_new_connections: !args.no_forward_new,
     };
     eprintln!("migrating {} to {}", args.container, args.dest);

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use common::auth::Token;
-use common::podman::{PodmanClient, DEFAULT_SOCKET};
+use common::config::HostPaths;
+use common::podman::PodmanClient;
 use common::wireguard::KeyPair;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -24,15 +25,8 @@ struct Args {
     /// Address and port to accept migrations on.
     #[arg(long, env = "LM_LISTEN", default_value = "0.0.0.0:7878")]
     listen: SocketAddr,
-    /// File holding the pre-shared token every agent of the cluster uses.
-    #[arg(long, env = "LM_TOKEN_FILE", default_value = "/etc/live-migrate/token")]
-    token_file: PathBuf,
-    /// Socket of this host's podman service (`podman system service`).
-    #[arg(long, env = "LM_PODMAN_SOCKET", default_value = DEFAULT_SOCKET)]
-    podman_socket: PathBuf,
-    /// Directory for incoming checkpoint archives and the agent's records.
-    #[arg(long, env = "LM_STATE_DIR", default_value = "/var/lib/live-migrate")]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    paths: HostPaths,
 }
 
 /// What every session shares.
@@ -52,15 +46,15 @@ async fn main() -> Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let token = Token::from_file(&args.token_file)?;
-    let incoming_dir = args.state_dir.join("incoming");
+    let token = Token::from_file(&args.paths.token_file)?;
+    let incoming_dir = args.paths.state_dir.join("incoming");
     // Archives of sessions that died with a previous run are of no use to anyone.
     let _ = std::fs::remove_dir_all(&incoming_dir);
     std::fs::create_dir_all(&incoming_dir)
         .with_context(|| format!("create {}", incoming_dir.display()))?;
-    let keys = common::overlay::load_keys(&args.state_dir)?;
-    let podman = PodmanClient::new(&args.podman_socket);
-    let journal_dir = args.state_dir.join("sessions");
+    let keys = common::overlay::load_keys(&args.paths.state_dir)?;
+    let podman = PodmanClient::new(&args.paths.podman_socket);
+    let journal_dir = args.paths.state_dir.join("sessions");
     session::recover(&journal_dir, &podman).await?;
     let context = Arc::new(ServerContext {
         token,
@@ -72,7 +66,7 @@ async fn main() -> Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, podman = %args.podman_socket.display(), "agent-server ready");
+    tracing::info!(listen = %args.listen, podman = %args.paths.podman_socket.display(), "agent-server ready");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,

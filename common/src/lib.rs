@@ -2,6 +2,7 @@
 //! engine-facing module, and the migration phases.
 
 pub mod auth;
+pub mod config;
 pub mod conntrack;
 pub mod criu;
 pub mod migration;

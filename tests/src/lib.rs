@@ -19,6 +19,7 @@
 
 pub mod cleanup;
 pub mod cmd;
+pub mod flow;
 pub mod host;
 pub mod images;
 pub mod netns;

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use lab::flow::FlowClient;
 use lab::{Lab, LabOptions};
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -482,60 +483,22 @@ fn garbage_frames(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// A `flowcheck` client in the client namespace, checking every echo reply until stopped.
-struct FlowClient {
-    child: std::process::Child,
-    stop_file: String,
-    what: String,
-}
-
-impl FlowClient {
-    fn start(lab: &Lab, proto: &str, addr: &str) -> Result<Self> {
-        let stop_file = format!(
-            "/tmp/lm-flow-stop-{}-{proto}-{}",
-            std::process::id(),
-            addr.replace(':', "-")
-        );
-        let _ = std::fs::remove_file(&stop_file);
-        let child = lab.spawn(
-            "client",
-            &["flowcheck", proto, addr, "--stop-file", &stop_file],
-        )?;
-        Ok(Self {
-            child,
-            stop_file,
-            what: format!("{proto} flow to {addr}"),
-        })
-    }
-
-    /// Stops the client and returns its summary; fails if the flow broke.
-    fn finish(mut self) -> Result<serde_json::Value> {
-        std::fs::write(&self.stop_file, "")?;
-        let mut out = String::new();
-        std::io::Read::read_to_string(self.child.stdout.as_mut().expect("piped"), &mut out)?;
-        self.child.wait()?;
-        std::fs::remove_file(&self.stop_file)?;
-        let summary: serde_json::Value = serde_json::from_str(out.trim())
-            .with_context(|| format!("summary of {}: {out:?}", self.what))?;
-        eprintln!("{}: {summary}", self.what);
-        eprintln!(
-            "{}: longest pause the client saw: {:.0} ms",
-            self.what,
-            summary["max_pause_ms"].as_f64().unwrap_or(-1.0)
-        );
-        ensure!(
-            summary["ok"] == true,
-            "{} broke: {}",
-            self.what,
-            summary["error"]
-        );
-        ensure!(
-            summary["received"].as_u64().unwrap_or(0) > 10,
-            "{} saw almost no replies",
-            self.what
-        );
-        Ok(summary)
-    }
+/// Stops a flow and fails unless every reply came back intact and in order (TCP), or the
+/// flow resumed (UDP).
+fn flow_survived(flow: FlowClient) -> Result<serde_json::Value> {
+    let what = flow.what().to_string();
+    let summary = flow.finish()?;
+    eprintln!("{what}: {summary}");
+    eprintln!(
+        "{what}: longest pause the client saw: {:.0} ms",
+        summary["max_pause_ms"].as_f64().unwrap_or(-1.0)
+    );
+    ensure!(summary["ok"] == true, "{what} broke: {}", summary["error"]);
+    ensure!(
+        summary["received"].as_u64().unwrap_or(0) > 10,
+        "{what} saw almost no replies"
+    );
+    Ok(summary)
 }
 
 /// One short flow: the service answers a new connection.
@@ -573,16 +536,16 @@ fn flows_survive_hops(lab: &Lab) -> Result<()> {
         "10.77.0.11:5000".parse()?,
         Duration::from_secs(10),
     )?;
-    let tcp = FlowClient::start(lab, "tcp", "10.77.0.11:5000")?;
-    let udp = FlowClient::start(lab, "udp", "10.77.0.11:5001")?;
+    let tcp = FlowClient::start(lab, "tcp", "10.77.0.11:5000", None)?;
+    let udp = FlowClient::start(lab, "udp", "10.77.0.11:5001", None)?;
     std::thread::sleep(Duration::from_secs(1));
     for (from, to) in [("h1", "h2"), ("h2", "h3"), ("h3", "h1")] {
         migrate(lab, from, "tcpecho", to)?;
         migrate(lab, from, "udpecho", to)?;
         std::thread::sleep(Duration::from_secs(2));
     }
-    let tcp = tcp.finish();
-    let udp = udp.finish();
+    let tcp = flow_survived(tcp);
+    let udp = flow_survived(udp);
     lab.podman("h1", &["rm", "-f", "-t", "0", "tcpecho", "udpecho"])?;
     tcp?;
     let udp = udp?;
@@ -671,7 +634,7 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
         "10.77.0.11:5200".parse()?,
         Duration::from_secs(10),
     )?;
-    let flow = FlowClient::start(lab, "tcp", "10.77.0.11:5200")?;
+    let flow = FlowClient::start(lab, "tcp", "10.77.0.11:5200", None)?;
     std::thread::sleep(Duration::from_secs(1));
     let mut child = lab.spawn(
         "h1",
@@ -693,7 +656,7 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
     // A restarted agent winds down what its dead predecessor left.
     lab.start_agent("h2")?;
     std::thread::sleep(Duration::from_secs(2));
-    let flow = flow.finish();
+    let flow = flow_survived(flow);
     let running = is_running(lab, "h1", "fragile");
     lab.podman("h1", &["rm", "-f", "-t", "0", "fragile"])?;
     ensure!(

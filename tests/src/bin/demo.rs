@@ -7,10 +7,10 @@
 //!
 //! It prints the phase timings and tears everything down (also on Ctrl-C).
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use lab::flow::FlowClient;
 use lab::{Lab, LabOptions};
 
 fn main() -> Result<()> {
@@ -48,22 +48,7 @@ fn live_connection(lab: &Lab) -> Result<()> {
         "10.77.0.11:5000".parse()?,
         Duration::from_secs(10),
     )?;
-    let stop = format!("/tmp/lm-demo-stop-{}", std::process::id());
-    let _ = std::fs::remove_file(&stop);
-    let mut client = lab.command(
-        "client",
-        &[
-            "flowcheck",
-            "tcp",
-            "10.77.0.11:5000",
-            "--stop-file",
-            &stop,
-            "--live",
-            "50",
-        ],
-    )?;
-    client.stdout(Stdio::piped()).stderr(Stdio::inherit());
-    let mut client = client.spawn()?;
+    let client = FlowClient::start(lab, "tcp", "10.77.0.11:5000", Some(50))?;
     std::thread::sleep(Duration::from_secs(2));
     for (from, to) in [("h1", "h2"), ("h2", "h3")] {
         println!("== {from}$ agent-client --container echo --dest {to}");
@@ -71,12 +56,7 @@ fn live_connection(lab: &Lab) -> Result<()> {
         print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
         std::thread::sleep(Duration::from_secs(2));
     }
-    std::fs::write(&stop, "")?;
-    let mut summary = String::new();
-    std::io::Read::read_to_string(client.stdout.as_mut().expect("piped"), &mut summary)?;
-    client.wait()?;
-    std::fs::remove_file(&stop)?;
-    let summary: serde_json::Value = serde_json::from_str(summary.trim())?;
+    let summary = client.finish()?;
     println!(
         "== the client's connection to h1:5000 {}: {} messages, {} replies checked, longest pause {:.0} ms",
         if summary["ok"] == true { "never broke" } else { "BROKE" },
