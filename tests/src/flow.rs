@@ -19,6 +19,22 @@ impl FlowClient {
     /// Starts a `proto` (`tcp`/`udp`) flow from the client to `addr`. With `live`, every
     /// `live`-th reply and every long pause is printed to stderr as it happens.
     pub fn start(lab: &Lab, proto: &str, addr: &str, live: Option<u64>) -> Result<Self> {
+        Self::spawn(lab, proto, addr, live, &[])
+    }
+
+    /// Waits on `addr` in the client namespace for one TCP connection from an echoing
+    /// container (a flow the container opened), then checks it like [`Self::start`].
+    pub fn listen(lab: &Lab, addr: &str) -> Result<Self> {
+        Self::spawn(lab, "tcp", addr, None, &["--listen"])
+    }
+
+    fn spawn(
+        lab: &Lab,
+        proto: &str,
+        addr: &str,
+        live: Option<u64>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let stop_file = format!(
             "/tmp/lm-flow-stop-{}-{proto}-{}",
             std::process::id(),
@@ -26,6 +42,7 @@ impl FlowClient {
         );
         let _ = std::fs::remove_file(&stop_file);
         let mut args = vec!["flowcheck", proto, addr, "--stop-file", &stop_file];
+        args.extend_from_slice(extra);
         let every = live.map(|n| n.to_string());
         if let Some(every) = &every {
             args.extend(["--live", every]);

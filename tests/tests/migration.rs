@@ -38,6 +38,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         "failure_after_checkpoint_keeps_flows_on_source",
         failure_after_checkpoint,
     ),
+    ("outbound_connection_survives_h1_h2", outbound_connection),
 ];
 
 fn main() {
@@ -572,6 +573,36 @@ fn new_connections(lab: &Lab) -> Result<()> {
     answers(lab, "tcp", "10.77.0.12:5100")?;
     lab.podman("h2", &["rm", "-f", "-t", "0", "newconn"])?;
     Ok(())
+}
+
+fn outbound_connection(lab: &Lab) -> Result<()> {
+    // The container opens the connection: to a checking server in the client namespace,
+    // echoing what it sends (busybox nc), masqueraded by h1 on the way out.
+    let server = FlowClient::listen(lab, "10.77.0.100:6000")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let echo_to_server = ["nc", "10.77.0.100", "6000", "-e", "/bin/cat"];
+    let mut args = vec![
+        "run",
+        "-d",
+        "--pull=never",
+        "--name",
+        "outbound",
+        "localhost/counter",
+    ];
+    args.extend_from_slice(&echo_to_server);
+    lab.podman("h1", &args)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let migrated = migrate(lab, "h1", "outbound", "h2");
+    std::thread::sleep(Duration::from_secs(2));
+    let flow = flow_survived(server);
+    let host = if exists(lab, "h2", "outbound")? {
+        "h2"
+    } else {
+        "h1"
+    };
+    lab.podman(host, &["rm", "-f", "-t", "0", "outbound"])?;
+    migrated?;
+    flow.map(|_| ())
 }
 
 /// Nothing of a migration of the container with address `ip` and published `port` is

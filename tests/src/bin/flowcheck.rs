@@ -7,7 +7,7 @@
 //! counted (a migration freeze may drop a few); the flow must resume.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,12 @@ use serde::Serialize;
 struct Args {
     #[arg(value_enum)]
     proto: Proto,
-    /// Echo server address.
+    /// Echo server address (with `--listen`: the address to accept one connection on,
+    /// for a flow the echoing side opened).
     addr: SocketAddr,
+    /// TCP only: wait for the echoing side to connect instead of connecting to it.
+    #[arg(long)]
+    listen: bool,
     /// Stop after this many seconds.
     #[arg(long, default_value_t = 3600.0)]
     seconds: f64,
@@ -100,8 +104,14 @@ impl PauseMeter {
 }
 
 fn tcp(args: &Args, summary: &mut Summary) -> Result<()> {
-    let stream = TcpStream::connect_timeout(&args.addr, Duration::from_secs(5))
-        .with_context(|| format!("connect {}", args.addr))?;
+    let stream = if args.listen {
+        let listener =
+            TcpListener::bind(args.addr).with_context(|| format!("listen on {}", args.addr))?;
+        listener.accept().context("accept")?.0
+    } else {
+        TcpStream::connect_timeout(&args.addr, Duration::from_secs(5))
+            .with_context(|| format!("connect {}", args.addr))?
+    };
     stream.set_nodelay(true)?;
     // A flow that silently stops (packets dropped on the way) must fail, not hang.
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
