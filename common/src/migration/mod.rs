@@ -265,9 +265,6 @@ pub async fn migrate(
         let work_dir = request.state_dir.join("outgoing");
         let archive =
             phases::checkpoint(&request.podman, &prepared.container, &work_dir, &mut undo).await?;
-        if let Some(ip) = container_ip {
-            phases::hold_traffic(ip, &mut undo).await?;
-        }
         clock.finish(phase, frozen_at);
 
         phase = Phase::Transfer;

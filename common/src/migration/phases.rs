@@ -120,8 +120,12 @@ fn check_criu(host: &str, version: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checkpoint: freeze the container (with its established TCP connections) and export the
-/// checkpoint to `work_dir`. Undo: start it again on the source.
+/// Checkpoint: freeze the container (with its established TCP connections), export the
+/// checkpoint to `work_dir`, and hold its traffic: packets for it are dropped here until the
+/// destination runs it. Answering them, or letting them reach a network namespace whose
+/// sockets are not restored yet, would reset the client's connections; dropped ones are
+/// retransmitted. Undo: start it again on the source, then route its address locally again
+/// (in that order, for the same reason).
 pub async fn checkpoint(
     podman: &PodmanClient,
     container: &ContainerInfo,
@@ -132,24 +136,22 @@ pub async fn checkpoint(
         .with_context(|| format!("create work directory {}", work_dir.display()))?;
     let archive = work_dir.join(format!("{}.checkpoint.tar", container.id));
     undo.push(Undo::RemoveFile(archive.clone()));
+    let container_ip = container.ipv4();
+    if let Some(ip) = container_ip {
+        undo.push(Undo::RemoveContainerRoute(ip));
+    }
     // Registered before the call: a checkpoint that fails halfway may still have stopped it.
     undo.push(Undo::RestartOnSource {
         container: container.name.clone(),
         archive: archive.clone(),
     });
     podman.checkpoint_to_file(&container.name, &archive).await?;
+    if let Some(ip) = container_ip {
+        Routing::new()?
+            .replace_route(&Route::blackhole_v4(ip, 32, MAIN_TABLE))
+            .await?;
+    }
     Ok(archive)
-}
-
-/// Part of the checkpoint phase: packets for the frozen container are dropped here until the
-/// destination runs it. Answering them (or letting them reach the destination before its
-/// sockets exist) would reset the client's connections; dropped ones are retransmitted.
-/// Undo: the container's address is local again.
-pub async fn hold_traffic(container_ip: Ipv4Addr, undo: &mut UndoLog) -> Result<()> {
-    undo.push(Undo::RemoveContainerRoute(container_ip));
-    Routing::new()?
-        .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
-        .await
 }
 
 /// Part of the restore phase: tell the destination about the container's flows, as it will
@@ -205,7 +207,7 @@ pub async fn switch_traffic(
     Ok(())
 }
 
-/// Undo of [`hold_traffic`] and [`switch_traffic`]'s route.
+/// Undo of the route [`checkpoint`] and [`switch_traffic`] make for the container.
 pub async fn route_container_locally(container_ip: Ipv4Addr) -> Result<()> {
     Routing::new()?
         .delete_route(IpAddr::V4(container_ip), 32, MAIN_TABLE)
