@@ -418,6 +418,23 @@ impl Lab {
         self.exec_stdout(host, &v)
     }
 
+    /// `podman run -d --pull=never --name NAME OPTIONS... IMAGE ARGS...` in `host` (no
+    /// registry is reachable: a missing image must fail at once).
+    pub fn run_container(
+        &self,
+        host: &str,
+        name: &str,
+        options: &[&str],
+        image: &str,
+        args: &[&str],
+    ) -> Result<()> {
+        let mut argv = vec!["run", "-d", "--pull=never", "--name", name];
+        argv.extend_from_slice(options);
+        argv.push(image);
+        argv.extend_from_slice(args);
+        self.podman(host, &argv).map(|_| ())
+    }
+
     /// The IP address of a container on the default network.
     pub fn container_ip(&self, host: &str, container: &str) -> Result<String> {
         self.podman(

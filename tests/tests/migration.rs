@@ -125,14 +125,6 @@ fn migrate_fails(lab: &Lab, from: &str, container: &str, to: &str, cause: &str) 
     Ok(())
 }
 
-fn run_container(lab: &Lab, host: &str, name: &str, extra: &[&str], image: &str) -> Result<()> {
-    let mut args = vec!["run", "-d", "--pull=never", "--name", name];
-    args.extend_from_slice(extra);
-    args.push(image);
-    lab.podman(host, &args)?;
-    Ok(())
-}
-
 fn is_running(lab: &Lab, host: &str, name: &str) -> Result<bool> {
     let out = lab.exec_unchecked(
         host,
@@ -218,7 +210,7 @@ fn outgoing_is_empty(lab: &Lab, host: &str) -> Result<()> {
 }
 
 fn counter_round_trip(lab: &Lab) -> Result<()> {
-    run_container(lab, "h1", "counter", &[], "localhost/counter")?;
+    lab.run_container("h1", "counter", &[], "localhost/counter", &[])?;
     let before = counter_advances(lab, "h1", "counter", 5)?;
 
     migrate(lab, "h1", "counter", "h2")?;
@@ -268,12 +260,12 @@ fn memhog_verify(lab: &Lab, host: &str, name: &str, pages: u64) -> Result<()> {
 
 fn start_memhog(lab: &Lab, host: &str, name: &str, mib: u64) -> Result<()> {
     let mib_env = format!("MEMHOG_MIB={mib}");
-    run_container(
-        lab,
+    lab.run_container(
         host,
         name,
         &["-e", &mib_env, "-e", "MEMHOG_DIRTY_PERCENT=5"],
         "localhost/memhog",
+        &[],
     )?;
     wait_for("memhog to fill its memory", Duration::from_secs(60), || {
         Ok(logs(lab, host, name)?.contains("memhog: ready"))
@@ -295,7 +287,7 @@ fn memhog_memory_intact(lab: &Lab) -> Result<()> {
 
 fn missing_image_is_sent(lab: &Lab) -> Result<()> {
     // An image only h1 has: a commit of a running counter.
-    run_container(lab, "h1", "base", &[], "localhost/counter")?;
+    lab.run_container("h1", "base", &[], "localhost/counter", &[])?;
     lab.podman("h1", &["commit", "base", "localhost/counter-h1-only"])?;
     lab.podman("h1", &["rm", "-f", "-t", "0", "base"])?;
     let image_on_h3 = || -> Result<bool> {
@@ -308,7 +300,7 @@ fn missing_image_is_sent(lab: &Lab) -> Result<()> {
             .success())
     };
     ensure!(!image_on_h3()?, "h3 has the image before the migration");
-    run_container(lab, "h1", "fresh", &[], "localhost/counter-h1-only")?;
+    lab.run_container("h1", "fresh", &[], "localhost/counter-h1-only", &[])?;
     let before = counter_advances(lab, "h1", "fresh", 3)?;
     let report = migrate(lab, "h1", "fresh", "h3")?;
     ensure!(
@@ -324,7 +316,7 @@ fn missing_image_is_sent(lab: &Lab) -> Result<()> {
 /// A container on h1 for the failure scenarios; returns its counter value.
 fn victim(lab: &Lab) -> Result<u64> {
     if !exists(lab, "h1", "victim")? {
-        run_container(lab, "h1", "victim", &[], "localhost/counter")?;
+        lab.run_container("h1", "victim", &[], "localhost/counter", &[])?;
     }
     counter_advances(lab, "h1", "victim", 0)
 }
@@ -518,19 +510,19 @@ fn answers(lab: &Lab, proto: &str, addr: &str) -> Result<()> {
 }
 
 fn flows_survive_hops(lab: &Lab) -> Result<()> {
-    run_container(
-        lab,
+    lab.run_container(
         "h1",
         "tcpecho",
         &["-p", "5000:5000"],
         "localhost/tcp-echo",
+        &[],
     )?;
-    run_container(
-        lab,
+    lab.run_container(
         "h1",
         "udpecho",
         &["-p", "5001:5001/udp"],
         "localhost/udp-echo",
+        &[],
     )?;
     lab.wait_tcp(
         "client",
@@ -555,12 +547,12 @@ fn flows_survive_hops(lab: &Lab) -> Result<()> {
 }
 
 fn new_connections(lab: &Lab) -> Result<()> {
-    run_container(
-        lab,
+    lab.run_container(
         "h1",
         "newconn",
         &["-p", "5100:5000"],
         "localhost/tcp-echo",
+        &[],
     )?;
     lab.wait_tcp(
         "client",
@@ -581,16 +573,7 @@ fn outbound_connection(lab: &Lab) -> Result<()> {
     let server = FlowClient::listen(lab, "10.77.0.100:6000")?;
     std::thread::sleep(Duration::from_millis(300));
     let echo_to_server = ["nc", "10.77.0.100", "6000", "-e", "/bin/cat"];
-    let mut args = vec![
-        "run",
-        "-d",
-        "--pull=never",
-        "--name",
-        "outbound",
-        "localhost/counter",
-    ];
-    args.extend_from_slice(&echo_to_server);
-    lab.podman("h1", &args)?;
+    lab.run_container("h1", "outbound", &[], "localhost/counter", &echo_to_server)?;
     std::thread::sleep(Duration::from_secs(1));
     let migrated = migrate(lab, "h1", "outbound", "h2");
     std::thread::sleep(Duration::from_secs(2));
@@ -652,12 +635,12 @@ fn no_agent_state(lab: &Lab, host: &str, ip: &str, port: u16) -> Result<()> {
 }
 
 fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
-    run_container(
-        lab,
+    lab.run_container(
         "h1",
         "fragile",
         &["-p", "5200:5000"],
         "localhost/tcp-echo",
+        &[],
     )?;
     let ip = lab.container_ip("h1", "fragile")?;
     lab.wait_tcp(

@@ -30,18 +30,12 @@ fn run(lab: &Lab) -> Result<()> {
 
 fn live_connection(lab: &Lab) -> Result<()> {
     println!("\n== starting `tcp-echo` on h1, published as h1:5000; a client connects to h1:5000");
-    lab.podman(
+    lab.run_container(
         "h1",
-        &[
-            "run",
-            "-d",
-            "--pull=never",
-            "--name",
-            "echo",
-            "-p",
-            "5000:5000",
-            "localhost/tcp-echo",
-        ],
+        "echo",
+        &["-p", "5000:5000"],
+        "localhost/tcp-echo",
+        &[],
     )?;
     lab.wait_tcp(
         "client",
@@ -71,17 +65,7 @@ fn counter(lab: &Lab) -> Result<()> {
     println!(
         "== starting `counter` on h1 (prints 0, 1, 2, ... every 100 ms; state only in memory)"
     );
-    lab.podman(
-        "h1",
-        &[
-            "run",
-            "-d",
-            "--pull=never",
-            "--name",
-            "counter",
-            "localhost/counter",
-        ],
-    )?;
+    lab.run_container("h1", "counter", &[], "localhost/counter", &[])?;
     std::thread::sleep(Duration::from_secs(2));
     let before = last_lines(lab, "h1", 3)?;
     println!("   h1 log tail: {}", before.join(" "));
