@@ -1,6 +1,7 @@
 //! `agent-server`: the daemon on every host that can receive a migrating container.
 
 mod session;
+mod sweeper;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +28,9 @@ struct Args {
     listen: SocketAddr,
     #[command(flatten)]
     paths: HostPaths,
+    /// How often to check whether forwarding kept for containers that left is still needed.
+    #[arg(long, env = "LM_SWEEP_SECONDS", default_value_t = 5)]
+    sweep_seconds: u64,
 }
 
 /// What every session shares.
@@ -38,6 +42,8 @@ pub struct ServerContext {
     pub incoming_dir: PathBuf,
     /// One journal file per open session, for recovery after a crash.
     pub journal_dir: PathBuf,
+    /// Also holds the forward records of containers that left this host.
+    pub state_dir: PathBuf,
 }
 
 #[tokio::main]
@@ -62,11 +68,16 @@ async fn main() -> Result<()> {
         podman,
         incoming_dir,
         journal_dir,
+        state_dir: args.paths.state_dir.clone(),
     });
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, podman = %args.paths.podman_socket.display(), "agent-server ready");
+    tokio::spawn(sweeper::run(
+        context.clone(),
+        std::time::Duration::from_secs(args.sweep_seconds.max(1)),
+    ));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,

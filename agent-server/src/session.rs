@@ -11,6 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use common::auth::authenticate_client;
 use common::conntrack::{self, Flow};
+use common::forwarding::ForwardRecord;
 use common::overlay::{TunnelEnd, MAIN_TABLE};
 use common::podman::PodmanClient;
 use common::protocol::{ClientMessage, ContainerRef, HostReport, ServerMessage};
@@ -197,6 +198,12 @@ async fn handle(
             // also replaces a route into a tunnel left from when the container lived here.
             session.held_ip = Some(container_ip);
             session.save()?;
+            // Coming back to a former host: it no longer forwards the container elsewhere.
+            for record in ForwardRecord::load_all(&context.state_dir) {
+                if record.container_ip == container_ip {
+                    record.remove(&context.state_dir, true).await?;
+                }
+            }
             Routing::new()?
                 .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
                 .await?;
@@ -211,6 +218,9 @@ async fn handle(
                 flows: session.flows.len(),
             })
         }
+        ClientMessage::QueryContainer { id } => Ok(ServerMessage::ContainerStatus {
+            alive: crate::sweeper::container_alive(context, &id).await?,
+        }),
         ClientMessage::Preflight { container } => Ok(ServerMessage::Preflight(
             preflight(context, &container).await?,
         )),

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod conntrack;
 pub mod criu;
+pub mod forwarding;
 pub mod migration;
 pub mod nft;
 pub mod overlay;

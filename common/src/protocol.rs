@@ -28,7 +28,9 @@
 //!      get conntrack entries marked for the tunnel, so its replies go back through it);
 //!    - `Restore` -> `Restored`;
 //!    - `Abort` -> `Aborted` (drop the archive, any restored copy and the flows' entries);
-//!    - `Finish` -> `Finished` (the source is gone; forget the session).
+//!    - `Finish` -> `Finished` (the source is gone; forget the session);
+//!    - `QueryContainer` -> `ContainerStatus`: does the container live here or downstream
+//!      (a former host asks, to know whether its forwarding is still needed).
 //!
 //!    Any request may instead be answered by `Error`.
 //! 3. A connection that closes without `Finish` is treated as `Abort` for whatever has not
@@ -101,6 +103,9 @@ pub enum ClientMessage {
     },
     Abort,
     Finish,
+    QueryContainer {
+        id: String,
+    },
 }
 
 /// What the destination agent sends.
@@ -134,6 +139,10 @@ pub enum ServerMessage {
     },
     Aborted,
     Finished,
+    ContainerStatus {
+        /// Runs on this host, or on a host this one forwards it to.
+        alive: bool,
+    },
     Error {
         message: String,
     },

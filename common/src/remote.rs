@@ -187,6 +187,17 @@ impl RemoteAgent {
         }
     }
 
+    /// Whether the container lives at this agent's host or downstream of it.
+    pub async fn query_container(&mut self, id: &str) -> Result<bool> {
+        match self
+            .request(&ClientMessage::QueryContainer { id: id.to_string() })
+            .await?
+        {
+            ServerMessage::ContainerStatus { alive } => Ok(alive),
+            other => bail!("unexpected reply to query: {other:?}"),
+        }
+    }
+
     pub async fn finish(&mut self) -> Result<()> {
         match self.request(&ClientMessage::Finish).await? {
             ServerMessage::Finished => Ok(()),

@@ -39,6 +39,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         failure_after_checkpoint,
     ),
     ("outbound_connection_survives_h1_h2", outbound_connection),
+    (
+        "forwarding_is_removed_once_nothing_needs_it",
+        forwarding_removed,
+    ),
 ];
 
 fn main() {
@@ -586,6 +590,39 @@ fn outbound_connection(lab: &Lab) -> Result<()> {
     lab.podman(host, &["rm", "-f", "-t", "0", "outbound"])?;
     migrated?;
     flow.map(|_| ())
+}
+
+fn forwarding_removed(lab: &Lab) -> Result<()> {
+    lab.run_container(
+        "h1",
+        "shortlived",
+        &["-p", "5300:5000"],
+        "localhost/tcp-echo",
+        &[],
+    )?;
+    let ip = lab.container_ip("h1", "shortlived")?;
+    lab.wait_tcp(
+        "client",
+        "10.77.0.11:5300".parse()?,
+        Duration::from_secs(10),
+    )?;
+    migrate(lab, "h1", "shortlived", "h2")?;
+    let route = lab.exec_stdout("h1", &["ip", "route", "show", &format!("{ip}/32")])?;
+    ensure!(
+        route.contains("lmwg-"),
+        "h1 does not route {ip} into the tunnel: {route}"
+    );
+    answers(lab, "tcp", "10.77.0.11:5300")?;
+    // Still needed while the container lives on h2: a few sweeps change nothing.
+    std::thread::sleep(Duration::from_secs(12));
+    answers(lab, "tcp", "10.77.0.11:5300")?;
+    lab.podman("h2", &["rm", "-f", "-t", "0", "shortlived"])?;
+    wait_for("h1 to drop the forwarding", Duration::from_secs(60), || {
+        Ok(no_agent_state(lab, "h1", &ip, 5300).is_ok())
+    })?;
+    let records = lab.exec_stdout("h1", &["sh", "-c", "ls -A /var/lib/live-migrate/forwards"])?;
+    ensure!(records.is_empty(), "h1 keeps forward records: {records}");
+    Ok(())
 }
 
 /// Nothing of a migration of the container with address `ip` and published `port` is

@@ -148,6 +148,8 @@ pub enum Undo {
     RemoveContainerRoute(std::net::Ipv4Addr),
     /// New connections to a published port were forwarded to the migrated container.
     UnforwardPort { protocol: Proto, host_port: u16 },
+    /// A forward record was written for the sweeper of `agent-server`.
+    ForgetForwarding(PathBuf),
 }
 
 /// The undo steps recorded so far, newest last.
@@ -180,10 +182,12 @@ impl UndoLog {
                     Some(agent) => agent.abort().await,
                     None => Ok(()),
                 },
-                Undo::RemoveFile(path) => match std::fs::remove_file(path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-                    _ => Ok(()),
-                },
+                Undo::RemoveFile(path) | Undo::ForgetForwarding(path) => {
+                    match std::fs::remove_file(path) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                        _ => Ok(()),
+                    }
+                }
                 Undo::RemoveContainerRoute(ip) => phases::route_container_locally(*ip).await,
                 Undo::UnforwardPort {
                     protocol,
@@ -291,11 +295,14 @@ pub async fn migrate(
         phase = Phase::SwitchTraffic;
         let t = clock.start(phase);
         if let Some(ip) = container_ip {
+            let next_agent = agent.peer_addr()?;
             phases::switch_traffic(
                 &tunnel,
                 ip,
                 &prepared.container,
                 request.forward_new_connections,
+                &request.state_dir,
+                next_agent,
                 &mut undo,
             )
             .await?;

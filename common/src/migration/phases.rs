@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use crate::auth::Token;
 use crate::conntrack::{self, Proto};
 use crate::criu;
+use crate::forwarding::ForwardRecord;
 use crate::nft::Firewall;
 use crate::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::podman::{ContainerInfo, PodmanClient};
@@ -173,15 +174,28 @@ pub async fn prepare_flows(
 }
 
 /// Switch traffic: flows that still arrive here for the container go through the tunnel,
-/// and (if enabled) so do new connections to its published ports. Undo: route it locally
-/// again and drop the forwards.
+/// and (if enabled) so do new connections to its published ports. A forward record tells
+/// `agent-server` to remove all this once nothing needs it ([`crate::forwarding`]).
+/// Undo: route it locally again, drop the forwards and the record.
+#[allow(clippy::too_many_arguments)] // each is one fact the switch needs
 pub async fn switch_traffic(
     tunnel: &TunnelEnd,
     container_ip: Ipv4Addr,
     container: &ContainerInfo,
     forward_new_connections: bool,
+    state_dir: &Path,
+    next_agent: SocketAddr,
     undo: &mut UndoLog,
 ) -> Result<()> {
+    let mut record = ForwardRecord {
+        container_id: container.id.clone(),
+        container_name: container.name.clone(),
+        container_ip,
+        next_agent,
+        ports: Vec::new(),
+        downstream_alive: true,
+    };
+    undo.push(Undo::ForgetForwarding(record.path(state_dir)));
     Routing::new()?
         .replace_route(&Route::device_v4(
             container_ip,
@@ -197,6 +211,7 @@ pub async fn switch_traffic(
                 protocol,
                 host_port: port.host_port,
             });
+            record.ports.push((protocol, port.host_port));
             let (host_port, container_port) = (port.host_port, port.container_port);
             tokio::task::spawn_blocking(move || {
                 Firewall::ensure()?.forward_port(protocol, host_port, container_ip, container_port)
@@ -204,6 +219,7 @@ pub async fn switch_traffic(
             .await??;
         }
     }
+    record.save(state_dir)?;
     Ok(())
 }
 

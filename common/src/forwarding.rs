@@ -1,0 +1,129 @@
+//! What a former host of a container keeps so that flows still arriving there reach it: a
+//! route of the container's address into the tunnel, and DNAT of new connections to its
+//! published ports. Each migration that leaves such state writes a record to the state
+//! directory; `agent-server` sweeps the records and removes the state once nothing needs
+//! it: no flow of the container passes this host any more, and the container no longer
+//! lives downstream (at the host it went to, or wherever that host forwards it).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::conntrack::{self, Proto};
+use crate::nft::Firewall;
+use crate::overlay::MAIN_TABLE;
+use crate::routing::Routing;
+
+/// Conntrack's TCP state number for TIME_WAIT; CLOSE follows it.
+const TCP_TIME_WAIT: u8 = 7;
+
+/// Directory of the records, under the agent's state directory.
+pub fn records_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("forwards")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForwardRecord {
+    pub container_id: String,
+    pub container_name: String,
+    pub container_ip: Ipv4Addr,
+    /// The agent the container went to, reached through the tunnel.
+    pub next_agent: SocketAddr,
+    /// Published ports whose new connections are forwarded.
+    pub ports: Vec<(Proto, u16)>,
+    /// Whether the container lived downstream at the last sweep.
+    pub downstream_alive: bool,
+}
+
+impl ForwardRecord {
+    pub fn path(&self, state_dir: &Path) -> PathBuf {
+        records_dir(state_dir).join(format!("{}.json", self.container_id))
+    }
+
+    pub fn save(&self, state_dir: &Path) -> Result<PathBuf> {
+        let dir = records_dir(state_dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let path = self.path(state_dir);
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// All records in `state_dir`; unreadable ones are skipped with a warning.
+    pub fn load_all(state_dir: &Path) -> Vec<ForwardRecord> {
+        let Ok(entries) = std::fs::read_dir(records_dir(state_dir)) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let bytes = std::fs::read(e.path()).ok()?;
+                match serde_json::from_slice(&bytes) {
+                    Ok(record) => Some(record),
+                    Err(err) => {
+                        tracing::warn!(path = %e.path().display(), "unreadable forward record: {err}");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Whether any live connection of the container still passes this host (TCP entries
+    /// in TIME_WAIT or CLOSE only wait to expire).
+    pub async fn flows_pass_here(&self) -> Result<bool> {
+        let flows = conntrack::list().await?;
+        Ok(conntrack::involving(&flows, IpAddr::V4(self.container_ip))
+            .iter()
+            .any(|f| f.tcp_state.is_none_or(|s| s < TCP_TIME_WAIT)))
+    }
+
+    /// Stops forwarding new connections and forgets the record. With `keep_route` the
+    /// container's /32 route is left alone (the container is local again and its route
+    /// belongs to the restore).
+    pub async fn remove(&self, state_dir: &Path, keep_route: bool) -> Result<()> {
+        if !keep_route {
+            Routing::new()?
+                .delete_route(IpAddr::V4(self.container_ip), 32, MAIN_TABLE)
+                .await?;
+        }
+        let ports = self.ports.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let firewall = Firewall::ensure()?;
+            for (proto, port) in ports {
+                firewall.unforward_port(proto, port)?;
+            }
+            Ok(())
+        })
+        .await??;
+        match std::fs::remove_file(self.path(state_dir)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_roundtrips_through_the_state_dir() {
+        let dir = std::env::temp_dir().join(format!("lm-forward-test-{}", std::process::id()));
+        let record = ForwardRecord {
+            container_id: "abc".into(),
+            container_name: "web".into(),
+            container_ip: Ipv4Addr::new(10, 88, 1, 2),
+            next_agent: "100.127.0.1:7878".parse().unwrap(),
+            ports: vec![(Proto::Tcp, 5000)],
+            downstream_alive: true,
+        };
+        let path = record.save(&dir).unwrap();
+        assert!(path.ends_with("forwards/abc.json"));
+        assert_eq!(ForwardRecord::load_all(&dir), vec![record]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(ForwardRecord::load_all(&dir).is_empty());
+    }
+}
