@@ -110,10 +110,11 @@ impl TunnelEnd {
             allowed_ips: vec![(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)],
             keepalive: peer_endpoint.map(|_| KEEPALIVE_SECS),
         };
+        let routing = Routing::new()?;
+        self.check_no_overlap(&routing).await?;
         wireguard::ensure_tunnel(&spec)
             .await
             .with_context(|| format!("tunnel {}", self.interface))?;
-        let routing = Routing::new()?;
         routing
             .add_address(&self.interface, IpAddr::V4(self.local_address), 31)
             .await?;
@@ -135,6 +136,27 @@ impl TunnelEnd {
         Ok(())
     }
 
+    /// The tunnel's /31 must not overlap an address of any other link of this host, or the
+    /// host would route some of its own traffic into the tunnel.
+    async fn check_no_overlap(&self, routing: &Routing) -> Result<()> {
+        for link in routing.links().await? {
+            if link.name == self.interface {
+                continue;
+            }
+            for (addr, prefix) in routing.addresses(&link.name).await? {
+                let IpAddr::V4(addr) = addr else { continue };
+                if overlaps(self.local_address, addr, prefix) {
+                    anyhow::bail!(
+                        "tunnel addresses {}/31 overlap {addr}/{prefix} on {}; free that range or move the tunnel network",
+                        self.local_address,
+                        link.name
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Removes this end and all its plumbing. Missing pieces are not an error.
     pub async fn tear_down(&self) -> Result<()> {
         let routing = Routing::new()?;
@@ -149,6 +171,15 @@ impl TunnelEnd {
             .await??;
         wireguard::remove_tunnel(&self.interface).await
     }
+}
+
+/// Whether the /31 holding `tunnel_address` and the network `addr/prefix` share an address.
+fn overlaps(tunnel_address: Ipv4Addr, addr: Ipv4Addr, prefix: u8) -> bool {
+    // The larger of the two blocks contains the other iff their common bits agree.
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(31)))
+        .unwrap_or(0);
+    u32::from(tunnel_address) & mask == u32::from(addr) & mask
 }
 
 /// This agent's WireGuard key pair, kept in its state directory.
@@ -176,6 +207,17 @@ mod tests {
             u32::from(at_a.local_address) ^ u32::from(at_a.peer_address),
             1
         );
+    }
+
+    #[test]
+    fn overlap_detection() {
+        let t = Ipv4Addr::new(100, 127, 4, 6);
+        assert!(overlaps(t, Ipv4Addr::new(100, 127, 0, 1), 16));
+        assert!(overlaps(t, Ipv4Addr::new(100, 127, 4, 7), 32));
+        assert!(overlaps(t, Ipv4Addr::new(100, 127, 4, 6), 31));
+        assert!(!overlaps(t, Ipv4Addr::new(100, 127, 4, 8), 30));
+        assert!(!overlaps(t, Ipv4Addr::new(10, 88, 0, 1), 16));
+        assert!(!overlaps(t, Ipv4Addr::new(127, 0, 0, 1), 8));
     }
 
     #[test]
