@@ -1,7 +1,7 @@
 # The two commands of the README. Both install and verify what the host needs first.
 CARGO ?= cargo
 
-.PHONY: setup build demo test lint
+.PHONY: setup build demo test lint bench
 
 setup:
 	bash scripts/setup-host.sh
@@ -21,3 +21,10 @@ lint:
 test: build lint
 	target/debug/lab gc
 	$(CARGO) test --workspace
+
+# Measurements, not tests (README, Performance): iperf3 TCP and UDP with live-migrate and
+# with plain podman checkpoint/restore, the memhog sweep and 10 echo migrations. Results in
+# target/harness/bench/ (report.json, summary.md, throughput.png, sensitivity.png).
+bench: build
+	target/debug/lab gc
+	target/debug/harness --mode tcp,udp --baseline --sensitivity --echo 10 --out target/harness/bench

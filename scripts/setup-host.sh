@@ -29,6 +29,7 @@ all_present() {
         command -v "$bin" >/dev/null || return 1
     done
     [ -x /usr/lib/podman/netavark ] || return 1
+    [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || return 1 # harness plots
     [ -x /usr/lib/podman/aardvark-dns ] || return 1
     local code
     code=$(criu_version_code) || return 1
@@ -79,7 +80,7 @@ PIN
     say "installing base tools (bookworm)"
     apt-get install -y -qq --no-install-recommends \
         wireguard-tools wireguard-go nftables iptables conntrack iproute2 iperf3 busybox-static \
-        tmux util-linux procps ca-certificates >/dev/null
+        tmux util-linux procps ca-certificates fonts-dejavu-core >/dev/null
     say "installing podman, runc, conmon, netavark, aardvark-dns (trixie)"
     apt-get install -y -qq --no-install-recommends -t trixie \
         podman runc conmon netavark aardvark-dns containers-storage catatonit >/dev/null \

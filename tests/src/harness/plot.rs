@@ -1,0 +1,214 @@
+//! PNG plots with plotters (bitmap backend; text through ab_glyph with a DejaVu font from
+//! the `fonts-dejavu-core` package, installed by scripts/setup-host.sh).
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use super::runs::{IperfRun, SensitivityPoint};
+
+const FONT_PATHS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+/// Lowest value of the log throughput axis; no traffic is drawn here.
+const FLOOR: f64 = 0.1;
+
+static FONT: Once = Once::new();
+
+fn register_font() -> Result<()> {
+    let mut result = Ok(());
+    FONT.call_once(|| {
+        result = (|| {
+            let path = FONT_PATHS
+                .iter()
+                .find(|p| Path::new(p).exists())
+                .ok_or_else(|| {
+                    anyhow!("no DejaVuSans.ttf (install fonts-dejavu-core: scripts/setup-host.sh)")
+                })?;
+            let bytes: &'static [u8] = Box::leak(std::fs::read(path)?.into_boxed_slice());
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                .map_err(|_| anyhow!("{path}: not a usable font"))
+        })();
+    });
+    result
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("plotting: {e:?}")
+}
+
+/// Throughput over time, one panel per run, each direction a line, migrations shaded.
+pub fn throughput(path: &Path, runs: &[IperfRun]) -> Result<()> {
+    register_font()?;
+    let panels = runs.len().max(1);
+    let root = BitMapBackend::new(path, (1200, 380 * panels as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let areas = root.split_evenly((panels, 1));
+    for (run, area) in runs.iter().zip(areas.iter()) {
+        let up = run.series.delivered(true);
+        let down = run.series.delivered(false);
+        let ymax = up.iter().chain(down).map(|s| s.mbps).fold(1.0f64, f64::max) * 1.1;
+        let xmax = run.duration_s as f64 + 0.5;
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!(
+                    "{} ({}) - iperf3 {} throughput, 0.1 s intervals",
+                    run.method.label(),
+                    if run.migrations.iter().all(|m| m.survived) {
+                        "connection survived"
+                    } else {
+                        "connection LOST"
+                    },
+                    run.mode.to_uppercase()
+                ),
+                ("sans-serif", 20),
+            )
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..xmax, (FLOOR..ymax).log_scale())
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds since iperf3 started")
+            .y_desc("Mbit/s (log; 0 drawn at 0.1)")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(err)?;
+        for m in &run.migrations {
+            let g = &m.migration;
+            let color = if m.survived { BLUE } else { RED };
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(g.start_s, FLOOR), (g.end_s.max(g.start_s + 0.05), ymax)],
+                    color.mix(0.15).filled(),
+                )))
+                .map_err(err)?
+                .label(format!(
+                    "{} -> {} ({:.1}-{:.1} s)",
+                    g.from, g.to, g.start_s, g.end_s
+                ))
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.mix(0.3).filled())
+                });
+        }
+        for (name, series, color) in [
+            ("client -> server", up, RGBColor(0, 120, 0)),
+            ("server -> client", down, RGBColor(200, 100, 0)),
+        ] {
+            if series.is_empty() {
+                continue;
+            }
+            chart
+                .draw_series(LineSeries::new(
+                    series
+                        .iter()
+                        .map(|s| ((s.start + s.end) / 2.0, s.mbps.max(FLOOR))),
+                    color.stroke_width(2),
+                ))
+                .map_err(err)?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(err)?;
+    }
+    root.present()
+        .map_err(err)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Freeze-to-resume and total migration time against memory size, per dirty rate.
+pub fn sensitivity(path: &Path, points: &[SensitivityPoint]) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let ok: Vec<&SensitivityPoint> = points.iter().filter(|p| p.migration.ok).collect();
+    let ymax = ok
+        .iter()
+        .filter_map(|p| p.migration.total_ms)
+        .fold(1000.0f64, f64::max)
+        / 1000.0
+        * 1.1;
+    let xs: Vec<f64> = ok.iter().map(|p| (p.mib as f64).log2()).collect();
+    let xmin = xs.iter().cloned().fold(f64::INFINITY, f64::min).min(4.0) - 0.3;
+    let xmax = xs.iter().cloned().fold(0.0, f64::max).max(10.0) + 0.3;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "memhog: migration time vs. resident memory (live-migrate)",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(xmin..xmax, 0f64..ymax)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("container memory, MiB (log scale)")
+        .y_desc("seconds")
+        .x_label_formatter(&|x| format!("{:.0}", 2f64.powf(*x)))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    let mut dirty: Vec<u64> = ok.iter().map(|p| p.dirty_percent).collect();
+    dirty.sort();
+    dirty.dedup();
+    let palette = [
+        RGBColor(0, 90, 200),
+        RGBColor(200, 60, 0),
+        RGBColor(0, 150, 60),
+    ];
+    for (i, d) in dirty.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        for (what, dashed) in [("freeze-to-resume", false), ("total", true)] {
+            let pts: Vec<(f64, f64)> = ok
+                .iter()
+                .filter(|p| p.dirty_percent == *d)
+                .filter_map(|p| {
+                    let v = if dashed {
+                        p.migration.total_ms
+                    } else {
+                        p.migration.freeze_to_resume_ms
+                    }?;
+                    Some(((p.mib as f64).log2(), v / 1000.0))
+                })
+                .collect();
+            let style = if dashed {
+                color.mix(0.5).stroke_width(2)
+            } else {
+                color.stroke_width(3)
+            };
+            chart
+                .draw_series(LineSeries::new(pts.clone(), style))
+                .map_err(err)?
+                .label(format!("{what}, {d}% dirtied/s"))
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], style));
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(err)?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(err)?;
+    root.present()
+        .map_err(err)
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,549 @@
+//! Running the workloads in a lab: iperf3 with migrations (live-migrate or plain podman
+//! checkpoint/restore), the memhog sweep and the echo-outage series.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::ProgressBar;
+use lab::flow::FlowClient;
+use lab::Lab;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::analysis::{direction_stats, parse_iperf, DirectionStats, Series};
+
+/// How a container is moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// `agent-client` (this project).
+    LiveMigrate,
+    /// `podman container checkpoint --export` + `restore --import`, nothing else.
+    PodmanCheckpoint,
+}
+
+impl Method {
+    pub fn label(self) -> &'static str {
+        match self {
+            Method::LiveMigrate => "live-migrate",
+            Method::PodmanCheckpoint => "podman checkpoint/restore",
+        }
+    }
+}
+
+/// What one migration took, measured from outside.
+#[derive(Clone, Debug, Serialize)]
+pub struct Migration {
+    pub from: String,
+    pub to: String,
+    /// Wall clock, seconds since the iperf3 client started.
+    pub start_s: f64,
+    pub end_s: f64,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub freeze_to_resume_ms: Option<f64>,
+    pub total_ms: Option<f64>,
+    pub checkpoint_bytes: Option<u64>,
+    /// The agent's JSON report (live-migrate only).
+    pub agent_report: Option<Value>,
+}
+
+/// Runs one migration of `container` and times it.
+pub fn migrate(lab: &Lab, method: Method, container: &str, from: &str, to: &str) -> Migration {
+    let t = Instant::now();
+    let result = match method {
+        Method::LiveMigrate => agent_migrate(lab, container, from, to),
+        Method::PodmanCheckpoint => podman_migrate(lab, container, from, to),
+    };
+    let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let mut m = Migration {
+        from: from.into(),
+        to: to.into(),
+        start_s: 0.0,
+        end_s: 0.0,
+        ok: result.is_ok(),
+        error: None,
+        freeze_to_resume_ms: None,
+        total_ms: Some(wall_ms),
+        checkpoint_bytes: None,
+        agent_report: None,
+    };
+    match result {
+        Ok(Some(report)) => {
+            m.freeze_to_resume_ms = report["freeze_to_resume_ms"].as_f64();
+            m.total_ms = report["total_ms"].as_f64().or(m.total_ms);
+            m.checkpoint_bytes = report["checkpoint_bytes"].as_u64();
+            m.agent_report = Some(report);
+        }
+        Ok(None) => {}
+        Err(e) => m.error = Some(format!("{e:#}")),
+    }
+    m
+}
+
+fn agent_migrate(lab: &Lab, container: &str, from: &str, to: &str) -> Result<Option<Value>> {
+    let out = lab.exec_timeout(
+        from,
+        &[
+            "agent-client",
+            "--container",
+            container,
+            "--dest",
+            to,
+            "--json",
+        ],
+        Duration::from_secs(600),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "agent-client {from} -> {to} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let report = serde_json::from_slice(&out.stdout).context("agent-client report")?;
+    Ok(Some(report))
+}
+
+/// The usual script: checkpoint with export on the source, restore from the archive on the
+/// destination (/tmp is shared by the lab hosts), no network handling at all.
+fn podman_migrate(lab: &Lab, container: &str, from: &str, to: &str) -> Result<Option<Value>> {
+    let archive = format!("/tmp/lm-harness-{}-{container}.tar.gz", std::process::id());
+    let _ = std::fs::remove_file(&archive);
+    let t = Instant::now();
+    let out = lab.exec_timeout(
+        from,
+        &[
+            "podman",
+            "container",
+            "checkpoint",
+            "--tcp-established",
+            "--export",
+            &archive,
+            container,
+        ],
+        Duration::from_secs(600),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "podman checkpoint on {from}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let size = std::fs::metadata(&archive).map(|m| m.len()).ok();
+    let _ = lab.exec_unchecked(from, &["podman", "rm", "-f", "-t", "0", container]);
+    let out = lab.exec_timeout(
+        to,
+        &[
+            "podman",
+            "container",
+            "restore",
+            "--tcp-established",
+            "--import",
+            &archive,
+        ],
+        Duration::from_secs(600),
+    )?;
+    let _ = std::fs::remove_file(&archive);
+    if !out.status.success() {
+        bail!(
+            "podman restore on {to}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // The container does not run between the start of the checkpoint and the end of the
+    // restore: that is this method's freeze-to-resume.
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    Ok(Some(serde_json::json!({
+        "freeze_to_resume_ms": ms,
+        "total_ms": ms,
+        "checkpoint_bytes": size,
+    })))
+}
+
+/// Per-migration result of an iperf3 run.
+#[derive(Clone, Debug, Serialize)]
+pub struct MigrationResult {
+    #[serde(flatten)]
+    pub migration: Migration,
+    /// client -> server
+    pub up: DirectionStats,
+    /// server -> client (bidirectional runs)
+    pub down: Option<DirectionStats>,
+    /// The iperf3 test went on after this migration: bytes flowed again in every
+    /// direction and iperf3 ended without error.
+    pub survived: bool,
+}
+
+/// One iperf3 run with migrations.
+#[derive(Clone, Debug, Serialize)]
+pub struct IperfRun {
+    pub mode: String,
+    pub method: Method,
+    pub duration_s: u64,
+    pub iperf_error: Option<String>,
+    /// iperf3 exchanged its final results (the control connection survived too).
+    pub completed: bool,
+    pub migrations: Vec<MigrationResult>,
+    pub series: Series,
+}
+
+/// Settings of an iperf3 run.
+#[derive(Clone, Debug)]
+pub struct IperfPlan {
+    pub mode: String,
+    pub duration: u64,
+    pub migrate_at: Vec<f64>,
+    pub udp_rate: String,
+    pub udp_len: u32,
+}
+
+const IPERF_NAME: &str = "iperf";
+
+/// Starts the iperf3 server on h1, runs the client from the client namespace, migrates at
+/// the planned times along h1 -> h2 -> h3 ..., and analyses iperf3's intervals.
+/// `port` is the port published on h1 (a fresh one per run: a former host keeps forwarding
+/// the previous run's port until its agent sweeps the record).
+pub fn iperf_run(
+    lab: &Lab,
+    plan: &IperfPlan,
+    method: Method,
+    port: u16,
+    pb: &ProgressBar,
+) -> Result<IperfRun> {
+    for h in lab.hosts() {
+        let _ = lab.exec_unchecked(&h.name, &["podman", "rm", "-f", "-t", "0", IPERF_NAME]);
+    }
+    wait_swept(lab, pb)?;
+    let tcp = format!("{port}:5201");
+    let udp = format!("{port}:5201/udp");
+    lab.run_container(
+        "h1",
+        IPERF_NAME,
+        &["-p", &tcp, "-p", &udp],
+        "localhost/iperf3",
+        // JSON and 0.1 s intervals on the server too, for --get-server-output.
+        &["/usr/bin/iperf3", "-s", "-p", "5201", "-J", "-i", "0.1"],
+    )?;
+    lab.wait_tcp(
+        "client",
+        format!("10.77.0.11:{port}").parse()?,
+        Duration::from_secs(15),
+    )?;
+    // The readiness probe above was a connection iperf3 may still be tearing down.
+    std::thread::sleep(Duration::from_millis(300));
+    let duration = plan.duration.to_string();
+    let port_s = port.to_string();
+    let mut args: Vec<&str> = vec![
+        "iperf3",
+        "-c",
+        "10.77.0.11",
+        "-p",
+        &port_s,
+        "-t",
+        &duration,
+        "-i",
+        "0.1",
+        "-J",
+        "--get-server-output",
+        "--bidir",
+    ];
+    let len = plan.udp_len.to_string();
+    if plan.mode == "udp" {
+        args.extend(["-u", "-b", &plan.udp_rate, "-l", &len]);
+    }
+    let mut child = lab.spawn("client", &args)?;
+    let t0 = Instant::now();
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let mut stderr = child.stderr.take().expect("piped");
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+
+    let hosts: Vec<String> = lab.hosts().iter().map(|h| h.name.clone()).collect();
+    let mut migrations = Vec::new();
+    let mut at = 0usize;
+    for (i, &when) in plan.migrate_at.iter().enumerate() {
+        let from = hosts[at % hosts.len()].clone();
+        let to = hosts[(at + 1) % hosts.len()].clone();
+        sleep_until(t0, when, pb);
+        pb.set_message(format!(
+            "{} {}: {} {from} -> {to}",
+            plan.mode,
+            method.label(),
+            i + 1
+        ));
+        let start = t0.elapsed().as_secs_f64();
+        let mut m = migrate(lab, method, IPERF_NAME, &from, &to);
+        m.start_s = start;
+        m.end_s = t0.elapsed().as_secs_f64();
+        pb.suspend(|| {
+            eprintln!(
+                "  {} {} {from} -> {to} at {start:.1}-{:.1} s: {}",
+                plan.mode,
+                method.label(),
+                m.end_s,
+                match (&m.error, m.freeze_to_resume_ms) {
+                    (Some(e), _) => format!("FAILED: {e}"),
+                    (None, Some(f)) => format!("freeze-to-resume {f:.0} ms"),
+                    _ => "ok".into(),
+                }
+            )
+        });
+        if m.ok {
+            at += 1;
+        }
+        migrations.push(m);
+    }
+    pb.set_message(format!(
+        "{} {}: iperf3 running to the end",
+        plan.mode,
+        method.label()
+    ));
+    // Give iperf3 its duration plus slack; a test whose connection died may hang: SIGTERM
+    // makes iperf3 print the JSON it has (with an "interrupt" error).
+    let deadline = plan.duration as f64 + 10.0;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        let el = t0.elapsed().as_secs_f64();
+        pb.set_position((el * 10.0) as u64);
+        if el > deadline {
+            // SAFETY: plain kill(2) of our own child (nsenter exec'd iperf3).
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = reader.join().unwrap_or_default();
+    let err = err_reader.join().unwrap_or_default();
+    let doc: Value = serde_json::from_str(out.trim()).unwrap_or_else(
+        |_| serde_json::json!({"error": format!("no JSON from iperf3: {}", err.trim())}),
+    );
+    let parsed = parse_iperf(&doc);
+    let test_end = plan.duration as f64;
+    let bidir = parsed.series.bidirectional();
+    let results = migrations
+        .into_iter()
+        .map(|m| {
+            let up = direction_stats(&parsed.series, true, m.start_s, m.end_s, test_end);
+            let down =
+                bidir.then(|| direction_stats(&parsed.series, false, m.start_s, m.end_s, test_end));
+            let survived = m.ok
+                && parsed.error.is_none()
+                && up.resumed
+                && down.as_ref().is_none_or(|d| d.resumed);
+            MigrationResult {
+                migration: m,
+                up,
+                down,
+                survived,
+            }
+        })
+        .collect();
+    for h in &hosts {
+        let _ = lab.exec_unchecked(h, &["podman", "rm", "-f", "-t", "0", IPERF_NAME]);
+    }
+    Ok(IperfRun {
+        mode: plan.mode.clone(),
+        method,
+        duration_s: plan.duration,
+        iperf_error: parsed.error,
+        completed: parsed.completed,
+        migrations: results,
+        series: parsed.series,
+    })
+}
+
+/// Waits until no host keeps forwarding state for a container that left (the agents sweep
+/// records every 5 s once no flow passes), so that a new container on a former host is not
+/// shadowed by a route into a tunnel.
+pub fn wait_swept(lab: &Lab, pb: &ProgressBar) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let mut left = Vec::new();
+        for h in lab.hosts() {
+            let out = lab.exec_unchecked(
+                &h.name,
+                &[
+                    "sh",
+                    "-c",
+                    "ls -A /var/lib/live-migrate/forwards 2>/dev/null",
+                ],
+            )?;
+            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                left.push(h.name.clone());
+            }
+        }
+        if left.is_empty() {
+            return Ok(());
+        }
+        // UDP conntrack entries of a finished test live up to 120 s.
+        if t.elapsed() > Duration::from_secs(150) {
+            pb.suspend(|| {
+                eprintln!("  warning: forward records still present on {left:?} after 150 s")
+            });
+            return Ok(());
+        }
+        pb.set_message(format!(
+            "waiting for the agents to sweep forwards on {left:?}"
+        ));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn sleep_until(t0: Instant, at: f64, pb: &ProgressBar) {
+    loop {
+        let el = t0.elapsed().as_secs_f64();
+        pb.set_position((el * 10.0) as u64);
+        if el >= at {
+            return;
+        }
+        std::thread::sleep(Duration::from_secs_f64((at - el).min(0.1)));
+    }
+}
+
+/// One point of the memory sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct SensitivityPoint {
+    pub mib: u64,
+    pub dirty_percent: u64,
+    #[serde(flatten)]
+    pub migration: Migration,
+}
+
+/// memhog of each size and dirty rate, migrated once each, alternating h1 -> h2, h2 -> h1.
+pub fn sensitivity(
+    lab: &Lab,
+    sizes: &[u64],
+    dirty: &[u64],
+    pb: &ProgressBar,
+) -> Result<Vec<SensitivityPoint>> {
+    wait_swept(lab, pb)?;
+    let mut points = Vec::new();
+    let mut on = "h1";
+    for &mib in sizes {
+        for &d in dirty {
+            let other = if on == "h1" { "h2" } else { "h1" };
+            pb.set_message(format!("memhog {mib} MiB, {d}% dirty/s: {on} -> {other}"));
+            let name = format!("memhog-{mib}-{d}");
+            let env_mib = format!("MEMHOG_MIB={mib}");
+            let env_d = format!("MEMHOG_DIRTY_PERCENT={d}");
+            lab.run_container(
+                on,
+                &name,
+                &["-e", &env_mib, "-e", &env_d],
+                "localhost/memhog",
+                &[],
+            )?;
+            let t = Instant::now();
+            while !lab.podman(on, &["logs", &name])?.contains("memhog: ready") {
+                if t.elapsed() > Duration::from_secs(120) {
+                    bail!("memhog {mib} MiB not ready on {on}");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // Let the dirtying run for a moment.
+            std::thread::sleep(Duration::from_secs(1));
+            let m = migrate(lab, Method::LiveMigrate, &name, on, other);
+            pb.suspend(|| {
+                eprintln!(
+                    "  memhog {mib} MiB {d}%: {} freeze-to-resume {:.0} ms, total {:.0} ms",
+                    if m.ok { "ok" } else { "FAILED" },
+                    m.freeze_to_resume_ms.unwrap_or(f64::NAN),
+                    m.total_ms.unwrap_or(f64::NAN)
+                )
+            });
+            let here = if m.ok { other } else { on };
+            let _ = lab.exec_unchecked(here, &["podman", "rm", "-f", "-t", "0", &name]);
+            if m.ok {
+                on = other;
+            }
+            points.push(SensitivityPoint {
+                mib,
+                dirty_percent: d,
+                migration: m,
+            });
+            pb.inc(1);
+        }
+    }
+    Ok(points)
+}
+
+/// One hop of the echo series: the longest pause the echo client saw.
+#[derive(Clone, Debug, Serialize)]
+pub struct EchoHop {
+    pub from: String,
+    pub to: String,
+    pub ok: bool,
+    pub flow_ok: bool,
+    pub max_pause_ms: f64,
+    pub freeze_to_resume_ms: Option<f64>,
+    pub total_ms: Option<f64>,
+}
+
+/// `tcp-echo` on h1 published as h1:5000; `n` migrations alternating h1 -> h2 -> h1 ...,
+/// each watched by a fresh `flowcheck` connection to h1:5000 (20 ms between messages).
+pub fn echo_series(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<Vec<EchoHop>> {
+    wait_swept(lab, pb)?;
+    lab.run_container(
+        "h1",
+        "echo",
+        &["-p", "5000:5000"],
+        "localhost/tcp-echo",
+        &[],
+    )?;
+    lab.wait_tcp(
+        "client",
+        "10.77.0.11:5000".parse()?,
+        Duration::from_secs(15),
+    )?;
+    let mut hops = Vec::new();
+    let mut on = "h1";
+    for i in 0..n {
+        let to = if on == "h1" { "h2" } else { "h1" };
+        pb.set_message(format!("echo hop {}/{n}: {on} -> {to}", i + 1));
+        let flow = FlowClient::start(lab, "tcp", "10.77.0.11:5000", None)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let m = migrate(lab, Method::LiveMigrate, "echo", on, to);
+        std::thread::sleep(Duration::from_millis(1500));
+        let summary = flow.finish()?;
+        let hop = EchoHop {
+            from: on.into(),
+            to: to.into(),
+            ok: m.ok,
+            flow_ok: summary["ok"] == true,
+            max_pause_ms: summary["max_pause_ms"].as_f64().unwrap_or(f64::NAN),
+            freeze_to_resume_ms: m.freeze_to_resume_ms,
+            total_ms: m.total_ms,
+        };
+        pb.suspend(|| {
+            eprintln!(
+                "  echo {on} -> {to}: migration {}, flow {}, longest pause {:.0} ms",
+                if hop.ok { "ok" } else { "FAILED" },
+                if hop.flow_ok { "intact" } else { "BROKEN" },
+                hop.max_pause_ms
+            )
+        });
+        if m.ok {
+            on = to;
+        }
+        hops.push(hop);
+        pb.inc(1);
+    }
+    let _ = lab.exec_unchecked(on, &["podman", "rm", "-f", "-t", "0", "echo"]);
+    Ok(hops)
+}

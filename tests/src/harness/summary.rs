@@ -1,0 +1,150 @@
+//! The Markdown summary.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use super::analysis::{median_max, DirectionStats};
+use super::runs::{EchoHop, IperfRun, SensitivityPoint};
+
+/// Everything one harness invocation measured (written as report.json).
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub started_unix: u64,
+    pub hosts: usize,
+    pub runs: Vec<IperfRun>,
+    pub sensitivity: Vec<SensitivityPoint>,
+    pub echo: Vec<EchoHop>,
+    /// Median and worst client-observed pause over the echo hops, ms.
+    pub echo_median_pause_ms: Option<f64>,
+    pub echo_worst_pause_ms: Option<f64>,
+    /// Number of migrations (all runs), for quick checks.
+    pub migrations: usize,
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{x:.0}"))
+}
+
+fn dir_cell(d: &DirectionStats, what: &str) -> String {
+    match (what, d.resumed) {
+        ("outage", false) => "no traffic until the end".into(),
+        (_, false) => format!("{:.0} / 0", d.mbps_before),
+        ("outage", true) => format!("{:.0}", d.outage_ms),
+        _ => format!("{:.0} / {:.0}", d.mbps_before, d.mbps_after),
+    }
+}
+
+fn extra(d: &DirectionStats) -> String {
+    match (d.retransmits, d.lost_packets) {
+        (_, Some(lost)) => format!(
+            "lost {lost}, jitter {}",
+            d.jitter_ms_max.map_or("-".into(), |j| format!("{j:.2} ms"))
+        ),
+        (Some(r), None) => format!("{r} retr"),
+        _ => "-".into(),
+    }
+}
+
+pub fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# live-migrate harness results\n");
+    if !r.runs.is_empty() {
+        let _ = writeln!(
+            s,
+            "iperf3 from the client namespace to a published port of h1 (5201, 5202, ...: one per run), bidirectional, \
+             0.1 s intervals. Outage = longest run of intervals in which the client sent \
+             (up) or received (down) no byte, around the migration; up = client -> server, down = server -> \
+             client. Throughput is the mean of the 2 s before / after, Mbit/s. Retransmits \
+             (TCP, sender side) and loss (UDP) from 1 s before to 3 s after.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| mode | method | hop | freeze-to-resume ms | migration total ms | outage up ms | outage down ms | Mbit/s up before/after | Mbit/s down before/after | up retr/loss | down retr/loss | connection survived |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for run in &r.runs {
+            for m in &run.migrations {
+                let g = &m.migration;
+                let down = m.down.clone().unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} -> {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    run.mode,
+                    run.method.label(),
+                    g.from,
+                    g.to,
+                    if g.ok {
+                        opt(g.freeze_to_resume_ms)
+                    } else {
+                        "failed".into()
+                    },
+                    opt(g.total_ms),
+                    dir_cell(&m.up, "outage"),
+                    dir_cell(&down, "outage"),
+                    dir_cell(&m.up, "tp"),
+                    dir_cell(&down, "tp"),
+                    extra(&m.up),
+                    extra(&down),
+                    if m.survived { "yes" } else { "**no**" }
+                );
+            }
+        }
+        for run in &r.runs {
+            if let Some(e) = &run.iperf_error {
+                let _ = writeln!(
+                    s,
+                    "\n{} / {}: iperf3 reported: `{e}`",
+                    run.mode,
+                    run.method.label()
+                );
+            }
+        }
+        let _ = writeln!(s, "\nPlot: `throughput.png`.\n");
+    }
+    if !r.sensitivity.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Memory sensitivity (memhog, live-migrate)\n\n| MiB | dirty %/s | freeze-to-resume ms | total ms | checkpoint MiB | ok |\n|---|---|---|---|---|---|"
+        );
+        for p in &r.sensitivity {
+            let m = &p.migration;
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                p.mib,
+                p.dirty_percent,
+                opt(m.freeze_to_resume_ms),
+                opt(m.total_ms),
+                m.checkpoint_bytes
+                    .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1048576.0)),
+                if m.ok { "yes" } else { "**no**" }
+            );
+        }
+        let _ = writeln!(s, "\nPlot: `sensitivity.png`.\n");
+    }
+    if !r.echo.is_empty() {
+        let pauses: Vec<f64> = r.echo.iter().map(|h| h.max_pause_ms).collect();
+        let freezes: Vec<f64> = r
+            .echo
+            .iter()
+            .filter_map(|h| h.freeze_to_resume_ms)
+            .collect();
+        let intact = r.echo.iter().filter(|h| h.ok && h.flow_ok).count();
+        let _ = writeln!(
+            s,
+            "## Small TCP echo workload: {} migrations alternating h1 <-> h2\n\nClient connected to h1:5000 (flowcheck, a message every 20 ms); outage = longest pause between replies.\n",
+            r.echo.len()
+        );
+        let _ = writeln!(
+            s,
+            "| | median ms | worst ms |\n|---|---|---|\n| client-observed outage | {} | {} |\n| freeze-to-resume (agent) | {} | {} |\n\nConnections intact: {intact}/{}.",
+            opt(median_max(&pauses).map(|x| x.0)),
+            opt(median_max(&pauses).map(|x| x.1)),
+            opt(median_max(&freezes).map(|x| x.0)),
+            opt(median_max(&freezes).map(|x| x.1)),
+            r.echo.len()
+        );
+    }
+    s
+}
