@@ -435,6 +435,22 @@ impl Lab {
         self.podman(host, &argv).map(|_| ())
     }
 
+    /// Runs `image` in `host` as `name` with TCP `port` published on the same host port,
+    /// and waits until the client namespace can connect to it. Returns that address.
+    pub fn publish_tcp(
+        &self,
+        host: &str,
+        name: &str,
+        image: &str,
+        port: u16,
+    ) -> Result<SocketAddr> {
+        let mapping = format!("{port}:{port}");
+        self.run_container(host, name, &["-p", &mapping], image, &[])?;
+        let addr = SocketAddr::from((self.host(host)?.address, port));
+        self.wait_tcp("client", addr, Duration::from_secs(15))?;
+        Ok(addr)
+    }
+
     /// The IP address of a container on the default network.
     pub fn container_ip(&self, host: &str, container: &str) -> Result<String> {
         self.podman(

@@ -514,24 +514,13 @@ fn answers(lab: &Lab, proto: &str, addr: &str) -> Result<()> {
 }
 
 fn flows_survive_hops(lab: &Lab) -> Result<()> {
-    lab.run_container(
-        "h1",
-        "tcpecho",
-        &["-p", "5000:5000"],
-        "localhost/tcp-echo",
-        &[],
-    )?;
+    lab.publish_tcp("h1", "tcpecho", "localhost/tcp-echo", 5000)?;
     lab.run_container(
         "h1",
         "udpecho",
         &["-p", "5001:5001/udp"],
         "localhost/udp-echo",
         &[],
-    )?;
-    lab.wait_tcp(
-        "client",
-        "10.77.0.11:5000".parse()?,
-        Duration::from_secs(10),
     )?;
     let tcp = FlowClient::start(lab, "tcp", "10.77.0.11:5000", None)?;
     let udp = FlowClient::start(lab, "udp", "10.77.0.11:5001", None)?;

@@ -30,18 +30,7 @@ fn run(lab: &Lab) -> Result<()> {
 
 fn live_connection(lab: &Lab) -> Result<()> {
     println!("\n== starting `tcp-echo` on h1, published as h1:5000; a client connects to h1:5000");
-    lab.run_container(
-        "h1",
-        "echo",
-        &["-p", "5000:5000"],
-        "localhost/tcp-echo",
-        &[],
-    )?;
-    lab.wait_tcp(
-        "client",
-        "10.77.0.11:5000".parse()?,
-        Duration::from_secs(10),
-    )?;
+    lab.publish_tcp("h1", "echo", "localhost/tcp-echo", 5000)?;
     let client = FlowClient::start(lab, "tcp", "10.77.0.11:5000", Some(50))?;
     std::thread::sleep(Duration::from_secs(2));
     for (from, to) in [("h1", "h2"), ("h2", "h3")] {

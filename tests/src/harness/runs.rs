@@ -499,18 +499,7 @@ pub struct EchoHop {
 /// each watched by a fresh `flowcheck` connection to h1:5000 (20 ms between messages).
 pub fn echo_series(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<Vec<EchoHop>> {
     wait_swept(lab, pb)?;
-    lab.run_container(
-        "h1",
-        "echo",
-        &["-p", "5000:5000"],
-        "localhost/tcp-echo",
-        &[],
-    )?;
-    lab.wait_tcp(
-        "client",
-        "10.77.0.11:5000".parse()?,
-        Duration::from_secs(15),
-    )?;
+    lab.publish_tcp("h1", "echo", "localhost/tcp-echo", 5000)?;
     let mut hops = Vec::new();
     let mut on = "h1";
     for i in 0..n {
