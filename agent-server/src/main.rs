@@ -58,7 +58,7 @@ async fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&incoming_dir);
     std::fs::create_dir_all(&incoming_dir)
         .with_context(|| format!("create {}", incoming_dir.display()))?;
-    let keys = common::overlay::load_keys(&args.paths.state_dir)?;
+    let keys = KeyPair::load_or_create(&args.paths.state_dir)?;
     let podman = PodmanClient::new(&args.paths.podman_socket);
     let journal_dir = args.paths.state_dir.join("sessions");
     session::recover(&journal_dir, &podman).await?;

@@ -12,7 +12,6 @@
 //!   tunnel: replies return the way the flow came, whatever the host's own routes say.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -180,11 +179,6 @@ fn overlaps(tunnel_address: Ipv4Addr, addr: Ipv4Addr, prefix: u8) -> bool {
         .checked_shl(32 - u32::from(prefix.min(31)))
         .unwrap_or(0);
     u32::from(tunnel_address) & mask == u32::from(addr) & mask
-}
-
-/// This agent's WireGuard key pair, kept in its state directory.
-pub fn load_keys(state_dir: &Path) -> Result<KeyPair> {
-    KeyPair::load_or_create(state_dir)
 }
 
 #[cfg(test)]

@@ -253,7 +253,7 @@ pub async fn migrate(
 
         phase = Phase::Tunnel;
         let t = clock.start(phase);
-        let keys = crate::overlay::load_keys(&request.state_dir)?;
+        let keys = crate::wireguard::KeyPair::load_or_create(&request.state_dir)?;
         let (agent, tunnel) = phases::tunnel(direct, &request.token, &keys).await?;
         let agent = remote.insert(agent);
         clock.finish(phase, t);
