@@ -1,49 +1,137 @@
-//! `agent-client`: moves a running container from this host to another one.
+//! `agent-client`: moves a running container from this host to another one, checks whether
+//! it can, and shows and cleans up what the agents keep on this host.
+
+mod check;
+mod interactive;
+mod migrate;
+mod output;
 
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use common::auth::Token;
 use common::config::HostPaths;
-use common::migration::{migrate, MigrationReport, MigrationRequest, Progress};
+use common::migration::MigrationRequest;
 use common::podman::PodmanClient;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// Live-migrates a podman container from this host to the agent-server on another host.
-/// The container is checkpointed with its established TCP connections, sent through a
+/// Live-migrates a podman container from this host to the agent-server on another host,
+/// keeping its TCP and UDP connections open.
+///
+/// The container is checkpointed with its established connections, sent through a
 /// WireGuard tunnel to the destination, restored there, and removed here only once it runs
 /// there; flows that still arrive here are forwarded to it through the tunnel. If anything
-/// fails, it runs here again.
+/// fails, or you press Ctrl-C before the traffic is switched, it runs here again and
+/// nothing is left behind.
+///
+/// Without --container it asks: it lists the running containers, lets you pick one and a
+/// destination, shows a preflight check of both hosts and asks for confirmation.
 #[derive(Parser, Debug)]
-#[command(version)]
-struct Args {
-    /// Name or ID of the running container to migrate.
-    #[arg(long)]
-    container: String,
-    /// Destination agent, `HOST[:PORT]` (default port 7878).
-    #[arg(long)]
-    dest: String,
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
-    paths: HostPaths,
+    migrate: MigrateArgs,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Preflight only: can CONTAINER move to DEST? Checks CRIU (version and features), the
+    /// OCI runtime, podman, the image, address and port conflicts and the tunnel, on both
+    /// hosts, and says how to fix each problem. Changes nothing but bringing up the tunnel,
+    /// which migrations reuse. Exits with 1 if there is a problem.
+    Check {
+        /// Name or ID of the running container.
+        #[arg(long)]
+        container: String,
+        /// Destination agent, `HOST[:PORT]` (default port 7878).
+        #[arg(long)]
+        dest: String,
+    },
+    /// Shows what the agents keep on this host: tunnels, forwarding of containers that
+    /// left, migrations under way, and the last migrations.
+    Status,
+    /// Removes agent state on this host that nothing needs any more: migrations abandoned
+    /// by a crashed agent (the container runs again where it should), forwarding no flow
+    /// uses, idle tunnels, and leftover archives, routes and port forwards.
+    Cleanup,
+}
+
+#[derive(Args, Debug)]
+struct MigrateArgs {
+    /// Name or ID of the running container to migrate. Without it, agent-client asks.
+    #[arg(long, requires = "dest")]
+    container: Option<String>,
+    /// Destination agent, `HOST[:PORT]` (default port 7878).
+    #[arg(long, requires = "container")]
+    dest: Option<String>,
     /// Do not forward new connections to the container's published ports on this host
-    /// after it moved (flows that already exist are kept either way).
+    /// after it moved (connections that already exist are kept either way).
     #[arg(long)]
     no_forward_new: bool,
-    /// Print the report as JSON on stdout (progress goes to stderr).
-    #[arg(long)]
+}
+
+#[derive(Args, Debug)]
+struct CommonArgs {
+    #[command(flatten)]
+    paths: HostPaths,
+    /// Print results as JSON on stdout (progress and prompts go to stderr).
+    #[arg(long, global = true)]
     json: bool,
+    /// More log output on stderr: -v info, -vv debug, -vvv trace. RUST_LOG, when set,
+    /// takes precedence (e.g. RUST_LOG=common=debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors on stderr: no progress display, no warnings.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+}
+
+impl CommonArgs {
+    fn log_filter(&self) -> EnvFilter {
+        if let Ok(filter) = EnvFilter::try_from_default_env() {
+            return filter;
+        }
+        EnvFilter::new(match (self.quiet, self.verbose) {
+            (true, _) => "error",
+            (false, 0) => "warn",
+            (false, 1) => "info",
+            (false, 2) => "debug",
+            _ => "trace",
+        })
+    }
+
+    fn request(&self, container: &str, destination: &str) -> Result<MigrationRequest> {
+        Ok(MigrationRequest {
+            container: container.to_string(),
+            destination: destination.to_string(),
+            token: Token::from_file(&self.paths.token_file)?,
+            podman: self.podman(),
+            state_dir: self.paths.state_dir.clone(),
+            forward_new_connections: true,
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    fn podman(&self) -> PodmanClient {
+        PodmanClient::new(&self.paths.podman_socket)
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(cli.common.log_filter())
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    match run(&args).await {
-        Ok(()) => ExitCode::SUCCESS,
+    match run(cli).await {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -51,54 +139,38 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: &Args) -> Result<()> {
-    let request = MigrationRequest {
-        container: args.container.clone(),
-        destination: args.dest.clone(),
-        token: Token::from_file(&args.paths.token_file)?,
-        podman: PodmanClient::new(&args.paths.podman_socket),
-        state_dir: args.paths.state_dir.clone(),
-        forward_new_connections: !args.no_forward_new,
-    };
-    eprintln!("migrating {} to {}", args.container, args.dest);
-    let report = migrate(request, &print_progress).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_summary(&report);
-    }
-    Ok(())
-}
-
-fn print_progress(event: Progress) {
-    match event {
-        Progress::PhaseStarted(phase) => eprintln!("  {} ...", phase.label()),
-        Progress::PhaseFinished(phase, took) => {
-            eprintln!(
-                "  {} done in {:.0} ms",
-                phase.label(),
-                took.as_secs_f64() * 1e3
-            )
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let common = &cli.common;
+    match cli.command {
+        Some(Command::Check { container, dest }) => {
+            check::run(common, &common.request(&container, &dest)?).await
         }
-        Progress::Transferred { .. } => {}
-        Progress::RollingBack(step) => eprintln!("  rolling back: {step}"),
-    }
-}
-
-fn print_summary(report: &MigrationReport) {
-    println!(
-        "migrated {} ({}) to {}",
-        report.container,
-        &report.container_id[..12.min(report.container_id.len())],
-        report.destination
-    );
-    for t in &report.phases {
-        println!("  {:<12} {:>8.0} ms", t.phase.label(), t.ms);
-    }
-    println!("  {:<12} {:>8.0} ms", "freeze", report.freeze_to_resume_ms);
-    println!("  {:<12} {:>8.0} ms", "total", report.total_ms);
-    println!("  checkpoint   {:>8} bytes", report.checkpoint_bytes);
-    for w in &report.warnings {
-        println!("warning: {w}");
+        Some(Command::Status) => {
+            let status = common::housekeeping::status(&common.paths.state_dir).await?;
+            output::print_status(&status, common.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Cleanup) => {
+            let token = Token::from_file(&common.paths.token_file)?;
+            let done =
+                common::housekeeping::clean_up(&common.paths.state_dir, &common.podman(), &token)
+                    .await?;
+            output::print_cleanup(&done, common.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let mut request = match (&cli.migrate.container, &cli.migrate.dest) {
+                (Some(container), Some(dest)) => common.request(container, dest)?,
+                _ => match interactive::choose(common).await? {
+                    Some(request) => request,
+                    None => {
+                        eprintln!("nothing migrated");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                },
+            };
+            request.forward_new_connections = !cli.migrate.no_forward_new;
+            migrate::run(common, request).await
+        }
     }
 }

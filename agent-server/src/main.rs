@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use common::auth::Token;
 use common::config::HostPaths;
+use common::incoming;
 use common::podman::PodmanClient;
 use common::wireguard::KeyPair;
 use tokio::net::TcpListener;
@@ -53,15 +54,16 @@ async fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     let token = Token::from_file(&args.paths.token_file)?;
-    let incoming_dir = args.paths.state_dir.join("incoming");
+    let _running = incoming::lock_server(&args.paths.state_dir)?;
+    let incoming_dir = incoming::archive_dir(&args.paths.state_dir);
     // Archives of sessions that died with a previous run are of no use to anyone.
     let _ = std::fs::remove_dir_all(&incoming_dir);
     std::fs::create_dir_all(&incoming_dir)
         .with_context(|| format!("create {}", incoming_dir.display()))?;
     let keys = KeyPair::load_or_create(&args.paths.state_dir)?;
     let podman = PodmanClient::new(&args.paths.podman_socket);
-    let journal_dir = args.paths.state_dir.join("sessions");
-    session::recover(&journal_dir, &podman).await?;
+    let journal_dir = incoming::journal_dir(&args.paths.state_dir);
+    incoming::recover(&journal_dir, &podman).await?;
     let context = Arc::new(ServerContext {
         token,
         keys,

@@ -1,8 +1,8 @@
 //! What a former host of a container keeps so that flows still arriving there reach it: a
 //! route of the container's address into the tunnel, and DNAT of new connections to its
 //! published ports. Each migration that leaves such state writes a record to the state
-//! directory; `agent-server` sweeps the records and removes the state once nothing needs
-//! it: no flow of the container passes this host any more, and the container no longer
+//! directory; `agent-server` sweeps the records ([`sweep`]) and removes the state once
+//! nothing needs it: no flow of the container passes this host any more, and the container no longer
 //! lives downstream (at the host it went to, or wherever that host forwards it).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -11,13 +11,57 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Token;
 use crate::conntrack::{self, Proto};
 use crate::nft::Firewall;
 use crate::overlay::MAIN_TABLE;
+use crate::podman::PodmanClient;
+use crate::remote::RemoteAgent;
 use crate::routing::Routing;
 
 /// Conntrack's TCP state number for TIME_WAIT; CLOSE follows it.
 const TCP_TIME_WAIT: u8 = 7;
+
+/// Removes the forwarding of every record that nothing needs any more: the container is
+/// local again, or no flow of it passes here and the next host says it no longer lives
+/// there or downstream. Run periodically by `agent-server` and once by `agent-client
+/// cleanup`; returns what it removed.
+pub async fn sweep(state_dir: &Path, podman: &PodmanClient, token: &Token) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for mut record in ForwardRecord::load_all(state_dir) {
+        if podman.find(&record.container_id).await?.is_some() {
+            // It came back: the restore owns its route now, the forwards are stale.
+            record.remove(state_dir, true).await?;
+            removed.push(format!(
+                "{}: local again, forwarding removed",
+                record.container_name
+            ));
+            continue;
+        }
+        let downstream_alive = match record.ask_downstream(token).await {
+            Ok(alive) => alive,
+            Err(e) => {
+                // Unknown is not gone: keep forwarding until the next host answers.
+                tracing::debug!(container = %record.container_name, "cannot ask {}: {e:#}", record.next_agent);
+                record.downstream_alive
+            }
+        };
+        if !downstream_alive && !record.flows_pass_here().await? {
+            record.remove(state_dir, false).await?;
+            removed.push(format!(
+                "{}: gone downstream and no flow passes here, forwarding removed",
+                record.container_name
+            ));
+        } else if downstream_alive != record.downstream_alive {
+            record.downstream_alive = downstream_alive;
+            record.save(state_dir)?;
+        }
+    }
+    for line in &removed {
+        tracing::info!("{line}");
+    }
+    Ok(removed)
+}
 
 /// Directory of the records, under the agent's state directory.
 pub fn records_dir(state_dir: &Path) -> PathBuf {
@@ -69,6 +113,14 @@ impl ForwardRecord {
                 }
             })
             .collect()
+    }
+
+    /// Asks the host the container went to whether it still lives there or downstream.
+    async fn ask_downstream(&self, token: &Token) -> Result<bool> {
+        let mut agent = RemoteAgent::connect(&self.next_agent.to_string(), token).await?;
+        let alive = agent.query_container(&self.container_id).await?;
+        agent.finish().await?;
+        Ok(alive)
     }
 
     /// Whether any live connection of the container still passes this host (TCP entries

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use podman_api::opts::{
     ContainerCheckpointOpts, ContainerDeleteOpts, ContainerListOpts, ContainerRestoreOpts,
+    ContainerStatsOpts,
 };
 use podman_api::Podman;
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,8 @@ impl ContainerInfo {
             name: self.name.clone(),
             image_id: self.image_id.clone(),
             image_name: self.image_name.clone(),
+            address: self.ipv4(),
+            published_ports: self.published_ports.clone(),
         }
     }
 }
@@ -185,6 +188,27 @@ impl PodmanClient {
             }
         }
         Ok(out)
+    }
+
+    /// Memory the container uses now, in bytes (podman's stats); `None` if podman does not
+    /// say.
+    pub async fn memory_usage(&self, id: &str) -> Result<Option<u64>, PodmanError> {
+        let stats = self
+            .api
+            .containers()
+            .stats(
+                &ContainerStatsOpts::builder()
+                    .containers([id.to_string()])
+                    .build(),
+            )
+            .await
+            .map_err(|e| self.error(&format!("stats of {id}"), e))?;
+        // The crate types this response as bare JSON: {"Stats": [{"MemUsage": n, ...}]}.
+        Ok(stats
+            .get("Stats")
+            .and_then(|s| s.get(0))
+            .and_then(|s| s.get("MemUsage"))
+            .and_then(|m| m.as_u64()))
     }
 
     /// Looks up a container by name or ID; `None` when there is none.

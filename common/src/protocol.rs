@@ -41,9 +41,10 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::Flow;
+use crate::podman::PublishedPort;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default TCP port of `agent-server`.
 pub const DEFAULT_PORT: u16 = 7878;
@@ -76,6 +77,7 @@ pub enum ClientMessage {
         /// The source agent's WireGuard public key (base64).
         public_key: String,
     },
+    /// What the destination has and can do for this container (nothing is changed).
     Preflight {
         container: ContainerRef,
     },
@@ -155,19 +157,36 @@ pub struct ContainerRef {
     pub name: String,
     pub image_id: String,
     pub image_name: String,
+    /// Its IPv4 address on the source, which it keeps on the destination.
+    pub address: Option<Ipv4Addr>,
+    /// Host ports it publishes on the source, which it publishes on the destination too.
+    pub published_ports: Vec<PublishedPort>,
 }
 
-/// What a host can do, for the preflight check of both ends.
+/// What a host has and can do, for the preflight check of both ends
+/// ([`crate::preflight`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostReport {
     pub hostname: String,
     pub podman_version: String,
+    /// CRIU's version, or why there is none.
     pub criu_version: String,
+    /// What `criu check` objected to; `None` when it found the host fit.
+    pub criu_check_problem: Option<String>,
+    /// Optional CRIU features and whether this kernel has them.
+    pub criu_features: Vec<(String, bool)>,
     pub oci_runtime: String,
+    /// Free bytes where this agent keeps checkpoint archives.
+    pub free_state_bytes: u64,
     /// Whether the image of the container is already present.
     pub has_image: bool,
     /// Name or ID of an existing container that would collide with the incoming one.
     pub conflicting_container: Option<String>,
+    /// A container here that already uses the incoming container's address.
+    pub address_in_use_by: Option<String>,
+    /// Published host ports of the incoming container that a container here already
+    /// publishes, as `proto/port (container)`.
+    pub ports_in_use: Vec<String>,
 }
 
 #[cfg(test)]
@@ -195,9 +214,14 @@ mod tests {
             hostname: "h2".into(),
             podman_version: "5.4.2".into(),
             criu_version: "4.2.1".into(),
+            criu_check_problem: None,
+            criu_features: vec![("mem_dirty_track".into(), false)],
             oci_runtime: "runc".into(),
+            free_state_bytes: 1 << 30,
             has_image: false,
             conflicting_container: Some("counter".into()),
+            address_in_use_by: None,
+            ports_in_use: vec!["tcp/8080 (web)".into()],
         });
         let json = serde_json::to_vec(&m).unwrap();
         assert_eq!(serde_json::from_slice::<ServerMessage>(&json).unwrap(), m);

@@ -5,15 +5,18 @@
 //! runs again on the source and whatever the migration made is removed; the driver never
 //! needs to know which phase made what.
 
+pub mod journal;
 pub mod phases;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Token;
 use crate::conntrack::Proto;
+use crate::history::{Direction, HistoryEntry};
 use crate::podman::PodmanClient;
 use crate::remote::RemoteAgent;
 
@@ -83,6 +86,10 @@ pub struct MigrationRequest {
     pub state_dir: PathBuf,
     /// Also forward new connections to the container's published ports on this host.
     pub forward_new_connections: bool,
+    /// Cancelled by the operator: the migration stops at the next safe point before the
+    /// switch of traffic and rolls back. Later it is ignored: the destination has taken
+    /// over by then.
+    pub cancel: CancellationToken,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -135,7 +142,7 @@ impl std::fmt::Display for MigrationFailure {
 impl std::error::Error for MigrationFailure {}
 
 /// How to take back one thing a phase did.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Undo {
     /// The container was checkpointed (and so stopped) on the source: start it again from
     /// its checkpoint, falling back to the exported archive.
@@ -152,15 +159,43 @@ pub enum Undo {
     ForgetForwarding(PathBuf),
 }
 
-/// The undo steps recorded so far, newest last.
+/// The undo steps recorded so far, newest last, mirrored to a [`journal::Journal`] so that
+/// `agent-client cleanup` can finish the job if this process dies.
 #[derive(Debug, Default)]
 pub struct UndoLog {
     steps: Vec<Undo>,
+    journal: Option<journal::Journal>,
 }
 
 impl UndoLog {
     pub fn push(&mut self, undo: Undo) {
         self.steps.push(undo);
+        self.save();
+    }
+
+    /// The destination runs the container now: a crash from here on must not restart it
+    /// on the source.
+    fn mark_taken_over(&mut self) {
+        if let Some(journal) = &mut self.journal {
+            journal.taken_over = true;
+        }
+        self.save();
+    }
+
+    fn save(&mut self) {
+        if let Some(journal) = &mut self.journal {
+            if let Err(e) = journal.save(&self.steps) {
+                tracing::warn!("could not write the migration journal: {e:#}");
+            }
+        }
+    }
+
+    /// The steps, once nothing will be undone any more; the journal is deleted.
+    fn close(mut self) -> Vec<Undo> {
+        if let Some(journal) = self.journal.take() {
+            journal.delete();
+        }
+        std::mem::take(&mut self.steps)
     }
 
     /// Runs every step newest first; returns the ones that failed.
@@ -199,6 +234,11 @@ impl UndoLog {
                 errors.push(format!("{step:?}: {e:#}"));
             }
         }
+        if errors.is_empty() {
+            if let Some(journal) = self.journal.take() {
+                journal.delete();
+            }
+        }
         errors
     }
 }
@@ -216,6 +256,18 @@ impl PhaseClock<'_> {
         Instant::now()
     }
 
+    /// Starts a phase that may still be cancelled: fails instead if the operator asked to.
+    fn start_unless_cancelled(
+        &self,
+        phase: Phase,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Instant> {
+        if cancel.is_cancelled() {
+            anyhow::bail!("cancelled by the operator");
+        }
+        Ok(self.start(phase))
+    }
+
     fn finish(&mut self, phase: Phase, started: Instant) {
         let elapsed = started.elapsed();
         tracing::info!(
@@ -231,8 +283,36 @@ impl PhaseClock<'_> {
     }
 }
 
-/// Runs a migration end to end. On failure everything done so far is undone before this
-/// returns, and the error says in which phase it failed.
+/// Preflight only (`agent-client check`): connect, bring up the tunnel (kept for later
+/// migrations, as a migration would) and survey the container and both hosts. Changes
+/// nothing else.
+pub async fn check(request: &MigrationRequest) -> anyhow::Result<phases::Survey> {
+    let direct = phases::connect(&request.destination, &request.token).await?;
+    let keys = crate::wireguard::KeyPair::load_or_create(&request.state_dir)?;
+    let started = Instant::now();
+    let (mut agent, tunnel) = phases::tunnel(direct, &request.token, &keys).await?;
+    let tunnel_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut survey = phases::survey(
+        &request.podman,
+        &mut agent,
+        &request.container,
+        &request.state_dir,
+    )
+    .await?;
+    agent.finish().await?;
+    survey.findings.push(crate::preflight::Finding::ok(
+        &survey.destination.hostname,
+        "tunnel",
+        format!(
+            "{} up, agent reached through it ({tunnel_ms:.0} ms)",
+            tunnel.interface
+        ),
+    ));
+    Ok(survey)
+}
+
+/// Runs a migration end to end. On failure (or cancellation before the switch) everything
+/// done so far is undone before this returns, and the error says in which phase it failed.
 pub async fn migrate(
     request: MigrationRequest,
     progress: &(dyn Fn(Progress) + Send + Sync),
@@ -245,55 +325,90 @@ pub async fn migrate(
     let mut undo = UndoLog::default();
     let mut remote: Option<RemoteAgent> = None;
     let mut phase = Phase::Connect;
+    let cancel = &request.cancel;
 
     let outcome: anyhow::Result<(phases::Prepared, u64, Instant, Instant)> = async {
-        let t = clock.start(phase);
-        let direct = phases::connect(&request.destination, &request.token).await?;
+        undo.journal = Some(journal::Journal::create(
+            &request.state_dir,
+            &request.container,
+            &request.destination,
+        )?);
+        let t = clock.start_unless_cancelled(phase, cancel)?;
+        let direct = cancellable(
+            cancel,
+            phases::connect(&request.destination, &request.token),
+        )
+        .await?;
         clock.finish(phase, t);
 
         phase = Phase::Tunnel;
-        let t = clock.start(phase);
+        let t = clock.start_unless_cancelled(phase, cancel)?;
         let keys = crate::wireguard::KeyPair::load_or_create(&request.state_dir)?;
         let (agent, tunnel) = phases::tunnel(direct, &request.token, &keys).await?;
         let agent = remote.insert(agent);
         clock.finish(phase, t);
 
         phase = Phase::Prepare;
-        let t = clock.start(phase);
-        let prepared = phases::prepare(&request.podman, agent, &request.container).await?;
+        let t = clock.start_unless_cancelled(phase, cancel)?;
+        let prepared = cancellable(
+            cancel,
+            phases::prepare(
+                &request.podman,
+                agent,
+                &request.container,
+                &request.state_dir,
+            ),
+        )
+        .await?;
         clock.finish(phase, t);
         let container_ip = prepared.container.ipv4();
 
         phase = Phase::Checkpoint;
-        let frozen_at = clock.start(phase);
+        let frozen_at = clock.start_unless_cancelled(phase, cancel)?;
         let work_dir = request.state_dir.join("outgoing");
+        // Not cancellable halfway: podman would finish the checkpoint anyway. A cancel
+        // is seen right after it, and the container restarted.
         let archive =
             phases::checkpoint(&request.podman, &prepared.container, &work_dir, &mut undo).await?;
         clock.finish(phase, frozen_at);
 
         phase = Phase::Transfer;
-        let t = clock.start(phase);
-        let bytes = phases::transfer(
-            agent,
-            &prepared.container.to_ref(),
-            &archive,
-            progress,
-            &mut undo,
+        let t = clock.start_unless_cancelled(phase, cancel)?;
+        let sent = cancellable(
+            cancel,
+            phases::transfer(
+                agent,
+                &prepared.container.to_ref(),
+                &archive,
+                progress,
+                &mut undo,
+            ),
         )
-        .await?;
+        .await;
+        let bytes = match sent {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // The stream broke off mid-frame: closing the connection is the abort,
+                // the destination then drops what it received.
+                remote = None;
+                return Err(e);
+            }
+        };
         clock.finish(phase, t);
 
         phase = Phase::Restore;
-        let t = clock.start(phase);
+        let t = clock.start_unless_cancelled(phase, cancel)?;
         if let Some(ip) = container_ip {
             phases::prepare_flows(agent, &keys, ip).await?;
         }
         phases::restore(agent, &prepared.container.to_ref()).await?;
         let resumed_at = Instant::now();
+        undo.mark_taken_over();
         clock.finish(phase, t);
 
         phase = Phase::SwitchTraffic;
-        let t = clock.start(phase);
+        // The last chance to cancel: the destination gives the container up again.
+        let t = clock.start_unless_cancelled(phase, cancel)?;
         if let Some(ip) = container_ip {
             let next_agent = agent.peer_addr()?;
             phases::switch_traffic(
@@ -312,6 +427,11 @@ pub async fn migrate(
     }
     .await;
 
+    let mut history = HistoryEntry::now(
+        Direction::Outgoing,
+        &request.container,
+        &crate::remote::with_default_port(&request.destination),
+    );
     let (prepared, checkpoint_bytes, frozen_at, resumed_at) = match outcome {
         Ok(done) => done,
         Err(error) => {
@@ -319,11 +439,14 @@ pub async fn migrate(
             let rollback_errors = undo
                 .unwind(&request.podman, remote.as_mut(), progress)
                 .await;
-            return Err(MigrationFailure {
+            let failure = MigrationFailure {
                 phase,
                 error,
                 rollback_errors,
-            });
+            };
+            history.error = Some(failure.to_string());
+            record_history(&request.state_dir, &history);
+            return Err(failure);
         }
     };
     let freeze_to_resume = resumed_at - frozen_at;
@@ -332,9 +455,19 @@ pub async fn migrate(
     // problems are only reported.
     let t = clock.start(Phase::CleanUp);
     let agent = remote.as_mut().expect("connected");
-    let warnings = phases::clean_up(&request.podman, agent, &prepared.container.name, undo).await;
+    let warnings = phases::clean_up(
+        &request.podman,
+        agent,
+        &prepared.container.name,
+        undo.close(),
+    )
+    .await;
     clock.finish(Phase::CleanUp, t);
 
+    history.succeeded = true;
+    history.freeze_to_resume_ms = Some(freeze_to_resume.as_secs_f64() * 1e3);
+    history.total_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+    record_history(&request.state_dir, &history);
     Ok(MigrationReport {
         container: prepared.container.name.clone(),
         container_id: prepared.container.id.clone(),
@@ -346,4 +479,21 @@ pub async fn migrate(
         total_ms: started.elapsed().as_secs_f64() * 1e3,
         warnings,
     })
+}
+
+fn record_history(state_dir: &std::path::Path, entry: &HistoryEntry) {
+    if let Err(e) = crate::history::record(state_dir, entry) {
+        tracing::warn!("could not record the migration: {e:#}");
+    }
+}
+
+/// Runs `work` unless the operator cancels first; for work that may be dropped halfway.
+async fn cancellable<T>(
+    cancel: &CancellationToken,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        result = work => result,
+        () = cancel.cancelled() => anyhow::bail!("cancelled by the operator"),
+    }
 }

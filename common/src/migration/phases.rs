@@ -3,19 +3,21 @@
 
 use std::path::{Path, PathBuf};
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
 use anyhow::{bail, Context, Result};
+use serde::Serialize;
 
 use super::{Progress, Undo, UndoLog};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::auth::Token;
 use crate::conntrack::{self, Proto};
-use crate::criu;
 use crate::forwarding::ForwardRecord;
 use crate::nft::Firewall;
 use crate::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::podman::{ContainerInfo, PodmanClient};
-use crate::protocol::ContainerRef;
+use crate::preflight::{self, Finding};
+use crate::protocol::{ContainerRef, HostReport};
 use crate::remote::RemoteAgent;
 use crate::routing::{Route, Routing};
 use crate::wireguard::KeyPair;
@@ -51,41 +53,58 @@ pub async fn tunnel(
     Ok((agent, end))
 }
 
-/// What the prepare phase learned.
+/// What the prepare phase (and `agent-client check`) learned about the container and both
+/// hosts.
+#[derive(Debug, Serialize)]
+pub struct Survey {
+    pub container: ContainerInfo,
+    /// Memory the container uses: about the size of its checkpoint.
+    pub memory_bytes: Option<u64>,
+    pub source: HostReport,
+    pub destination: HostReport,
+    pub findings: Vec<Finding>,
+}
+
+/// Looks at the container here and asks the destination what it has; changes nothing.
+pub async fn survey(
+    podman: &PodmanClient,
+    remote: &mut RemoteAgent,
+    container: &str,
+    state_dir: &Path,
+) -> Result<Survey> {
+    let info = podman.inspect_running(container).await?;
+    let memory_bytes = podman.memory_usage(&info.id).await?;
+    let source = preflight::host_report(podman, state_dir, None).await?;
+    let destination = remote.preflight(&info.to_ref()).await?;
+    let findings = preflight::assess(&source, &destination, &info.to_ref(), memory_bytes);
+    Ok(Survey {
+        container: info,
+        memory_bytes,
+        source,
+        destination,
+        findings,
+    })
+}
+
+/// What the prepare phase hands on.
 pub struct Prepared {
     pub container: ContainerInfo,
     pub image_transferred: bool,
 }
 
-/// Prepare: check the container and both hosts, and give the destination the image while
-/// the container still runs. Nothing to undo: an image on the destination harms nobody and
-/// makes the next migration faster.
+/// Prepare: check the container and both hosts (refusing on any problem), and give the
+/// destination the image while the container still runs. Nothing to undo: an image on the
+/// destination harms nobody and makes the next migration faster.
 pub async fn prepare(
     podman: &PodmanClient,
     remote: &mut RemoteAgent,
     container: &str,
+    state_dir: &Path,
 ) -> Result<Prepared> {
-    let info = podman.inspect_running(container).await?;
-    let source = podman.engine_info().await?;
-    check_runtime("source", &source.oci_runtime)?;
-    check_criu(
-        "source",
-        &criu::version().await.map_err(anyhow::Error::msg)?,
-    )?;
-    let report = remote.preflight(&info.to_ref()).await?;
-    check_runtime(&report.hostname, &report.oci_runtime)?;
-    check_criu(
-        &format!("destination {}", report.hostname),
-        &report.criu_version,
-    )?;
-    if let Some(existing) = &report.conflicting_container {
-        bail!(
-            "destination {} already has a container {existing} (same name or ID as {}); remove it first",
-            report.hostname,
-            info.name
-        );
-    }
-    let image_transferred = !report.has_image;
+    let survey = survey(podman, remote, container, state_dir).await?;
+    preflight::refuse_on_problems(&survey.findings)?;
+    let info = survey.container;
+    let image_transferred = !survey.destination.has_image;
     if image_transferred {
         // Exported by name: an archive made from the bare ID carries no name, and restore
         // looks the image up by name.
@@ -105,20 +124,6 @@ pub async fn prepare(
         container: info,
         image_transferred,
     })
-}
-
-fn check_runtime(host: &str, runtime: &str) -> Result<()> {
-    if runtime == "crun" {
-        bail!("{host} podman uses crun, which cannot checkpoint with hybrid cgroups; set runtime = \"runc\" in containers.conf");
-    }
-    Ok(())
-}
-
-fn check_criu(host: &str, version: &str) -> Result<()> {
-    if !criu::is_supported(version) {
-        bail!("{host} has CRIU {version}; >= 4.2 is needed to checkpoint TCP connections (run scripts/setup-host.sh)");
-    }
-    Ok(())
 }
 
 /// Checkpoint: freeze the container (with its established TCP connections), export the
@@ -268,7 +273,7 @@ pub async fn clean_up(
     podman: &PodmanClient,
     remote: &mut RemoteAgent,
     container: &str,
-    undo: UndoLog,
+    undo: Vec<Undo>,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
     if let Err(e) = podman.remove(container).await {
@@ -276,7 +281,7 @@ pub async fn clean_up(
             "could not remove the source copy of {container}: {e}"
         ));
     }
-    for step in undo.steps {
+    for step in undo {
         if let Undo::RemoveFile(path) = step {
             if let Err(e) = std::fs::remove_file(&path) {
                 warnings.push(format!("could not remove {}: {e}", path.display()));

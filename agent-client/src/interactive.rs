@@ -1,0 +1,131 @@
+//! The interactive way in: pick a container and a destination, see the preflight, confirm.
+
+use anyhow::{bail, Context, Result};
+use common::history;
+use common::migration::MigrationRequest;
+use dialoguer::theme::ColorfulTheme;
+use dialoguer::{Confirm, Input, Select};
+use indicatif::HumanBytes;
+
+use crate::{check, output, CommonArgs};
+
+/// Asks the operator what to migrate where; `None` if they decline.
+pub async fn choose(args: &CommonArgs) -> Result<Option<MigrationRequest>> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        bail!("no --container given and stdin is not a terminal: use --container NAME --dest HOST[:PORT]");
+    }
+    let theme = ColorfulTheme::default();
+    let Some(container) = pick_container(args, &theme).await? else {
+        return Ok(None);
+    };
+    let Some(destination) = pick_destination(args, &theme)? else {
+        return Ok(None);
+    };
+    let request = args.request(&container, &destination)?;
+    let survey = check::survey(args, &request).await?;
+    output::print_survey(&survey, false)?;
+    if check::has_problems(&survey) {
+        bail!("the preflight found problems (above); nothing was changed");
+    }
+    let go = Confirm::with_theme(&theme)
+        .with_prompt(format!(
+            "Migrate {container} to {destination}? It is frozen from the checkpoint until it runs there"
+        ))
+        .default(false)
+        .interact()
+        .context("reading the confirmation")?;
+    Ok(go.then_some(request))
+}
+
+async fn pick_container(args: &CommonArgs, theme: &ColorfulTheme) -> Result<Option<String>> {
+    let podman = args.podman();
+    let containers = podman.list_running().await?;
+    if containers.is_empty() {
+        bail!("no running containers on this host");
+    }
+    let mut rows = Vec::new();
+    for c in &containers {
+        let memory = podman
+            .memory_usage(&c.id)
+            .await?
+            .map_or("?".to_string(), |m| HumanBytes(m).to_string());
+        rows.push(vec![
+            c.name.clone(),
+            c.image_name.clone(),
+            c.ipv4().map_or("-".to_string(), |ip| ip.to_string()),
+            output::ports(c),
+            memory,
+        ]);
+    }
+    let header = ["NAME", "IMAGE", "IP", "PORTS", "MEMORY"]
+        .map(String::from)
+        .to_vec();
+    let lines = aligned(&header, &rows);
+    let choice = Select::with_theme(theme)
+        .with_prompt(format!(
+            "Container to migrate (arrows, Enter; Esc to quit)\n    {}",
+            lines[0]
+        ))
+        .items(&lines[1..])
+        .default(0)
+        .interact_opt()
+        .context("reading the container choice")?;
+    Ok(choice.map(|i| containers[i].name.clone()))
+}
+
+fn pick_destination(args: &CommonArgs, theme: &ColorfulTheme) -> Result<Option<String>> {
+    let used = history::destinations(&args.paths.state_dir);
+    if !used.is_empty() {
+        let mut items = used.clone();
+        items.push("another host ...".to_string());
+        let Some(i) = Select::with_theme(theme)
+            .with_prompt("Destination (used before)")
+            .items(&items)
+            .default(0)
+            .interact_opt()
+            .context("reading the destination choice")?
+        else {
+            return Ok(None);
+        };
+        if i < used.len() {
+            return Ok(Some(used[i].clone()));
+        }
+    }
+    let dest: String = Input::with_theme(theme)
+        .with_prompt("Destination agent (HOST[:PORT])")
+        .validate_with(|s: &String| -> Result<(), String> {
+            match s.trim() {
+                "" => Err("a host name or address is needed".into()),
+                t if t.contains(char::is_whitespace) => Err("no spaces in HOST[:PORT]".into()),
+                _ => Ok(()),
+            }
+        })
+        .interact_text()
+        .context("reading the destination")?;
+    Ok(Some(dest.trim().to_string()))
+}
+
+/// Rows as lines with aligned columns (the header first).
+fn aligned(header: &[String], rows: &[Vec<String>]) -> Vec<String> {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            std::iter::once(header)
+                .chain(rows.iter().map(Vec::as_slice))
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    std::iter::once(header)
+        .chain(rows.iter().map(Vec::as_slice))
+        .map(|r| {
+            r.iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect()
+}

@@ -1,0 +1,189 @@
+//! Runs a migration with a progress display, and Ctrl-C as a clean abort until the traffic
+//! is switched.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use common::migration::{migrate, MigrationRequest, Phase, Progress};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::output;
+use crate::CommonArgs;
+
+/// Exit status of a migration the operator cancelled (as for SIGINT).
+const CANCELLED: u8 = 130;
+
+pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCode> {
+    let display = Display::new(args.quiet);
+    let past_switch = Arc::new(AtomicBool::new(false));
+    let cancel = request.cancel.clone();
+    let ctrl_c = tokio::spawn(abort_on_ctrl_c(
+        cancel.clone(),
+        past_switch.clone(),
+        display.clone(),
+    ));
+    display.line(&format!(
+        "migrating {} to {} (Ctrl-C aborts until the traffic is switched)",
+        request.container, request.destination
+    ));
+    let on_progress = |event: Progress| {
+        if let Progress::PhaseStarted(Phase::SwitchTraffic) = event {
+            past_switch.store(true, Ordering::SeqCst);
+        }
+        display.show(event);
+    };
+    let outcome = migrate(request, &on_progress).await;
+    ctrl_c.abort();
+    match outcome {
+        Ok(report) => {
+            output::print_report(&report, args.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(failure) if cancel.is_cancelled() => {
+            display.line(&format!(
+                "aborted during {}: the container runs on this host again{}",
+                failure.phase.label(),
+                if failure.rollback_errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; rollback problems:\n  {}",
+                        failure.rollback_errors.join("\n  ")
+                    )
+                }
+            ));
+            Ok(ExitCode::from(CANCELLED))
+        }
+        Err(failure) => Err(failure.into()),
+    }
+}
+
+async fn abort_on_ctrl_c(
+    cancel: tokio_util::sync::CancellationToken,
+    past_switch: Arc<AtomicBool>,
+    display: Display,
+) {
+    while tokio::signal::ctrl_c().await.is_ok() {
+        if past_switch.load(Ordering::SeqCst) {
+            display
+                .line("Ctrl-C: too late to abort, the destination runs the container; finishing");
+        } else if cancel.is_cancelled() {
+            display.line("Ctrl-C: already aborting, please wait for the rollback");
+        } else {
+            display.line("Ctrl-C: aborting; the container will run here again");
+            cancel.cancel();
+        }
+    }
+}
+
+/// Shows the phases on stderr: spinners and a transfer bar on a terminal, plain lines
+/// otherwise, nothing with `--quiet`.
+#[derive(Clone)]
+struct Display {
+    mode: Mode,
+    current: Arc<Mutex<Option<ProgressBar>>>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Bars,
+    Lines,
+    Quiet,
+}
+
+impl Display {
+    fn new(quiet: bool) -> Self {
+        let mode = if quiet {
+            Mode::Quiet
+        } else if std::io::stderr().is_terminal() {
+            Mode::Bars
+        } else {
+            Mode::Lines
+        };
+        Self {
+            mode,
+            current: Arc::default(),
+        }
+    }
+
+    fn line(&self, text: &str) {
+        match self.mode {
+            Mode::Quiet => {}
+            Mode::Lines => eprintln!("{text}"),
+            Mode::Bars => match &*self.current.lock().unwrap() {
+                Some(bar) => bar.println(text),
+                None => eprintln!("{text}"),
+            },
+        }
+    }
+
+    fn show(&self, event: Progress) {
+        match self.mode {
+            Mode::Quiet => {}
+            Mode::Lines => match event {
+                Progress::PhaseStarted(phase) => eprintln!("  {} ...", phase.label()),
+                Progress::PhaseFinished(phase, took) => {
+                    eprintln!("  {} done in {:.0} ms", phase.label(), millis(took))
+                }
+                Progress::Transferred { .. } => {}
+                Progress::RollingBack(step) => eprintln!("  rolling back: {step}"),
+            },
+            Mode::Bars => self.show_bars(event),
+        }
+    }
+
+    fn show_bars(&self, event: Progress) {
+        let mut current = self.current.lock().unwrap();
+        match event {
+            Progress::PhaseStarted(phase) => {
+                let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+                bar.set_style(
+                    ProgressStyle::with_template("  {spinner:.cyan} {msg} {elapsed}").unwrap(),
+                );
+                bar.set_message(phase.label());
+                bar.enable_steady_tick(Duration::from_millis(100));
+                *current = Some(bar);
+            }
+            Progress::Transferred { sent, total } => {
+                if let Some(bar) = current.as_ref() {
+                    if bar.length().is_none() {
+                        bar.set_length(total);
+                        bar.set_style(
+                            ProgressStyle::with_template(
+                                "  {spinner:.cyan} {msg} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                            )
+                            .unwrap()
+                            .progress_chars("=> "),
+                        );
+                    }
+                    bar.set_position(sent);
+                }
+            }
+            Progress::PhaseFinished(phase, took) => {
+                if let Some(bar) = current.take() {
+                    bar.set_style(ProgressStyle::with_template("  ✔ {msg}").unwrap());
+                    bar.finish_with_message(format!(
+                        "{:<15} {:>7.0} ms",
+                        phase.label(),
+                        millis(took)
+                    ));
+                }
+            }
+            Progress::RollingBack(step) => {
+                if let Some(bar) = current.take() {
+                    bar.set_style(ProgressStyle::with_template("  ✘ {msg}").unwrap());
+                    bar.abandon();
+                }
+                eprintln!("  rolling back: {step}");
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
