@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use common::history;
 use common::migration::MigrationRequest;
 use dialoguer::theme::ColorfulTheme;
-use dialoguer::{Confirm, Input, Select};
+use dialoguer::{Confirm, FuzzySelect, Input};
 use indicatif::HumanBytes;
 
 use crate::{check, output, CommonArgs};
@@ -61,9 +61,9 @@ async fn pick_container(args: &CommonArgs, theme: &ColorfulTheme) -> Result<Opti
         .map(String::from)
         .to_vec();
     let lines = aligned(&header, &rows);
-    let choice = Select::with_theme(theme)
+    let choice = FuzzySelect::with_theme(theme)
         .with_prompt(format!(
-            "Container to migrate (arrows, Enter; Esc to quit)\n    {}",
+            "Container to migrate (arrows or type to filter, Enter; Esc quits)\n    {}",
             lines[0]
         ))
         .items(&lines[1..])
@@ -78,8 +78,8 @@ fn pick_destination(args: &CommonArgs, theme: &ColorfulTheme) -> Result<Option<S
     if !used.is_empty() {
         let mut items = used.clone();
         items.push("another host ...".to_string());
-        let Some(i) = Select::with_theme(theme)
-            .with_prompt("Destination (used before)")
+        let Some(i) = FuzzySelect::with_theme(theme)
+            .with_prompt("Destination (used before; arrows or type to filter)")
             .items(&items)
             .default(0)
             .interact_opt()

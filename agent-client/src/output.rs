@@ -16,16 +16,34 @@ fn table(header: &[&str]) -> Table {
     table
 }
 
+/// Appends a line to a `String` (which cannot fail).
+macro_rules! line {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+/// Writes `text` to stdout. A reader that went away (`| head`) ends the output quietly.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 fn json(value: &impl Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    emit(&(serde_json::to_string_pretty(value)? + "\n"))
 }
 
 pub fn print_report(report: &MigrationReport, as_json: bool) -> Result<()> {
     if as_json {
         return json(report);
     }
-    println!(
+    let mut out = String::new();
+    line!(
+        out,
         "migrated {} ({}) to {}",
         report.container,
         &report.container_id[..12.min(report.container_id.len())],
@@ -40,8 +58,9 @@ pub fn print_report(report: &MigrationReport, as_json: bool) -> Result<()> {
         format!("{:.0}", report.freeze_to_resume_ms),
     ]);
     phases.add_row(vec!["total".to_string(), format!("{:.0}", report.total_ms)]);
-    println!("{phases}");
-    println!(
+    line!(out, "{phases}");
+    line!(
+        out,
         "checkpoint {}{}",
         HumanBytes(report.checkpoint_bytes),
         if report.image_transferred {
@@ -51,17 +70,19 @@ pub fn print_report(report: &MigrationReport, as_json: bool) -> Result<()> {
         }
     );
     for w in &report.warnings {
-        println!("warning: {w}");
+        line!(out, "warning: {w}");
     }
-    Ok(())
+    emit(&out)
 }
 
 pub fn print_survey(survey: &Survey, as_json: bool) -> Result<()> {
     if as_json {
         return json(survey);
     }
+    let mut out = String::new();
     let c = &survey.container;
-    println!(
+    line!(
+        out,
         "{} ({}), {}, {} memory, address {}, ports {}",
         c.name,
         c.image_name,
@@ -87,8 +108,8 @@ pub fn print_survey(survey: &Survey, as_json: bool) -> Result<()> {
             Cell::new(f.fix.as_deref().unwrap_or("")),
         ]);
     }
-    println!("{findings}");
-    Ok(())
+    line!(out, "{findings}");
+    emit(&out)
 }
 
 pub fn ports(container: &common::podman::ContainerInfo) -> String {
@@ -107,7 +128,9 @@ pub fn print_status(status: &HostStatus, as_json: bool) -> Result<()> {
     if as_json {
         return json(status);
     }
-    println!(
+    let mut out = String::new();
+    line!(
+        out,
         "host {}: agent-server {}",
         status.hostname,
         if status.server_running {
@@ -116,7 +139,7 @@ pub fn print_status(status: &HostStatus, as_json: bool) -> Result<()> {
             "not running"
         }
     );
-    println!("\ntunnels");
+    line!(out, "\ntunnels");
     let mut tunnels = table(&[
         "interface",
         "addresses",
@@ -139,8 +162,8 @@ pub fn print_status(status: &HostStatus, as_json: bool) -> Result<()> {
             t.forwarded_containers.to_string(),
         ]);
     }
-    println!("{tunnels}");
-    println!("\nforwarded (containers that left this host)");
+    line!(out, "{tunnels}");
+    line!(out, "\nforwarded (containers that left this host)");
     let mut forwards = table(&[
         "container",
         "address",
@@ -159,8 +182,8 @@ pub fn print_status(status: &HostStatus, as_json: bool) -> Result<()> {
             yes_no(f.downstream_alive).into(),
         ]);
     }
-    println!("{forwards}");
-    println!("\nmigrations under way");
+    line!(out, "{forwards}");
+    line!(out, "\nmigrations under way");
     let mut running = table(&["direction", "container", "agent running", "state"]);
     for m in &status.migrations {
         running.add_row(vec![
@@ -174,8 +197,8 @@ pub fn print_status(status: &HostStatus, as_json: bool) -> Result<()> {
             m.detail.clone(),
         ]);
     }
-    println!("{running}");
-    println!("\nlast migrations");
+    line!(out, "{running}");
+    line!(out, "\nlast migrations");
     let mut history = table(&[
         "ended",
         "direction",
@@ -201,21 +224,22 @@ pub fn print_status(status: &HostStatus, as_json: bool) -> Result<()> {
             h.total_ms.map_or("-".into(), |ms| format!("{ms:.0}")),
         ]);
     }
-    println!("{history}");
-    Ok(())
+    line!(out, "{history}");
+    emit(&out)
 }
 
 pub fn print_cleanup(done: &[String], as_json: bool) -> Result<()> {
     if as_json {
         return json(&done);
     }
+    let mut out = String::new();
     if done.is_empty() {
-        println!("nothing to clean up");
+        line!(out, "nothing to clean up");
     }
     for line in done {
-        println!("{line}");
+        line!(out, "{line}");
     }
-    Ok(())
+    emit(&out)
 }
 
 fn yes_no(b: bool) -> &'static str {

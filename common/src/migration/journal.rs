@@ -15,7 +15,7 @@ use super::{Undo, UndoLog};
 use crate::podman::PodmanClient;
 
 pub fn journals_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("outgoing").join("journals")
+    state_dir.join("journals")
 }
 
 /// What a journal file holds.
