@@ -1,6 +1,8 @@
 //! End-to-end migrations in one shared lab with real podman, runc and CRIU.
 //!
 //! Scenarios run one after the other (they share hosts), each cleaning up its containers.
+//! The operator's commands (check, Ctrl-C, status, cleanup, the interactive prompt) are in
+//! `migration/operator.rs`.
 //! Needs root and the tools of `scripts/setup-host.sh`; `LM_LAB_SKIP=1` skips them.
 
 use std::io::{BufRead, BufReader};
@@ -10,6 +12,9 @@ use anyhow::{bail, ensure, Context, Result};
 use lab::flow::FlowClient;
 use lab::{Lab, LabOptions};
 use libtest_mimic::{Arguments, Failed, Trial};
+
+#[path = "migration/operator.rs"]
+mod operator;
 
 type Scenario = fn(&Lab) -> Result<()>;
 
@@ -42,6 +47,19 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     (
         "forwarding_is_removed_once_nothing_needs_it",
         forwarding_removed,
+    ),
+    ("check_reports_conflicts", operator::check_reports_conflicts),
+    (
+        "ctrl_c_aborts_before_switch",
+        operator::ctrl_c_aborts_before_switch,
+    ),
+    (
+        "cleanup_after_crashed_client",
+        operator::cleanup_after_crashed_client,
+    ),
+    (
+        "interactive_migration_in_a_terminal",
+        operator::interactive_migration_in_a_terminal,
     ),
 ];
 
