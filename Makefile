@@ -27,4 +27,4 @@ test: build lint
 # target/harness/bench/ (report.json, summary.md, throughput.png, sensitivity.png).
 bench: build
 	target/debug/lab gc
-	target/debug/harness --mode tcp,udp --baseline --sensitivity --echo 10 --out target/harness/bench
+	target/debug/harness --mode tcp,udp --baseline --sensitivity --with-2g --dirty 0,20,100 --echo 10 --out target/harness/bench

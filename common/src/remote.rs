@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use crate::auth::{authenticate_to_server, Token};
 use crate::protocol::{ClientMessage, ContainerRef, HostReport, ServerMessage, DEFAULT_PORT};
 use crate::transfer::{send_file, send_stream};
-use crate::wire::FramedStream;
+use crate::wire::{FramedStream, WireError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Replies that involve podman on the far side (load, restore) may take a while.
@@ -179,11 +179,18 @@ impl RemoteAgent {
         }
     }
 
-    /// Asks the destination to drop the archive and any restored copy.
+    /// Asks the destination to drop the archive and any restored copy. A connection that
+    /// is already gone counts as done: the destination winds a session down when its
+    /// connection closes (see [`crate::protocol`], session step 3), or when it restarts.
     pub async fn abort(&mut self) -> Result<()> {
-        match self.request(&ClientMessage::Abort).await? {
-            ServerMessage::Aborted => Ok(()),
-            other => bail!("unexpected reply to abort: {other:?}"),
+        match self.request(&ClientMessage::Abort).await {
+            Ok(ServerMessage::Aborted) => Ok(()),
+            Ok(other) => bail!("unexpected reply to abort: {other:?}"),
+            Err(e) if connection_lost(&e) => {
+                tracing::info!("connection to {} already lost: {e:#}", self.address);
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -204,6 +211,15 @@ impl RemoteAgent {
             other => bail!("unexpected reply to finish: {other:?}"),
         }
     }
+}
+
+fn connection_lost(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<WireError>(),
+            Some(WireError::Closed | WireError::Io(_))
+        )
+    })
 }
 
 #[cfg(test)]

@@ -198,7 +198,8 @@ impl UndoLog {
         std::mem::take(&mut self.steps)
     }
 
-    /// Runs every step newest first; returns the ones that failed.
+    /// Runs every step newest first; returns the ones that failed. The journal then keeps
+    /// only the failed steps `agent-client cleanup` can retry, or goes.
     async fn unwind(
         &mut self,
         podman: &PodmanClient,
@@ -207,6 +208,7 @@ impl UndoLog {
     ) -> Vec<String> {
         let mut remote = remote;
         let mut errors = Vec::new();
+        let mut failed = Vec::new();
         while let Some(step) = self.steps.pop() {
             progress(Progress::RollingBack(format!("{step:?}")));
             let result = match &step {
@@ -232,12 +234,21 @@ impl UndoLog {
             if let Err(e) = result {
                 tracing::warn!(?step, "undo failed: {e:#}");
                 errors.push(format!("{step:?}: {e:#}"));
+                // The destination's part cannot be retried from here: it winds down on its
+                // own once the connection is gone.
+                if step != Undo::DiscardOnDestination {
+                    failed.push(step);
+                }
             }
         }
-        if errors.is_empty() {
+        failed.reverse();
+        self.steps = failed;
+        if self.steps.is_empty() {
             if let Some(journal) = self.journal.take() {
                 journal.delete();
             }
+        } else {
+            self.save();
         }
         errors
     }

@@ -10,10 +10,19 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use clap::Parser;
 use lab::flow::FlowClient;
 use lab::{Lab, LabOptions};
 
+/// The main job, end to end: brings up a lab of three simulated hosts (h1, h2, h3 and a
+/// client), migrates the `counter` workload h1 -> h2 and shows it counting on, then moves a
+/// TCP echo service h1 -> h2 -> h3 while a client stays connected through h1 and prints
+/// what it sees. Needs root and `scripts/setup-host.sh`; takes no options (`make demo`).
+#[derive(Parser)]
+struct Args {}
+
 fn main() -> Result<()> {
+    Args::parse();
     lab::install_signal_cleanup()?;
     println!("== bringing up a lab: hosts h1, h2, h3 and a client on one LAN");
     let lab = Lab::up(LabOptions::default())?;

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 #[derive(Parser)]
 struct Args {
+    /// Transport of the flow to check.
     #[arg(value_enum)]
     proto: Proto,
     /// Echo server address (with `--listen`: the address to accept one connection on,

@@ -32,9 +32,10 @@ struct Args {
     /// Seconds after the iperf3 start at which to migrate (h1 -> h2, h2 -> h3, ...).
     #[arg(long, default_value = "6,13", value_delimiter = ',')]
     migrate_at: Vec<f64>,
-    /// UDP: target bitrate per direction and datagram size (bytes).
+    /// UDP: target bitrate per direction (iperf3 syntax: 10M = 10 Mbit/s).
     #[arg(long, default_value = "10M")]
     udp_rate: String,
+    /// UDP: datagram payload size, bytes (small datagrams make a high packet rate).
     #[arg(long, default_value_t = 200)]
     udp_len: u32,
     /// Also run the same workload migrated by plain podman checkpoint/restore.

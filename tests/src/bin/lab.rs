@@ -30,8 +30,11 @@ struct Cli {
 enum Cmd {
     /// Create a lab and print its JSON description. It lives until `lab down`.
     Up {
+        /// Number of hosts (h1..hN, at 10.77.0.11 and up); a `client` node is always added.
         #[arg(long, default_value_t = 3)]
         hosts: usize,
+        /// Name of the lab, used in its namespaces and directories (default: `lm` + 6 random
+        /// characters).
         #[arg(long)]
         name: Option<String>,
         /// Do not start agent-server in the hosts.
@@ -43,30 +46,43 @@ enum Cmd {
     },
     /// Run a command inside a host (or `client`); exits with the command's status.
     Exec {
+        /// The lab's name.
         name: String,
+        /// `h1`..`hN` or `client`.
         host: String,
+        /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
     /// Remove a lab and everything it created.
-    Down { name: String },
+    Down {
+        /// The lab's name.
+        name: String,
+    },
     /// List labs.
     List,
     /// Remove labs whose owner process is dead (with --all: also CLI-created labs).
     Gc {
+        /// Also remove labs made by `lab up` (their owner is not a test process).
         #[arg(long)]
         all: bool,
     },
     /// Control a host's agent-server.
     Agent {
+        /// The lab's name.
         name: String,
+        /// `h1`..`hN`.
         host: String,
+        /// start, stop (SIGTERM), kill (SIGKILL) or restart.
         action: AgentAction,
     },
     /// Import a rootfs tarball as an image into every host (identical image id).
     Import {
+        /// The lab's name.
         name: String,
+        /// Image name, e.g. `localhost/mytool`.
         image: String,
+        /// A tarball of the image's root filesystem.
         tarball: PathBuf,
         /// CMD as a JSON array, e.g. '["sh","-c","echo hi"]'.
         #[arg(long)]
@@ -76,7 +92,10 @@ enum Cmd {
         env: Vec<String>,
     },
     /// Write a minimal busybox rootfs tarball (for quick experiments).
-    BusyboxRootfs { out: PathBuf },
+    BusyboxRootfs {
+        /// Where to write the tarball.
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
