@@ -21,19 +21,24 @@ pub async fn host_report(
     state_dir: &Path,
     incoming: Option<&ContainerRef>,
 ) -> Result<HostReport> {
-    let engine = podman.engine_info().await?;
-    let criu_version = criu::version()
-        .await
-        .unwrap_or_else(|e| format!("missing: {e}"));
-    let mut criu_features = Vec::new();
-    for feature in criu::OPTIONAL_FEATURES {
-        criu_features.push((feature.to_string(), criu::has_feature(feature).await));
-    }
+    // Each CRIU question is a process of its own: ask them all at once.
+    let (engine, criu_version, criu_check_problem, features) = tokio::join!(
+        podman.engine_info(),
+        criu::version(),
+        criu::check(),
+        futures_util::future::join_all(criu::OPTIONAL_FEATURES.map(criu::has_feature)),
+    );
+    let engine = engine?;
+    let criu_features = criu::OPTIONAL_FEATURES
+        .iter()
+        .map(|f| f.to_string())
+        .zip(features)
+        .collect();
     let mut report = HostReport {
         hostname: hostname(),
         podman_version: engine.podman_version,
-        criu_version,
-        criu_check_problem: criu::check().await,
+        criu_version: criu_version.unwrap_or_else(|e| format!("missing: {e}")),
+        criu_check_problem,
         criu_features,
         oci_runtime: engine.oci_runtime,
         free_state_bytes: free_bytes(state_dir)?,

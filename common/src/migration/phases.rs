@@ -73,10 +73,13 @@ pub async fn survey(
     state_dir: &Path,
 ) -> Result<Survey> {
     let info = podman.inspect_running(container).await?;
-    let memory_bytes = podman.memory_usage(&info.id).await?;
-    let source = preflight::host_report(podman, state_dir, None).await?;
-    let destination = remote.preflight(&info.to_ref()).await?;
-    let findings = preflight::assess(&source, &destination, &info.to_ref(), memory_bytes);
+    let container = info.to_ref();
+    let (memory_bytes, source, destination) = tokio::try_join!(
+        async { Ok(podman.memory_usage(&info.id).await?) },
+        preflight::host_report(podman, state_dir, None),
+        remote.preflight(&container),
+    )?;
+    let findings = preflight::assess(&source, &destination, &container, memory_bytes);
     Ok(Survey {
         container: info,
         memory_bytes,

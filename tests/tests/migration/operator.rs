@@ -101,8 +101,11 @@ fn interrupt_at_transfer(lab: &Lab, name: &str, signal: &str) -> Result<ExitStat
     Ok(status)
 }
 
-/// The source and the destination keep nothing of a migration that did not happen.
-fn nothing_left(lab: &Lab, name: &str) -> Result<()> {
+/// The memhog of [`interrupt_at_transfer`] runs on h1 with its memory intact, and neither
+/// host keeps anything of the migration that did not happen.
+fn back_on_source_intact(lab: &Lab, name: &str) -> Result<()> {
+    ensure!(is_running(lab, "h1", name)?, "{name} is not running on h1");
+    memhog_verify(lab, "h1", name, 512 * 256)?;
     ensure!(!exists(lab, "h2", name)?, "h2 holds a copy of {name}");
     outgoing_is_empty(lab, "h1")?;
     let (ok, stdout, _) = agent_client(lab, "h1", &["status", "--json"])?;
@@ -130,12 +133,7 @@ pub fn ctrl_c_aborts_before_switch(lab: &Lab) -> Result<()> {
         status.code() == Some(130),
         "expected exit status 130 after Ctrl-C, got {status}"
     );
-    ensure!(
-        is_running(lab, "h1", "abortme")?,
-        "abortme is not running on h1"
-    );
-    memhog_verify(lab, "h1", "abortme", 512 * 256)?;
-    nothing_left(lab, "abortme")?;
+    back_on_source_intact(lab, "abortme")?;
     lab.podman("h1", &["rm", "-f", "-t", "0", "abortme"])?;
     Ok(())
 }
@@ -167,12 +165,7 @@ pub fn cleanup_after_crashed_client(lab: &Lab) -> Result<()> {
         stdout.contains("crashme") && stdout.contains("rolled back"),
         "cleanup did not report the rollback: {stdout}"
     );
-    ensure!(
-        is_running(lab, "h1", "crashme")?,
-        "crashme is not running on h1 after cleanup"
-    );
-    memhog_verify(lab, "h1", "crashme", 512 * 256)?;
-    nothing_left(lab, "crashme")?;
+    back_on_source_intact(lab, "crashme")?;
     let (_, stdout, _) = agent_client(lab, "h1", &["cleanup"])?;
     ensure!(
         !stdout.contains("crashme"),
