@@ -14,6 +14,36 @@ pub async fn choose(args: &CommonArgs) -> Result<Option<MigrationRequest>> {
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         bail!("no --container given and stdin is not a terminal: use --container NAME --dest HOST[:PORT]");
     }
+    // Ctrl-C at a prompt: nothing has been changed yet, but the prompt hid the cursor.
+    let on_ctrl_c = tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = console::Term::stderr().show_cursor();
+            eprintln!("\ncancelled: nothing was changed");
+            std::process::exit(130);
+        }
+    });
+    let chosen = ask(args).await;
+    if chosen.as_ref().is_err_and(interrupted) {
+        // The prompt saw the signal first; the handler above ends the process.
+        std::future::pending::<()>().await;
+    }
+    on_ctrl_c.abort();
+    chosen
+}
+
+fn interrupted(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::Interrupted)
+            || matches!(
+                cause.downcast_ref::<dialoguer::Error>(),
+                Some(dialoguer::Error::IO(io)) if io.kind() == std::io::ErrorKind::Interrupted
+            )
+    })
+}
+
+async fn ask(args: &CommonArgs) -> Result<Option<MigrationRequest>> {
     let theme = ColorfulTheme::default();
     let Some(container) = pick_container(args, &theme).await? else {
         return Ok(None);

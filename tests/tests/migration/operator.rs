@@ -282,8 +282,17 @@ pub fn interactive_migration_in_a_terminal(lab: &Lab) -> Result<()> {
         "localhost/tcp-echo",
         &[],
     )?;
-    let terminal = Terminal::start(lab, "h1", &["agent-client"])?;
     let long = Duration::from_secs(60);
+
+    // Ctrl-C at the first prompt changes nothing and says so.
+    let terminal = Terminal::start(lab, "h1", &["agent-client"])?;
+    terminal.wait_for_text("Container to migrate", long)?;
+    terminal.keys(&["C-c"])?;
+    terminal.wait_for_exit(130, long)?;
+    terminal.wait_for_text("cancelled: nothing was changed", long)?;
+    drop(terminal);
+
+    let terminal = Terminal::start(lab, "h1", &["agent-client"])?;
     let screen = terminal.wait_for_text("Container to migrate", long)?;
     ensure!(
         screen.contains("decoy") && screen.contains("5101->5000/tcp"),
