@@ -142,17 +142,19 @@ impl Finding {
 }
 
 /// Everything that decides whether `container`, using `memory_bytes`, can move from the
-/// host of `source` to the host of `destination`.
+/// host of `source` to the host of `destination` (only the source's part without it).
 pub fn assess(
     source: &HostReport,
-    destination: &HostReport,
+    destination: Option<&HostReport>,
     container: &ContainerRef,
     memory_bytes: Option<u64>,
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
-    for report in [source, destination] {
-        host_findings(report, memory_bytes, &mut findings);
-    }
+    host_findings(source, memory_bytes, &mut findings);
+    let Some(destination) = destination else {
+        return findings;
+    };
+    host_findings(destination, memory_bytes, &mut findings);
     let dest = destination.hostname.as_str();
     if source.podman_version.split('.').next() != destination.podman_version.split('.').next() {
         findings.push(Finding::warning(
@@ -363,7 +365,12 @@ mod tests {
 
     #[test]
     fn fit_hosts_pass() {
-        let findings = assess(&report("h1"), &report("h2"), &container(), Some(1 << 20));
+        let findings = assess(
+            &report("h1"),
+            Some(&report("h2")),
+            &container(),
+            Some(1 << 20),
+        );
         assert!(findings.iter().all(|f| f.severity == Severity::Ok));
         refuse_on_problems(&findings).unwrap();
     }
@@ -378,7 +385,7 @@ mod tests {
         dest.address_in_use_by = Some("other".into());
         dest.ports_in_use = vec!["tcp/8080 (other)".into()];
         dest.free_state_bytes = 1 << 20;
-        let findings = assess(&source, &dest, &container(), Some(1 << 30));
+        let findings = assess(&source, Some(&dest), &container(), Some(1 << 30));
         let problems: Vec<_> = findings
             .iter()
             .filter(|f| f.severity == Severity::Problem)

@@ -18,6 +18,7 @@ use crate::auth::Token;
 use crate::conntrack::Proto;
 use crate::history::{Direction, HistoryEntry};
 use crate::podman::PodmanClient;
+use crate::preflight::Finding;
 use crate::remote::RemoteAgent;
 
 /// The phases, in the order they run.
@@ -296,30 +297,53 @@ impl PhaseClock<'_> {
 
 /// Preflight only (`agent-client check`): connect, bring up the tunnel (kept for later
 /// migrations, as a migration would) and survey the container and both hosts. Changes
-/// nothing else.
+/// nothing else. A destination that cannot be reached is a finding, not an error, so the
+/// source's findings are shown too.
 pub async fn check(request: &MigrationRequest) -> anyhow::Result<phases::Survey> {
-    let direct = phases::connect(&request.destination, &request.token).await?;
-    let keys = crate::wireguard::KeyPair::load_or_create(&request.state_dir)?;
-    let started = Instant::now();
-    let (mut agent, tunnel) = phases::tunnel(direct, &request.token, &keys).await?;
-    let tunnel_ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut survey = phases::survey(
-        &request.podman,
-        &mut agent,
-        &request.container,
-        &request.state_dir,
-    )
-    .await?;
-    agent.finish().await?;
-    survey.findings.push(crate::preflight::Finding::ok(
-        &survey.destination.hostname,
-        "tunnel",
-        format!(
-            "{} up, agent reached through it ({tunnel_ms:.0} ms)",
-            tunnel.interface
-        ),
-    ));
-    Ok(survey)
+    let reached = async {
+        let direct = phases::connect(&request.destination, &request.token).await?;
+        let keys = crate::wireguard::KeyPair::load_or_create(&request.state_dir)?;
+        let started = Instant::now();
+        let (agent, tunnel) = phases::tunnel(direct, &request.token, &keys).await?;
+        anyhow::Ok((agent, tunnel, started.elapsed()))
+    }
+    .await;
+    let (podman, container, state_dir) = (&request.podman, &request.container, &request.state_dir);
+    match reached {
+        Ok((mut agent, tunnel, took)) => {
+            let mut survey = phases::survey(podman, Some(&mut agent), container, state_dir).await?;
+            agent.finish().await?;
+            survey.findings.push(Finding::ok(
+                &request.destination,
+                "tunnel",
+                format!(
+                    "{} up, agent reached through it ({:.0} ms)",
+                    tunnel.interface,
+                    took.as_secs_f64() * 1e3
+                ),
+            ));
+            Ok(survey)
+        }
+        Err(e) => {
+            let mut survey = phases::survey(podman, None, container, state_dir).await?;
+            let fix = if e.chain().any(|c| c.to_string().contains("authentication")) {
+                "use the same token (--token-file) on both hosts".to_string()
+            } else {
+                format!(
+                    "start agent-server on {} and let this host reach its port (default {})",
+                    request.destination,
+                    crate::protocol::DEFAULT_PORT
+                )
+            };
+            survey.findings.push(Finding::problem(
+                &request.destination,
+                "agent",
+                format!("{e:#}"),
+                fix,
+            ));
+            Ok(survey)
+        }
+    }
 }
 
 /// Runs a migration end to end. On failure (or cancellation before the switch) everything

@@ -61,25 +61,33 @@ pub struct Survey {
     /// Memory the container uses: about the size of its checkpoint.
     pub memory_bytes: Option<u64>,
     pub source: HostReport,
-    pub destination: HostReport,
+    /// `None` when the destination agent could not be reached (`check` says why).
+    pub destination: Option<HostReport>,
     pub findings: Vec<Finding>,
 }
 
-/// Looks at the container here and asks the destination what it has; changes nothing.
+/// Looks at the container here and asks the destination (if reached) what it has; changes
+/// nothing.
 pub async fn survey(
     podman: &PodmanClient,
-    remote: &mut RemoteAgent,
+    remote: Option<&mut RemoteAgent>,
     container: &str,
     state_dir: &Path,
 ) -> Result<Survey> {
     let info = podman.inspect_running(container).await?;
     let container = info.to_ref();
+    let ask_destination = async {
+        match remote {
+            Some(agent) => agent.preflight(&container).await.map(Some),
+            None => Ok(None),
+        }
+    };
     let (memory_bytes, source, destination) = tokio::try_join!(
         async { Ok(podman.memory_usage(&info.id).await?) },
         preflight::host_report(podman, state_dir, None),
-        remote.preflight(&container),
+        ask_destination,
     )?;
-    let findings = preflight::assess(&source, &destination, &container, memory_bytes);
+    let findings = preflight::assess(&source, destination.as_ref(), &container, memory_bytes);
     Ok(Survey {
         container: info,
         memory_bytes,
@@ -104,10 +112,10 @@ pub async fn prepare(
     container: &str,
     state_dir: &Path,
 ) -> Result<Prepared> {
-    let survey = survey(podman, remote, container, state_dir).await?;
+    let survey = survey(podman, Some(&mut *remote), container, state_dir).await?;
     preflight::refuse_on_problems(&survey.findings)?;
     let info = survey.container;
-    let image_transferred = !survey.destination.has_image;
+    let image_transferred = !survey.destination.is_some_and(|d| d.has_image);
     if image_transferred {
         // Exported by name: an archive made from the bare ID carries no name, and restore
         // looks the image up by name.

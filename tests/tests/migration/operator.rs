@@ -72,6 +72,24 @@ pub fn check_reports_conflicts(lab: &Lab) -> Result<()> {
         stdout.contains("tunnel") && stdout.contains("runc") && stdout.contains("CRIU"),
         "check output lacks the tunnel, runtime or CRIU lines:\n{stdout}"
     );
+    // An unreachable destination is a problem with a fix, next to the source's findings.
+    lab.stop_agent("h2")?;
+    let checked = agent_client(
+        lab,
+        "h1",
+        &["check", "--container", "checkme", "--dest", "h2"],
+    );
+    lab.start_agent("h2")?;
+    let (ok, stdout, _) = checked?;
+    ensure!(!ok, "check passed with the destination agent down");
+    ensure!(
+        stdout.contains("PROBLEM") && stdout.contains("start agent-server on h2"),
+        "check does not say the agent is down and how to fix it:\n{stdout}"
+    );
+    ensure!(
+        stdout.contains("h1") && stdout.contains("runc"),
+        "check lost the source's findings:\n{stdout}"
+    );
     lab.podman("h1", &["rm", "-f", "-t", "0", "checkme"])?;
     Ok(())
 }
