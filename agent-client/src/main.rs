@@ -36,7 +36,7 @@ struct Cli {
     #[command(flatten)]
     migrate: MigrateArgs,
     #[command(flatten)]
-    common: CommonArgs,
+    global: CommonArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,7 +127,7 @@ impl CommonArgs {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(cli.common.log_filter())
+        .with_env_filter(cli.global.log_filter())
         .with_writer(std::io::stderr)
         .init();
     match run(cli).await {
@@ -140,28 +140,28 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let common = &cli.common;
+    let args = &cli.global;
     match cli.command {
         Some(Command::Check { container, dest }) => {
-            check::run(common, &common.request(&container, &dest)?).await
+            check::run(args, &args.request(&container, &dest)?).await
         }
         Some(Command::Status) => {
-            let status = common::housekeeping::status(&common.paths.state_dir).await?;
-            output::print_status(&status, common.json)?;
+            let status = common::housekeeping::status(&args.paths.state_dir).await?;
+            output::print_status(&status, args.json)?;
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Cleanup) => {
-            let token = Token::from_file(&common.paths.token_file)?;
+            let token = Token::from_file(&args.paths.token_file)?;
             let done =
-                common::housekeeping::clean_up(&common.paths.state_dir, &common.podman(), &token)
+                common::housekeeping::clean_up(&args.paths.state_dir, &args.podman(), &token)
                     .await?;
-            output::print_cleanup(&done, common.json)?;
+            output::print_cleanup(&done, args.json)?;
             Ok(ExitCode::SUCCESS)
         }
         None => {
             let mut request = match (&cli.migrate.container, &cli.migrate.dest) {
-                (Some(container), Some(dest)) => common.request(container, dest)?,
-                _ => match interactive::choose(common).await? {
+                (Some(container), Some(dest)) => args.request(container, dest)?,
+                _ => match interactive::choose(args).await? {
                     Some(request) => request,
                     None => {
                         eprintln!("nothing migrated");
@@ -170,7 +170,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 },
             };
             request.forward_new_connections = !cli.migrate.no_forward_new;
-            migrate::run(common, request).await
+            migrate::run(args, request).await
         }
     }
 }

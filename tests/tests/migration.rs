@@ -711,7 +711,9 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
     }
     let status = child.wait()?;
     eprintln!("{seen}");
-    // A restarted agent winds down what its dead predecessor left.
+    // With the agent still down, `cleanup` winds down what it left (as its restart would).
+    let h2_status = agent_client(lab, "h2", &["status", "--json"]);
+    let cleaned = agent_client(lab, "h2", &["cleanup"]);
     lab.start_agent("h2")?;
     std::thread::sleep(Duration::from_secs(2));
     let flow = flow_survived(flow);
@@ -722,6 +724,19 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
         "migration succeeded although the destination died"
     );
     ensure!(running?, "fragile is not running on h1 again");
+    let h2_status: serde_json::Value = serde_json::from_str(&h2_status?.1)?;
+    ensure!(
+        h2_status["server_running"] == false
+            && h2_status["migrations"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["direction"] == "incoming")),
+        "h2's status does not show the stopped agent's session: {h2_status}"
+    );
+    let (ok, stdout, stderr) = cleaned?;
+    ensure!(
+        ok && stdout.contains("incoming session(s) left by a stopped agent-server wound down"),
+        "cleanup on h2 did not wind down the session: {stdout}{stderr}"
+    );
     flow?;
     ensure!(!exists(lab, "h2", "fragile")?, "h2 holds a copy");
     no_agent_state(lab, "h1", &ip, 5200)?;
