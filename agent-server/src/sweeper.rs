@@ -1,6 +1,6 @@
 //! Removes forwarding state this host keeps for containers that moved away, once nothing
-//! needs it (see `common::forwarding`): no flow of the container passes here any more, and
-//! the host it went to says it no longer lives there or downstream.
+//! needs it (see `common::forwarding`): the host it went to says it no longer lives there
+//! or downstream.
 
 use std::sync::Arc;
 use std::time::Duration;

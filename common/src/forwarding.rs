@@ -2,8 +2,8 @@
 //! route of the container's address into the tunnel, and DNAT of new connections to its
 //! published ports. Each migration that leaves such state writes a record to the state
 //! directory; `agent-server` sweeps the records ([`sweep`]) and removes the state once
-//! nothing needs it: no flow of the container passes this host any more, and the container no longer
-//! lives downstream (at the host it went to, or wherever that host forwards it).
+//! nothing needs it: the container no longer lives downstream (at the host it went to, or
+//! wherever that host forwards it), so no flow through here can reach it anyway.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,19 +12,15 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Token;
-use crate::conntrack::{self, Proto};
+use crate::conntrack::Proto;
 use crate::nft::Firewall;
 use crate::overlay::MAIN_TABLE;
 use crate::podman::PodmanClient;
 use crate::remote::RemoteAgent;
 use crate::routing::Routing;
 
-/// Conntrack's TCP state number for TIME_WAIT; CLOSE follows it.
-const TCP_TIME_WAIT: u8 = 7;
-
 /// Removes the forwarding of every record that nothing needs any more: the container is
-/// local again, or no flow of it passes here and the next host says it no longer lives
-/// there or downstream. Run periodically by `agent-server` and once by `agent-client
+/// local again, or the next host says it no longer lives there or downstream. Run periodically by `agent-server` and once by `agent-client
 /// cleanup`; returns what it removed.
 pub async fn sweep(state_dir: &Path, podman: &PodmanClient, token: &Token) -> Result<Vec<String>> {
     let mut removed = Vec::new();
@@ -46,10 +42,10 @@ pub async fn sweep(state_dir: &Path, podman: &PodmanClient, token: &Token) -> Re
                 record.downstream_alive
             }
         };
-        if !downstream_alive && !record.flows_pass_here().await? {
+        if !downstream_alive {
             record.remove(state_dir, false).await?;
             removed.push(format!(
-                "{}: gone downstream and no flow passes here, forwarding removed",
+                "{}: gone downstream, forwarding removed",
                 record.container_name
             ));
         } else if downstream_alive != record.downstream_alive {
@@ -121,15 +117,6 @@ impl ForwardRecord {
         let alive = agent.query_container(&self.container_id).await?;
         agent.finish().await?;
         Ok(alive)
-    }
-
-    /// Whether any live connection of the container still passes this host (TCP entries
-    /// in TIME_WAIT or CLOSE only wait to expire).
-    pub async fn flows_pass_here(&self) -> Result<bool> {
-        let flows = conntrack::list().await?;
-        Ok(conntrack::involving(&flows, IpAddr::V4(self.container_ip))
-            .iter()
-            .any(|f| f.tcp_state.is_none_or(|s| s < TCP_TIME_WAIT)))
     }
 
     /// Stops forwarding new connections and forgets the record. With `keep_route` the

@@ -199,3 +199,28 @@ async fn recover(
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_is_running_while_its_process_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::create(dir.path(), "web", "h2:7878").unwrap();
+        let steps = [Undo::RemoveFile("/tmp/x.tar".into())];
+        journal.save(&steps).unwrap();
+        let listed = list(dir.path());
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].running);
+        let record = listed[0].record.as_ref().unwrap();
+        assert_eq!(record.container, "web");
+        assert_eq!(record.steps, steps);
+        assert!(!record.taken_over);
+
+        drop(journal); // as when the process dies: the lock goes, the file stays
+        let listed = list(dir.path());
+        assert_eq!(listed.len(), 1);
+        assert!(!listed[0].running);
+    }
+}

@@ -160,6 +160,26 @@ pub enum Undo {
     ForgetForwarding(PathBuf),
 }
 
+impl std::fmt::Display for Undo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Undo::RestartOnSource { container, .. } => {
+                write!(f, "start {container} on this host again")
+            }
+            Undo::DiscardOnDestination => write!(f, "have the destination drop its copy"),
+            Undo::RemoveFile(path) => write!(f, "remove {}", path.display()),
+            Undo::RemoveContainerRoute(ip) => write!(f, "route {ip} to this host again"),
+            Undo::UnforwardPort {
+                protocol,
+                host_port,
+            } => write!(f, "stop forwarding {protocol}/{host_port}"),
+            Undo::ForgetForwarding(path) => {
+                write!(f, "remove the forward record {}", path.display())
+            }
+        }
+    }
+}
+
 /// The undo steps recorded so far, newest last, mirrored to a [`journal::Journal`] so that
 /// `agent-client cleanup` can finish the job if this process dies.
 #[derive(Debug, Default)]
@@ -183,9 +203,13 @@ impl UndoLog {
         self.save();
     }
 
-    fn save(&mut self) {
-        if let Some(journal) = &mut self.journal {
-            if let Err(e) = journal.save(&self.steps) {
+    fn save(&self) {
+        self.save_steps(&self.steps);
+    }
+
+    fn save_steps(&self, steps: &[Undo]) {
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.save(steps) {
                 tracing::warn!("could not write the migration journal: {e:#}");
             }
         }
@@ -210,14 +234,21 @@ impl UndoLog {
         let mut remote = remote;
         let mut errors = Vec::new();
         let mut failed = Vec::new();
-        while let Some(step) = self.steps.pop() {
-            progress(Progress::RollingBack(format!("{step:?}")));
+        // A step leaves the journal only once it has run, so a crash in between leaves
+        // it for `agent-client cleanup`; failed ones stay (newer than those not yet run).
+        while let Some(step) = self.steps.last().cloned() {
+            progress(Progress::RollingBack(step.to_string()));
             let result = match &step {
                 Undo::RestartOnSource { container, archive } => {
                     phases::restart_on_source(podman, container, archive).await
                 }
                 Undo::DiscardOnDestination => match remote.as_deref_mut() {
-                    Some(agent) => agent.abort().await,
+                    Some(agent) => agent.abort().await.map(|()| {
+                        // Whatever it had restored is gone again: the source owns it.
+                        if let Some(journal) = &mut self.journal {
+                            journal.taken_over = false;
+                        }
+                    }),
                     None => Ok(()),
                 },
                 Undo::RemoveFile(path) | Undo::ForgetForwarding(path) => {
@@ -232,24 +263,23 @@ impl UndoLog {
                     host_port,
                 } => phases::unforward_port(*protocol, *host_port).await,
             };
+            self.steps.pop();
             if let Err(e) = result {
                 tracing::warn!(?step, "undo failed: {e:#}");
-                errors.push(format!("{step:?}: {e:#}"));
+                errors.push(format!("{step}: {e:#}"));
                 // The destination's part cannot be retried from here: it winds down on its
                 // own once the connection is gone.
                 if step != Undo::DiscardOnDestination {
-                    failed.push(step);
+                    failed.insert(0, step);
                 }
             }
+            self.save_steps(&[self.steps.as_slice(), &failed].concat());
         }
-        failed.reverse();
         self.steps = failed;
         if self.steps.is_empty() {
             if let Some(journal) = self.journal.take() {
                 journal.delete();
             }
-        } else {
-            self.save();
         }
         errors
     }
