@@ -115,8 +115,7 @@ async fn handle(
     match request {
         ClientMessage::OpenTunnel { public_key } => {
             let ours = context.keys.public_base64();
-            let end = TunnelEnd::between(&ours, &public_key);
-            end.bring_up(&context.keys, &public_key, None).await?;
+            let end = TunnelEnd::ensure(&context.keys, &public_key, None).await?;
             tracing::info!(interface = %end.interface, "tunnel to source ready");
             Ok(ServerMessage::TunnelReady {
                 public_key: ours,
@@ -128,7 +127,7 @@ async fn handle(
             container_ip,
             flows,
         } => {
-            let end = TunnelEnd::between(&context.keys.public_base64(), &source_public_key);
+            let end = TunnelEnd::to_peer(&context.keys.public_base64(), &source_public_key).await?;
             // Until the restored sockets exist, packets for the container must be dropped
             // here, not answered with a reset by its half-restored network namespace. This
             // also replaces a route into a tunnel left from when the container lived here.

@@ -98,7 +98,7 @@ async fn tunnels(
         let Some(peer) = info.peers.first() else {
             continue;
         };
-        let end = TunnelEnd::between(&ours, &peer.public_key);
+        let end = TunnelEnd::to_peer(&ours, &peer.public_key).await?;
         if end.interface != interface {
             // Made with another key pair (another state directory): not ours to judge.
             continue;

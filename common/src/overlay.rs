@@ -1,9 +1,10 @@
 //! The WireGuard tunnel between two agents, and the traffic plumbing that rides on it.
 //!
-//! Each pair of agents shares one tunnel. Everything about it is derived from the two
-//! public keys, so both ends agree without negotiating: the interface name, the /31 of
-//! tunnel addresses, and the firewall mark and routing table that send the replies of
-//! flows that came in through the tunnel back into it.
+//! Each pair of agents shares one tunnel. What both ends must agree on is derived from the
+//! two public keys, so they agree without negotiating: the interface name and the /31 of
+//! tunnel addresses. What only matters on one host (its listen port, and the firewall mark
+//! and routing table that send the replies of flows that came in through the tunnel back
+//! into it) comes from a slot that each host allocates among its own tunnels.
 //!
 //! Traffic plumbing on a host, per tunnel:
 //! - connections that enter through the tunnel get conntrack mark `mark` (nft);
@@ -58,12 +59,48 @@ fn digest(parts: &[&str]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Serialises slot choice and creation of tunnels in this process.
+static ALLOCATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl TunnelEnd {
-    /// The parameters of this host's end of the tunnel to `peer_public`.
-    pub fn between(local_public: &str, peer_public: &str) -> Self {
-        // Per-peer numbers depend on the peer alone: unique among this host's tunnels.
-        let peer = digest(&[peer_public]);
-        let slot = u32::from_be_bytes([peer[0], peer[1], peer[2], peer[3]]) % SLOTS;
+    /// This host's end of the tunnel to `peer_public`: the one that exists (with its slot),
+    /// or a new one in the first free slot, starting from the slot the peer's key
+    /// suggests. Call [`TunnelEnd::bring_up`] to make sure it is up.
+    pub async fn to_peer(local_public: &str, peer_public: &str) -> Result<Self> {
+        let wanted = Self::with_slot(local_public, peer_public, preferred_slot(peer_public));
+        let mut taken = Vec::new();
+        for interface in wireguard::list_tunnels() {
+            let Some(slot) = wireguard::tunnel_info(&interface)
+                .await?
+                .listen_port
+                .and_then(slot_of_port)
+            else {
+                continue;
+            };
+            if interface == wanted.interface {
+                return Ok(Self::with_slot(local_public, peer_public, slot));
+            }
+            taken.push(slot);
+        }
+        let slot = free_slot(preferred_slot(peer_public), &taken)
+            .with_context(|| format!("all {SLOTS} tunnel slots of this host are in use"))?;
+        Ok(Self::with_slot(local_public, peer_public, slot))
+    }
+
+    /// [`TunnelEnd::to_peer`], brought up: created, or checked and repaired if it exists.
+    /// `peer_endpoint` is where the peer listens, if known (the side that connects knows it).
+    pub async fn ensure(
+        keys: &KeyPair,
+        peer_public: &str,
+        peer_endpoint: Option<SocketAddr>,
+    ) -> Result<Self> {
+        let _one_at_a_time = ALLOCATION.lock().await;
+        let end = Self::to_peer(&keys.public_base64(), peer_public).await?;
+        end.bring_up(keys, peer_public, peer_endpoint).await?;
+        Ok(end)
+    }
+
+    fn with_slot(local_public: &str, peer_public: &str, slot: u32) -> Self {
         // Addresses depend on the pair, lower key takes the even address.
         let (low, high) = if local_public < peer_public {
             (local_public, peer_public)
@@ -81,7 +118,11 @@ impl TunnelEnd {
             (high_addr, low_addr)
         };
         Self {
-            interface: format!("{}{}", wireguard::INTERFACE_PREFIX, &hex::encode(peer)[..8]),
+            interface: format!(
+                "{}{}",
+                wireguard::INTERFACE_PREFIX,
+                &hex::encode(digest(&[peer_public]))[..8]
+            ),
             local_address,
             peer_address,
             listen_port: BASE_LISTEN_PORT + slot as u16,
@@ -93,8 +134,7 @@ impl TunnelEnd {
 
     /// Creates or reuses this end: the WireGuard interface (everything allowed: it has one
     /// peer, routes decide what goes in), its address, and the mark/rule/table plumbing.
-    /// `peer_endpoint` is where the peer listens, if known (the side that connects knows it).
-    pub async fn bring_up(
+    async fn bring_up(
         &self,
         keys: &KeyPair,
         peer_public: &str,
@@ -172,6 +212,25 @@ impl TunnelEnd {
     }
 }
 
+/// The slot the peer's key suggests: spreads peers over the slots, so most hosts never
+/// need a second choice.
+fn preferred_slot(peer_public: &str) -> u32 {
+    let peer = digest(&[peer_public]);
+    u32::from_be_bytes([peer[0], peer[1], peer[2], peer[3]]) % SLOTS
+}
+
+fn slot_of_port(port: u16) -> Option<u32> {
+    let slot = u32::from(port.checked_sub(BASE_LISTEN_PORT)?);
+    (slot < SLOTS).then_some(slot)
+}
+
+/// The first slot from `preferred` on (wrapping) that is not `taken`.
+fn free_slot(preferred: u32, taken: &[u32]) -> Option<u32> {
+    (0..SLOTS)
+        .map(|i| (preferred + i) % SLOTS)
+        .find(|slot| !taken.contains(slot))
+}
+
 /// Whether the /31 holding `tunnel_address` and the network `addr/prefix` share an address.
 fn overlaps(tunnel_address: Ipv4Addr, addr: Ipv4Addr, prefix: u8) -> bool {
     // The larger of the two blocks contains the other iff their common bits agree.
@@ -188,8 +247,8 @@ mod tests {
     #[test]
     fn both_ends_agree() {
         let (a, b) = ("AAAApublicKeyOfHostA=", "BBBBpublicKeyOfHostB=");
-        let at_a = TunnelEnd::between(a, b);
-        let at_b = TunnelEnd::between(b, a);
+        let at_a = TunnelEnd::with_slot(a, b, 3);
+        let at_b = TunnelEnd::with_slot(b, a, 17);
         assert_eq!(at_a.local_address, at_b.peer_address);
         assert_eq!(at_a.peer_address, at_b.local_address);
         assert_ne!(at_a.local_address, at_a.peer_address);
@@ -201,6 +260,18 @@ mod tests {
             u32::from(at_a.local_address) ^ u32::from(at_a.peer_address),
             1
         );
+    }
+
+    #[test]
+    fn slots_avoid_the_taken_ones_and_wrap() {
+        assert_eq!(free_slot(5, &[]), Some(5));
+        assert_eq!(free_slot(5, &[5, 6]), Some(7));
+        assert_eq!(free_slot(SLOTS - 1, &[SLOTS - 1]), Some(0));
+        let all: Vec<u32> = (0..SLOTS).collect();
+        assert_eq!(free_slot(0, &all), None);
+        assert_eq!(slot_of_port(BASE_LISTEN_PORT + 7), Some(7));
+        assert_eq!(slot_of_port(BASE_LISTEN_PORT - 1), None);
+        assert_eq!(slot_of_port(BASE_LISTEN_PORT + SLOTS as u16), None);
     }
 
     #[test]
@@ -216,7 +287,7 @@ mod tests {
 
     #[test]
     fn numbers_stay_in_the_agent_ranges() {
-        let end = TunnelEnd::between("x", "y");
+        let end = TunnelEnd::with_slot("x", "y", preferred_slot("y"));
         assert!(crate::routing::AGENT_TABLES.contains(&end.table));
         assert!(crate::routing::AGENT_RULE_PRIORITIES.contains(&end.priority));
         assert!((BASE_LISTEN_PORT..BASE_LISTEN_PORT + SLOTS as u16).contains(&end.listen_port));

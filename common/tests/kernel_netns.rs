@@ -1,5 +1,5 @@
-//! Kernel-facing test of `common::wireguard` and `common::routing`, entirely inside two
-//! network namespaces created for the test (`lmwgtest-<pid>-a` / `-b`, joined by a veth pair
+//! Kernel-facing tests of `common::wireguard`, `common::routing` and `common::overlay`,
+//! entirely inside network namespaces created for each test (`lmwgtest-<pid>-<tag>a` / `b`, joined by a veth pair
 //! created inside them). Runs only as root and when `LM_LAB_SKIP` is unset; otherwise it
 //! prints why and passes.
 //!
@@ -21,6 +21,7 @@ use std::{
 };
 
 use common::{
+    overlay::TunnelEnd,
     routing::{Route, Routing},
     wireguard::{self, KeyPair, TunnelSpec},
 };
@@ -134,20 +135,24 @@ struct Lab {
     ns_b: String,
     if_a: String,
     if_b: String,
+    /// Tunnels a test made through `overlay`, named after their peers.
+    more_ifaces: Vec<String>,
     dirs: Vec<PathBuf>,
 }
 
 impl Lab {
-    fn new() -> Lab {
+    /// `tag` (one letter) keeps the names of tests that run at the same time apart.
+    fn new(tag: char) -> Lab {
         let pid = std::process::id();
         let lab = Lab {
-            ns_a: format!("lmwgtest-{pid}-a"),
-            ns_b: format!("lmwgtest-{pid}-b"),
-            if_a: format!("lmwg-t{pid:x}a"),
-            if_b: format!("lmwg-t{pid:x}b"),
+            ns_a: format!("lmwgtest-{pid}-{tag}a"),
+            ns_b: format!("lmwgtest-{pid}-{tag}b"),
+            if_a: format!("lmwg-{tag}{pid:x}a"),
+            if_b: format!("lmwg-{tag}{pid:x}b"),
+            more_ifaces: Vec::new(),
             dirs: vec![
-                std::env::temp_dir().join(format!("lmwgtest-{pid}-a")),
-                std::env::temp_dir().join(format!("lmwgtest-{pid}-b")),
+                std::env::temp_dir().join(format!("lmwgtest-{pid}-{tag}a")),
+                std::env::temp_dir().join(format!("lmwgtest-{pid}-{tag}b")),
             ],
         };
         // `lab` exists before anything is created: if a command below panics, unwinding drops
@@ -166,7 +171,8 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         let if_x = format!("{}x", &self.if_a[..self.if_a.len() - 1]);
-        let ifaces = vec![self.if_a.clone(), self.if_b.clone(), if_x];
+        let mut ifaces = vec![self.if_a.clone(), self.if_b.clone(), if_x];
+        ifaces.extend(self.more_ifaces.iter().cloned());
         let pids: Vec<i32> = wireguard_go_pids(&ifaces)
             .into_iter()
             .filter(|p| alive(*p))
@@ -297,7 +303,7 @@ fn wireguard_and_routing_in_netns() {
     if !should_run() {
         return;
     }
-    let lab = Lab::new();
+    let lab = Lab::new('t');
     let (ns_a, ns_b) = (lab.ns_a.clone(), lab.ns_b.clone());
     let (if_a, if_b) = (lab.if_a.clone(), lab.if_b.clone());
     eprintln!("backend: {}", wireguard::backend());
@@ -619,4 +625,46 @@ fn wireguard_and_routing_in_netns() {
         }
     }
     drop(lab);
+}
+
+/// Two peers whose keys suggest the same slot on this host still get tunnels of their own
+/// (listen port, mark, table), and an existing tunnel keeps its slot.
+#[test]
+fn tunnels_whose_peers_suggest_the_same_slot_get_their_own() {
+    if !should_run() {
+        return;
+    }
+    let mut lab = Lab::new('s');
+    let ns = lab.ns_a.clone();
+    let keys = KeyPair::load_or_create(&lab.dirs[0]).unwrap();
+    let ours = keys.public_base64();
+    // With no tunnel yet, `to_peer` answers the suggested slot.
+    let (b, c) = run_in(&ns, || async {
+        let b = KeyPair::generate().public_base64();
+        let wanted = TunnelEnd::to_peer(&ours, &b).await.unwrap().listen_port;
+        loop {
+            let c = KeyPair::generate().public_base64();
+            if TunnelEnd::to_peer(&ours, &c).await.unwrap().listen_port == wanted {
+                return (b, c);
+            }
+        }
+    });
+    lab.more_ifaces = run_in(&ns, || async {
+        vec![
+            TunnelEnd::to_peer(&ours, &b).await.unwrap().interface,
+            TunnelEnd::to_peer(&ours, &c).await.unwrap().interface,
+        ]
+    });
+    run_in(&ns, || async {
+        Routing::new().unwrap().set_link_up("lo").await.unwrap();
+        let to_b = TunnelEnd::ensure(&keys, &b, None).await.unwrap();
+        let to_c = TunnelEnd::ensure(&keys, &c, None).await.unwrap();
+        assert_ne!(to_b.listen_port, to_c.listen_port);
+        assert_ne!(to_b.mark, to_c.mark);
+        assert_ne!(to_b.table, to_c.table);
+        assert_eq!(TunnelEnd::ensure(&keys, &b, None).await.unwrap(), to_b);
+        assert_eq!(TunnelEnd::to_peer(&ours, &c).await.unwrap(), to_c);
+        to_b.tear_down().await.unwrap();
+        to_c.tear_down().await.unwrap();
+    });
 }

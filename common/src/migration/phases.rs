@@ -38,9 +38,8 @@ pub async fn tunnel(
 ) -> Result<(RemoteAgent, TunnelEnd)> {
     let ours = keys.public_base64();
     let (theirs, listen_port) = direct.open_tunnel(&ours).await?;
-    let end = TunnelEnd::between(&ours, &theirs);
     let agent_addr = direct.peer_addr()?;
-    end.bring_up(
+    let end = TunnelEnd::ensure(
         keys,
         &theirs,
         Some(SocketAddr::new(agent_addr.ip(), listen_port)),
