@@ -162,7 +162,7 @@ pub fn print_status(status: &HostStatus, as_json: bool) -> Result<()> {
             t.forwarded_containers.to_string(),
         ]);
     }
-    line!(out, "{tunnels}");
+    line!(out, "{}", or_none(&tunnels, status.tunnels.is_empty()));
     line!(out, "\nforwarded (containers that left this host)");
     let mut forwards = table(&[
         "container",
@@ -182,7 +182,7 @@ pub fn print_status(status: &HostStatus, as_json: bool) -> Result<()> {
             yes_no(f.downstream_alive).into(),
         ]);
     }
-    line!(out, "{forwards}");
+    line!(out, "{}", or_none(&forwards, status.forwards.is_empty()));
     line!(out, "\nmigrations under way");
     let mut running = table(&["direction", "container", "agent running", "state"]);
     for m in &status.migrations {
@@ -197,7 +197,7 @@ pub fn print_status(status: &HostStatus, as_json: bool) -> Result<()> {
             m.detail.clone(),
         ]);
     }
-    line!(out, "{running}");
+    line!(out, "{}", or_none(&running, status.migrations.is_empty()));
     line!(out, "\nlast migrations");
     let mut history = table(&[
         "ended",
@@ -224,7 +224,7 @@ pub fn print_status(status: &HostStatus, as_json: bool) -> Result<()> {
             h.total_ms.map_or("-".into(), |ms| format!("{ms:.0}")),
         ]);
     }
-    line!(out, "{history}");
+    line!(out, "{}", or_none(&history, status.history.is_empty()));
     emit(&out)
 }
 
@@ -240,6 +240,15 @@ pub fn print_cleanup(done: &[String], as_json: bool) -> Result<()> {
         line!(out, "{line}");
     }
     emit(&out)
+}
+
+/// A table, or `none` instead of one without rows.
+fn or_none(table: &Table, empty: bool) -> String {
+    if empty {
+        "  none".to_string()
+    } else {
+        table.to_string()
+    }
 }
 
 fn yes_no(b: bool) -> &'static str {

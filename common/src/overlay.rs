@@ -59,7 +59,10 @@ fn digest(parts: &[&str]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Serialises slot choice and creation of tunnels in this process.
+/// Serialises slot choice and creation of tunnels in this process. (Two processes of one
+/// host, `agent-client` and `agent-server`, could still pick one free slot for two new
+/// peers at the same instant; the loser's tunnel fails to come up and its migration rolls
+/// back.)
 static ALLOCATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl TunnelEnd {

@@ -5,7 +5,8 @@
 //!    prints its replies live, and moves the service h1 -> h2 -> h3 while the client keeps
 //!    talking through h1: the client sees a pause at each hop and never a break.
 //!
-//! It prints the phase timings and tears everything down (also on Ctrl-C).
+//! It prints the phase timings and what h1 keeps for the container that left (`agent-client
+//! status`), and tears everything down (also on Ctrl-C).
 
 use std::time::Duration;
 
@@ -56,6 +57,9 @@ fn live_connection(lab: &Lab) -> Result<()> {
         summary["received"],
         summary["max_pause_ms"].as_f64().unwrap_or(-1.0)
     );
+    println!("== h1$ agent-client status   (what h1 keeps for the container that left)");
+    let out = lab.exec("h1", &["agent-client", "status"])?;
+    print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
     Ok(())
 }
 
