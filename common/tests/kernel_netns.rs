@@ -43,6 +43,10 @@ const TABLE: u32 = 7800;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 const PRIORITY: u32 = 7800;
 
+/// The tests run one at a time: each spawns and reaps wireguard-go daemons, and timing
+/// assertions about them are only meaningful without a neighbour doing the same.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn should_run() -> bool {
     if std::env::var_os("LM_LAB_SKIP").is_some() {
         eprintln!("LM_LAB_SKIP set: skipping kernel test");
@@ -303,6 +307,7 @@ fn wireguard_and_routing_in_netns() {
     if !should_run() {
         return;
     }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::new('t');
     let (ns_a, ns_b) = (lab.ns_a.clone(), lab.ns_b.clone());
     let (if_a, if_b) = (lab.if_a.clone(), lab.if_b.clone());
@@ -634,6 +639,7 @@ fn tunnels_whose_peers_suggest_the_same_slot_get_their_own() {
     if !should_run() {
         return;
     }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut lab = Lab::new('s');
     let ns = lab.ns_a.clone();
     let keys = KeyPair::load_or_create(&lab.dirs[0]).unwrap();
