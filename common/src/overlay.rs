@@ -103,6 +103,11 @@ impl TunnelEnd {
         Ok(end)
     }
 
+    /// The peer's agent, listening on `port`, as reached through this tunnel.
+    pub fn peer_agent(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.peer_address.into(), port)
+    }
+
     fn with_slot(local_public: &str, peer_public: &str, slot: u32) -> Self {
         // Addresses depend on the pair, lower key takes the even address.
         let (low, high) = if local_public < peer_public {

@@ -9,18 +9,25 @@
 //! | kind | payload                                            |
 //! |------|----------------------------------------------------|
 //! | 0    | one JSON-encoded [`ClientMessage`] or [`ServerMessage`] |
-//! | 1    | raw bytes of a stream (image or checkpoint archive) |
+//! | 1    | raw bytes of a stream (image or checkpoint archive), or a Noise handshake message |
+//!
+//! After the handshake the frames are no longer written as they are: the byte stream they
+//! make is cut into records of a `u16` big-endian length and one Noise transport message
+//! (AES-256-GCM) of up to 65519 bytes of it. A record that fails authentication closes the
+//! connection.
 //!
 //! # Session
 //! 1. Handshake ([`crate::auth`]): `Hello` -> `Challenge` -> `Prove` -> `Welcome`. Both sides
 //!    prove they hold the pre-shared token with HMAC-SHA256 over fresh nonces; the token
 //!    never crosses the wire. The version is checked in the first two messages. Before
-//!    `Welcome` the server acts on nothing.
+//!    `Welcome` the server acts on nothing. Then one data frame each way (client first)
+//!    carries the Noise handshake ([`crate::auth::NOISE_PARAMS`]: ephemeral X25519, the
+//!    token-derived pre-shared key); everything after it is sealed. The checkpoint holds
+//!    the container's memory and is never sent in the clear.
 //! 2. Requests, each answered by exactly one response:
 //!    - `OpenTunnel` -> `TunnelReady` (WireGuard keys exchanged; both ends bring the
-//!      tunnel up, see [`crate::overlay`]). The source then opens a new connection through
-//!      the tunnel, authenticates again and sends everything else there: the checkpoint
-//!      holds the container's memory and is never sent in the clear;
+//!      tunnel up, see [`crate::overlay`]). The source proves the tunnel works with a
+//!      second session through it, then goes on with this one;
 //!    - `Preflight` -> `Preflight` (what the destination has and can do);
 //!    - `PutImage` + data frames + `EndOfStream` -> `ImageLoaded`;
 //!    - `PutCheckpoint` + data frames + `EndOfStream` -> `CheckpointStored`;
@@ -44,7 +51,7 @@ use crate::conntrack::Flow;
 use crate::podman::PublishedPort;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Default TCP port of `agent-server`.
 pub const DEFAULT_PORT: u16 = 7878;

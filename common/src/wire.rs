@@ -1,4 +1,6 @@
-//! Reads and writes the frames described in [`crate::protocol`].
+//! Reads and writes the frames described in [`crate::protocol`], in the clear during the
+//! handshake and sealed by the session's Noise transport after it
+//! ([`FramedStream::encrypt`]).
 
 use serde::{de::DeserializeOwned, Serialize};
 use sha2::{Digest, Sha256};
@@ -25,17 +27,52 @@ pub enum Frame {
     Data(Vec<u8>),
 }
 
+/// Largest plaintext of one Noise transport message (its limit, less the 16-byte tag).
+const RECORD_PLAINTEXT: usize = 65535 - 16;
+
 /// A framed, bidirectional connection. Buffered both ways: a data frame is three small
 /// writes plus a large one, and messages are flushed as soon as they are written.
 pub struct FramedStream<S> {
     inner: BufStream<S>,
+    sealed: Option<Sealed>,
+}
+
+/// The byte stream under the frames once encrypted: records of a big-endian `u16` length
+/// and one Noise transport message holding up to [`RECORD_PLAINTEXT`] bytes of it.
+struct Sealed {
+    noise: snow::TransportState,
+    /// Frame bytes written and not yet sealed.
+    outgoing: Vec<u8>,
+    /// Opened bytes not yet read, from `read_at` on.
+    incoming: Vec<u8>,
+    read_at: usize,
+    record: Vec<u8>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FramedStream<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner: BufStream::with_capacity(DATA_CHUNK_LEN * 2, DATA_CHUNK_LEN * 2, inner),
+            sealed: None,
         }
+    }
+
+    /// From now on every frame is sealed with `noise` (confidential and authenticated), and
+    /// every frame read must open with it.
+    pub fn encrypt(&mut self, noise: snow::TransportState) {
+        self.sealed = Some(Sealed {
+            noise,
+            outgoing: Vec::with_capacity(DATA_CHUNK_LEN * 2),
+            incoming: Vec::new(),
+            read_at: 0,
+            record: vec![0; 65535],
+        });
+    }
+
+    /// Sends one data frame and flushes it: for the handshake, which waits for the answer.
+    pub async fn send_data_now(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        self.write_frame(FRAME_DATA, bytes).await?;
+        self.flush().await
     }
 
     pub fn get_ref(&self) -> &S {
@@ -66,13 +103,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FramedStream<S> {
     }
 
     pub async fn recv_frame(&mut self) -> Result<Frame, WireError> {
-        let len = match self.inner.read_u32().await {
-            Ok(len) => len as usize,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(WireError::Closed)
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let mut len = [0u8; 4];
+        self.read_exact(&mut len).await?;
+        let len = u32::from_be_bytes(len) as usize;
         if len == 0 {
             return Err(WireError::Malformed("empty frame".into()));
         }
@@ -80,13 +113,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FramedStream<S> {
             return Err(WireError::Oversized(len));
         }
         let mut buf = vec![0; len];
-        self.inner.read_exact(&mut buf).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                WireError::Closed
-            } else {
-                e.into()
-            }
-        })?;
+        self.read_exact(&mut buf).await?;
         let payload = buf.split_off(1);
         match buf[0] {
             FRAME_MESSAGE => Ok(Frame::Message(payload)),
@@ -100,14 +127,107 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FramedStream<S> {
         if len > MAX_FRAME_LEN {
             return Err(WireError::Oversized(len));
         }
-        self.inner.write_u32(len as u32).await?;
-        self.inner.write_u8(kind).await?;
-        self.inner.write_all(payload).await?;
+        let header = (len as u32).to_be_bytes();
+        match &mut self.sealed {
+            None => {
+                self.inner.write_all(&header).await?;
+                self.inner.write_u8(kind).await?;
+                self.inner.write_all(payload).await?;
+            }
+            Some(sealed) => {
+                sealed.outgoing.extend_from_slice(&header);
+                sealed.outgoing.push(kind);
+                sealed.outgoing.extend_from_slice(payload);
+                sealed.seal(&mut self.inner, false).await?;
+            }
+        }
         // Data frames are always followed by a message, which flushes them.
         if kind == FRAME_MESSAGE {
-            self.inner.flush().await?;
+            self.flush().await?;
         }
         Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), WireError> {
+        if let Some(sealed) = &mut self.sealed {
+            sealed.seal(&mut self.inner, true).await?;
+        }
+        Ok(self.inner.flush().await?)
+    }
+
+    /// Fills `buf` from the connection, opening records if it is encrypted.
+    async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), WireError> {
+        let Some(sealed) = &mut self.sealed else {
+            return self
+                .inner
+                .read_exact(buf)
+                .await
+                .map(drop)
+                .map_err(closed_on_eof);
+        };
+        let mut filled = 0;
+        while filled < buf.len() {
+            if sealed.read_at == sealed.incoming.len() {
+                sealed.open_next(&mut self.inner).await?;
+            }
+            let available = &sealed.incoming[sealed.read_at..];
+            let n = available.len().min(buf.len() - filled);
+            buf[filled..filled + n].copy_from_slice(&available[..n]);
+            sealed.read_at += n;
+            filled += n;
+        }
+        Ok(())
+    }
+}
+
+impl Sealed {
+    /// Seals and writes the full records of `outgoing`, and with `all` the rest too.
+    async fn seal<W: AsyncWrite + Unpin>(
+        &mut self,
+        out: &mut W,
+        all: bool,
+    ) -> Result<(), WireError> {
+        let mut start = 0;
+        while self.outgoing.len() - start >= RECORD_PLAINTEXT
+            || (all && start < self.outgoing.len())
+        {
+            let end = (start + RECORD_PLAINTEXT).min(self.outgoing.len());
+            let n = self
+                .noise
+                .write_message(&self.outgoing[start..end], &mut self.record)
+                .map_err(|e| WireError::Malformed(format!("sealing a record: {e}")))?;
+            out.write_all(&(n as u16).to_be_bytes()).await?;
+            out.write_all(&self.record[..n]).await?;
+            start = end;
+        }
+        self.outgoing.drain(..start);
+        Ok(())
+    }
+
+    /// Reads and opens the next record into `incoming`.
+    async fn open_next<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> Result<(), WireError> {
+        let mut len = [0u8; 2];
+        from.read_exact(&mut len).await.map_err(closed_on_eof)?;
+        let len = usize::from(u16::from_be_bytes(len));
+        from.read_exact(&mut self.record[..len])
+            .await
+            .map_err(closed_on_eof)?;
+        self.incoming.resize(RECORD_PLAINTEXT, 0);
+        let n = self
+            .noise
+            .read_message(&self.record[..len], &mut self.incoming)
+            .map_err(|_| WireError::Malformed("a record failed its authentication".into()))?;
+        self.incoming.truncate(n);
+        self.read_at = 0;
+        Ok(())
+    }
+}
+
+fn closed_on_eof(e: std::io::Error) -> WireError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        WireError::Closed
+    } else {
+        e.into()
     }
 }
 

@@ -331,10 +331,10 @@ impl PhaseClock<'_> {
 /// source's findings are shown too.
 pub async fn check(request: &MigrationRequest) -> anyhow::Result<phases::Survey> {
     let reached = async {
-        let direct = phases::connect(&request.destination, &request.token).await?;
+        let mut agent = phases::connect(&request.destination, &request.token).await?;
         let keys = crate::wireguard::KeyPair::load_or_create(&request.state_dir)?;
         let started = Instant::now();
-        let (agent, tunnel) = phases::tunnel(direct, &request.token, &keys).await?;
+        let tunnel = phases::tunnel(&mut agent, &request.token, &keys).await?;
         anyhow::Ok((agent, tunnel, started.elapsed()))
     }
     .await;
@@ -399,18 +399,19 @@ pub async fn migrate(
             &request.destination,
         )?);
         let t = clock.start_unless_cancelled(phase, cancel)?;
-        let direct = cancellable(
-            cancel,
-            phases::connect(&request.destination, &request.token),
-        )
-        .await?;
+        let agent = remote.insert(
+            cancellable(
+                cancel,
+                phases::connect(&request.destination, &request.token),
+            )
+            .await?,
+        );
         clock.finish(phase, t);
 
         phase = Phase::Tunnel;
         let t = clock.start_unless_cancelled(phase, cancel)?;
         let keys = crate::wireguard::KeyPair::load_or_create(&request.state_dir)?;
-        let (agent, tunnel) = phases::tunnel(direct, &request.token, &keys).await?;
-        let agent = remote.insert(agent);
+        let tunnel = phases::tunnel(agent, &request.token, &keys).await?;
         clock.finish(phase, t);
 
         phase = Phase::Prepare;
@@ -475,14 +476,13 @@ pub async fn migrate(
         // The last chance to cancel: the destination gives the container up again.
         let t = clock.start_unless_cancelled(phase, cancel)?;
         if let Some(ip) = container_ip {
-            let next_agent = agent.peer_addr()?;
             phases::switch_traffic(
                 &tunnel,
                 ip,
                 &prepared.container,
                 request.forward_new_connections,
                 &request.state_dir,
-                next_agent,
+                agent.peer_addr()?.port(),
                 &mut undo,
             )
             .await?;

@@ -29,27 +29,26 @@ pub async fn connect(destination: &str, token: &Token) -> Result<RemoteAgent> {
 }
 
 /// Tunnel: bring up the WireGuard tunnel to the destination (reused if it exists) and
-/// continue the session through it, authenticated again. Nothing to undo: the tunnel is
+/// prove it carries traffic: a second session with the destination agent, through the
+/// tunnel, must authenticate. The migration itself stays on the direct session, which is
+/// encrypted too and not limited by the tunnel's speed. Nothing to undo: the tunnel is
 /// kept for later migrations between the same hosts.
-pub async fn tunnel(
-    mut direct: RemoteAgent,
-    token: &Token,
-    keys: &KeyPair,
-) -> Result<(RemoteAgent, TunnelEnd)> {
+pub async fn tunnel(remote: &mut RemoteAgent, token: &Token, keys: &KeyPair) -> Result<TunnelEnd> {
     let ours = keys.public_base64();
-    let (theirs, listen_port) = direct.open_tunnel(&ours).await?;
-    let agent_addr = direct.peer_addr()?;
+    let (theirs, listen_port) = remote.open_tunnel(&ours).await?;
+    let agent_addr = remote.peer_addr()?;
     let end = TunnelEnd::ensure(
         keys,
         &theirs,
         Some(SocketAddr::new(agent_addr.ip(), listen_port)),
     )
     .await?;
-    let through = SocketAddr::new(end.peer_address.into(), agent_addr.port());
-    let agent = RemoteAgent::connect(&through.to_string(), token)
+    let through = end.peer_agent(agent_addr.port());
+    let mut probe = RemoteAgent::connect(&through.to_string(), token)
         .await
         .context("reaching the destination agent through the tunnel")?;
-    Ok((agent, end))
+    probe.finish().await?;
+    Ok(end)
 }
 
 /// What the prepare phase (and `agent-client check`) learned about the container and both
@@ -199,14 +198,15 @@ pub async fn switch_traffic(
     container: &ContainerInfo,
     forward_new_connections: bool,
     state_dir: &Path,
-    next_agent: SocketAddr,
+    agent_port: u16,
     undo: &mut UndoLog,
 ) -> Result<()> {
     let mut record = ForwardRecord {
         container_id: container.id.clone(),
         container_name: container.name.clone(),
         container_ip,
-        next_agent,
+        // Asked through the tunnel, whose address stays the same if the LAN's changes.
+        next_agent: tunnel.peer_agent(agent_port),
         ports: Vec::new(),
         downstream_alive: true,
     };
