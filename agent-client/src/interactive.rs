@@ -15,8 +15,9 @@ pub async fn choose(args: &CommonArgs) -> Result<Option<MigrationRequest>> {
         bail!("no --container given and stdin is not a terminal: use --container NAME --dest HOST[:PORT]");
     }
     // Ctrl-C at a prompt: nothing has been changed yet, but the prompt hid the cursor.
-    let on_ctrl_c = tokio::spawn(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
+    let mut interrupts = crate::interrupts()?;
+    let on_ctrl_c = tokio::spawn(async move {
+        if interrupts.recv().await.is_some() {
             let _ = console::Term::stderr().show_cursor();
             eprintln!("\ncancelled: nothing was changed");
             std::process::exit(130);

@@ -123,6 +123,14 @@ impl CommonArgs {
     }
 }
 
+/// Ctrl-C from now on, instead of the default (the process dies). Registered here, not in
+/// the task that waits for it: that task may run only after the first Ctrl-C.
+fn interrupts() -> Result<tokio::signal::unix::Signal> {
+    Ok(tokio::signal::unix::signal(
+        tokio::signal::unix::SignalKind::interrupt(),
+    )?)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -22,6 +22,7 @@ pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCod
     let past_switch = Arc::new(AtomicBool::new(false));
     let cancel = request.cancel.clone();
     let ctrl_c = tokio::spawn(abort_on_ctrl_c(
+        crate::interrupts()?,
         cancel.clone(),
         past_switch.clone(),
         display.clone(),
@@ -63,11 +64,12 @@ pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCod
 }
 
 async fn abort_on_ctrl_c(
+    mut interrupts: tokio::signal::unix::Signal,
     cancel: tokio_util::sync::CancellationToken,
     past_switch: Arc<AtomicBool>,
     display: Display,
 ) {
-    while tokio::signal::ctrl_c().await.is_ok() {
+    while interrupts.recv().await.is_some() {
         if past_switch.load(Ordering::SeqCst) {
             display
                 .line("Ctrl-C: too late to abort, the destination runs the container; finishing");

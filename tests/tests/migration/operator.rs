@@ -254,23 +254,33 @@ impl Terminal {
         Ok(screen)
     }
 
-    /// Waits for the program to exit with `code`.
+    /// Waits for the program to exit with `code`. The status comes from tmux, or from the
+    /// kernel while the program is a zombie: tmux has been seen to leave one unreaped for a
+    /// while, its pane still "alive".
     fn wait_for_exit(&self, code: i32, timeout: Duration) -> Result<()> {
-        let mut state = String::new();
+        let pid = self.tmux(&["display", "-p", "-t", "lm", "#{pane_pid}"])?;
+        let pid = pid.trim();
+        let mut ended = None;
         wait_for("the program to exit", timeout, || {
-            state = self.tmux(&[
+            let state = self.tmux(&[
                 "display",
                 "-p",
                 "-t",
                 "lm",
-                "#{pane_dead} #{pane_dead_status}",
+                "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}",
             ])?;
-            Ok(state.starts_with('1'))
+            ended = match state.trim().split(':').collect::<Vec<_>>()[..] {
+                ["1", status, ""] if !status.is_empty() => Some(format!("status {status}")),
+                ["1", "", signal] if !signal.is_empty() => Some(format!("signal {signal}")),
+                _ => zombie_status(pid),
+            };
+            Ok(ended.is_some())
         })
         .with_context(|| format!("the terminal shows:\n{}", self.screen().unwrap_or_default()))?;
+        let ended = ended.unwrap_or_default();
         ensure!(
-            state.trim() == format!("1 {code}"),
-            "the program exited with {state}, not {code}"
+            ended == format!("status {code}"),
+            "the program ended with {ended}, not with status {code}"
         );
         Ok(())
     }
@@ -280,6 +290,23 @@ impl Terminal {
         args.extend_from_slice(keys);
         self.tmux(&args).map(drop)
     }
+}
+
+/// How process `pid` ended, if it is a zombie: from the `exit_code` field of
+/// /proc/PID/stat (field 52, as waitpid(2) reports it).
+fn zombie_status(pid: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // Fields after the command name start at field 3 (state).
+    if fields.first() != Some(&"Z") {
+        return None;
+    }
+    let code: i32 = fields.get(52 - 3)?.parse().ok()?;
+    Some(if code & 0x7f == 0 {
+        format!("status {}", code >> 8)
+    } else {
+        format!("signal {}", code & 0x7f)
+    })
 }
 
 impl Drop for Terminal {
