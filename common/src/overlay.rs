@@ -59,11 +59,14 @@ fn digest(parts: &[&str]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Serialises slot choice and creation of tunnels in this process. (Two processes of one
-/// host, `agent-client` and `agent-server`, could still pick one free slot for two new
-/// peers at the same instant; the loser's tunnel fails to come up and its migration rolls
-/// back.)
+/// Serialises slot choice and creation of tunnels in this process; [`HOST_LOCK`] does the
+/// same between the agents of one host.
 static ALLOCATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Locked (flock) while a tunnel's slot is chosen and the tunnel made: `agent-client` and
+/// `agent-server` of one host may both be making one. In /run: the lock is about this
+/// boot's links.
+const HOST_LOCK: &str = "/run/live-migrate/tunnels.lock";
 
 impl TunnelEnd {
     /// This host's end of the tunnel to `peer_public`: the one that exists (with its slot),
@@ -97,7 +100,8 @@ impl TunnelEnd {
         peer_public: &str,
         peer_endpoint: Option<SocketAddr>,
     ) -> Result<Self> {
-        let _one_at_a_time = ALLOCATION.lock().await;
+        let _in_this_process = ALLOCATION.lock().await;
+        let _on_this_host = lock_host().await?;
         let end = Self::to_peer(&keys.public_base64(), peer_public).await?;
         end.bring_up(keys, peer_public, peer_endpoint).await?;
         Ok(end)
@@ -218,6 +222,21 @@ impl TunnelEnd {
             .await??;
         wireguard::remove_tunnel(&self.interface).await
     }
+}
+
+/// Waits for [`HOST_LOCK`]; it is held until the returned file is dropped.
+async fn lock_host() -> Result<std::fs::File> {
+    let path = std::path::Path::new(HOST_LOCK);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let file = std::fs::File::create(path).with_context(|| format!("create {HOST_LOCK}"))?;
+    tokio::task::spawn_blocking(move || {
+        file.lock()
+            .with_context(|| format!("lock {HOST_LOCK}"))
+            .map(|()| file)
+    })
+    .await?
 }
 
 /// The slot the peer's key suggests: spreads peers over the slots, so most hosts never

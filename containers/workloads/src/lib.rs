@@ -3,6 +3,16 @@
 use std::io::Write;
 use std::str::FromStr;
 
+/// Prints `usage` and exits when the workload is run with `-h` or `--help`. The workloads
+/// take no arguments: they run as a container's entrypoint and read their settings from
+/// the environment, which `usage` lists.
+pub fn help_if_asked(usage: &str) {
+    if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
+        println!("{usage}");
+        std::process::exit(0);
+    }
+}
+
 /// Reads a setting from the environment, falling back to `default` when it is
 /// unset; a malformed value is fatal so a typo in a lab scenario is not
 /// silently replaced by the default.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use workloads::{env_or, exit_on_termination, say};
+use workloads::{env_or, exit_on_termination, help_if_asked, say};
 
 const PAGE_WORDS: usize = 4096 / 8;
 
@@ -53,6 +53,13 @@ fn check(page: &Page, index: usize, expected: u32) -> bool {
 }
 
 fn main() {
+    help_if_asked(
+        "memhog: holds self-checking memory and rewrites part of it every second; SIGUSR1\n\
+         checks every page and prints `memhog: verify ok pages=N` (or what is wrong).\n\n\
+         Takes no arguments. Environment:\n  \
+         MEMHOG_MIB            resident memory to fill, MiB (default 64)\n  \
+         MEMHOG_DIRTY_PERCENT  share of the pages rewritten per second (default 0)",
+    );
     exit_on_termination();
     let mib: usize = env_or("MEMHOG_MIB", 64);
     let dirty_percent: f64 = env_or("MEMHOG_DIRTY_PERCENT", 0.0);

@@ -6,9 +6,14 @@ use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use workloads::{env_or, exit_on_termination, say};
+use workloads::{env_or, exit_on_termination, help_if_asked, say};
 
 fn main() {
+    help_if_asked(
+        "tcp-echo: echoes every byte of every TCP connection back to its sender.\n\n\
+         Takes no arguments. Environment:\n  \
+         PORT  TCP port to listen on (default 5000)",
+    );
     exit_on_termination();
     let port: u16 = env_or("PORT", 5000);
     let listener = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| {

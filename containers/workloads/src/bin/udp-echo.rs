@@ -3,9 +3,14 @@
 
 use std::net::UdpSocket;
 
-use workloads::{env_or, exit_on_termination, say};
+use workloads::{env_or, exit_on_termination, help_if_asked, say};
 
 fn main() {
+    help_if_asked(
+        "udp-echo: sends every UDP datagram back to its sender.\n\n\
+         Takes no arguments. Environment:\n  \
+         PORT  UDP port to listen on (default 5001)",
+    );
     exit_on_termination();
     let port: u16 = env_or("PORT", 5001);
     let sock = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| {
