@@ -1,11 +1,13 @@
 //! The source's journal of a running migration: its undo steps on disk, in a file the
-//! migrating process keeps locked. When that process dies, the lock goes with it, and
+//! migrating process keeps locked. Every change appends the whole record as one JSON line
+//! and readers take the last complete one, so a process killed mid-write leaves the
+//! previous state readable (and the lock stays on the one file). When that process dies, the lock goes with it, and
 //! [`recover_abandoned`] (run by `agent-client cleanup`) finishes the job: it restarts the
 //! container on the source, or, if the destination had already taken over, removes the
 //! stopped source copy.
 
 use std::fs::{File, TryLockError};
-use std::os::unix::fs::FileExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -43,7 +45,11 @@ impl Journal {
         let dir = journals_dir(state_dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let path = dir.join(format!("{:016x}.json", rand::random::<u64>()));
-        let file = File::create_new(&path).with_context(|| format!("create {}", path.display()))?;
+        let file = File::options()
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("create {}", path.display()))?;
         file.lock()
             .with_context(|| format!("lock {}", path.display()))?;
         let journal = Self {
@@ -64,10 +70,9 @@ impl Journal {
             taken_over: self.taken_over,
             steps: steps.to_vec(),
         };
-        let bytes = serde_json::to_vec(&record)?;
-        // Rewritten in place: the lock belongs to this open file.
-        self.file.set_len(0)?;
-        self.file.write_all_at(&bytes, 0)?;
+        let mut line = serde_json::to_vec(&record)?;
+        line.push(b'\n');
+        (&self.file).write_all(&line)?;
         Ok(())
     }
 
@@ -97,11 +102,13 @@ pub fn list(state_dir: &Path) -> Vec<JournalEntry> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .filter_map(|path| {
-            let file = File::options().read(true).write(true).open(&path).ok()?;
+            let file = File::open(&path).ok()?;
             let running = matches!(file.try_lock(), Err(TryLockError::WouldBlock));
-            let record = std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+            let record = std::fs::read_to_string(&path).ok().and_then(|text| {
+                text.lines()
+                    .rev()
+                    .find_map(|line| serde_json::from_str(line).ok())
+            });
             Some(JournalEntry {
                 path,
                 record,
@@ -118,7 +125,7 @@ pub fn list(state_dir: &Path) -> Vec<JournalEntry> {
 pub async fn recover_abandoned(state_dir: &Path, podman: &PodmanClient) -> Vec<String> {
     let mut report = Vec::new();
     for entry in list(state_dir).into_iter().filter(|e| !e.running) {
-        let Ok(file) = File::options().read(true).write(true).open(&entry.path) else {
+        let Ok(file) = File::options().append(true).open(&entry.path) else {
             continue;
         };
         // Lost a race with another cleanup, or the migration just started.
@@ -217,6 +224,12 @@ mod tests {
         assert_eq!(record.container, "web");
         assert_eq!(record.steps, steps);
         assert!(!record.taken_over);
+
+        // A write cut short by a kill leaves the previous record readable.
+        (&journal.file)
+            .write_all(b"{\"container\":\"web\",\"desti")
+            .unwrap();
+        assert_eq!(list(dir.path())[0].record.as_ref().unwrap().steps, steps);
 
         drop(journal); // as when the process dies: the lock goes, the file stays
         let listed = list(dir.path());
