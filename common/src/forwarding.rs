@@ -137,10 +137,7 @@ impl ForwardRecord {
             Ok(())
         })
         .await??;
-        match std::fs::remove_file(self.path(state_dir)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
-        }
+        Ok(crate::files::remove_if_present(&self.path(state_dir))?)
     }
 }
 

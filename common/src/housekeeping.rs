@@ -95,10 +95,14 @@ async fn tunnels(
     let mut out = Vec::new();
     for interface in wireguard::list_tunnels() {
         let info = wireguard::tunnel_info(&interface).await?;
-        let Some(peer) = info.peers.first() else {
+        let Some(end) = info
+            .peers
+            .first()
+            .zip(info.listen_port)
+            .and_then(|(peer, port)| TunnelEnd::existing(&ours, &peer.public_key, port))
+        else {
             continue;
         };
-        let end = TunnelEnd::to_peer(&ours, &peer.public_key).await?;
         if end.interface != interface {
             // Made with another key pair (another state directory): not ours to judge.
             continue;
@@ -228,8 +232,7 @@ pub async fn clean_up(
     let mut done = journal::recover_abandoned(state_dir, podman).await;
     let server_running = incoming::server_running(state_dir);
     if !server_running {
-        let sessions = incoming::list(state_dir).len();
-        incoming::recover(&incoming::journal_dir(state_dir), podman).await?;
+        let sessions = incoming::recover(&incoming::journal_dir(state_dir), podman).await?;
         if sessions > 0 {
             done.push(format!(
                 "{sessions} incoming session(s) left by a stopped agent-server wound down"

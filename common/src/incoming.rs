@@ -59,10 +59,16 @@ pub fn list(state_dir: &Path) -> Vec<IncomingSession> {
         return Vec::new();
     };
     entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+        .filter_map(|e| read_journal(e.ok()?.path()))
         .collect()
+}
+
+/// The session journaled at `path`; `None` if it cannot be read.
+fn read_journal(path: PathBuf) -> Option<IncomingSession> {
+    let bytes = std::fs::read(&path).ok()?;
+    let mut session: IncomingSession = serde_json::from_slice(&bytes).ok()?;
+    session.journal = path;
+    Some(session)
 }
 
 /// What this session has made on this host, so it can be undone. Saved to the state
@@ -138,29 +144,26 @@ impl IncomingSession {
 
     pub fn discard_archive(&mut self) {
         if let Some(path) = self.archive.take() {
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!("could not remove {}: {e}", path.display());
-                }
+            if let Err(e) = crate::files::remove_if_present(&path) {
+                tracing::warn!("could not remove {}: {e}", path.display());
             }
         }
     }
 }
 
 /// Winds down the sessions a previous run of the agent left unfinished.
-pub async fn recover(journal_dir: &Path, podman: &PodmanClient) -> Result<()> {
+/// Returns how many it wound down.
+pub async fn recover(journal_dir: &Path, podman: &PodmanClient) -> Result<usize> {
     std::fs::create_dir_all(journal_dir)
         .with_context(|| format!("create {}", journal_dir.display()))?;
+    let mut wound_down = 0;
     for entry in std::fs::read_dir(journal_dir)? {
         let path = entry?.path();
-        let session = std::fs::read(&path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<IncomingSession>(&bytes).ok());
-        match session {
-            Some(mut session) => {
+        match read_journal(path.clone()) {
+            Some(session) => {
                 tracing::info!(journal = %path.display(), "winding down a session of a previous run");
-                session.journal = path;
                 session.wind_down(podman).await;
+                wound_down += 1;
             }
             None => {
                 tracing::warn!(journal = %path.display(), "unreadable session journal removed");
@@ -168,5 +171,5 @@ pub async fn recover(journal_dir: &Path, podman: &PodmanClient) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(wound_down)
 }

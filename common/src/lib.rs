@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod conntrack;
 pub mod criu;
+pub mod files;
 pub mod forwarding;
 pub mod history;
 pub mod housekeeping;

@@ -93,6 +93,12 @@ impl TunnelEnd {
         Ok(Self::with_slot(local_public, peer_public, slot))
     }
 
+    /// The end of an existing tunnel to `peer_public` listening on `listen_port`; `None`
+    /// if that port belongs to no slot.
+    pub fn existing(local_public: &str, peer_public: &str, listen_port: u16) -> Option<Self> {
+        slot_of_port(listen_port).map(|slot| Self::with_slot(local_public, peer_public, slot))
+    }
+
     /// [`TunnelEnd::to_peer`], brought up: created, or checked and repaired if it exists.
     /// `peer_endpoint` is where the peer listens, if known (the side that connects knows it).
     pub async fn ensure(

@@ -860,10 +860,8 @@ pub async fn remove_tunnel(interface: &str) -> Result<()> {
     };
     if matches!(owner, SocketOwner::Here { .. } | SocketOwner::Stale) {
         let path = socket_path(interface);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => warn!(path = %path.display(), "cannot remove socket: {e}"),
+        if let Err(e) = crate::files::remove_if_present(&path) {
+            warn!(path = %path.display(), "cannot remove socket: {e}");
         }
         let _ = fs::remove_file(Path::new(USERSPACE_SOCKET_DIR).join(format!("{interface}.name")));
     }

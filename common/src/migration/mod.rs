@@ -252,10 +252,7 @@ impl UndoLog {
                     None => Ok(()),
                 },
                 Undo::RemoveFile(path) | Undo::ForgetForwarding(path) => {
-                    match std::fs::remove_file(path) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-                        _ => Ok(()),
-                    }
+                    crate::files::remove_if_present(path).map_err(Into::into)
                 }
                 Undo::RemoveContainerRoute(ip) => phases::route_container_locally(*ip).await,
                 Undo::UnforwardPort {
