@@ -43,9 +43,10 @@ struct Sealed {
     noise: snow::TransportState,
     /// Frame bytes written and not yet sealed.
     outgoing: Vec<u8>,
-    /// Opened bytes not yet read, from `read_at` on.
+    /// The last record opened; `incoming[read_at..read_end]` is not read yet.
     incoming: Vec<u8>,
     read_at: usize,
+    read_end: usize,
     record: Vec<u8>,
 }
 
@@ -63,8 +64,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FramedStream<S> {
         self.sealed = Some(Sealed {
             noise,
             outgoing: Vec::with_capacity(DATA_CHUNK_LEN * 2),
-            incoming: Vec::new(),
+            incoming: vec![0; RECORD_PLAINTEXT],
             read_at: 0,
+            read_end: 0,
             record: vec![0; 65535],
         });
     }
@@ -167,10 +169,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FramedStream<S> {
         };
         let mut filled = 0;
         while filled < buf.len() {
-            if sealed.read_at == sealed.incoming.len() {
+            if sealed.read_at == sealed.read_end {
                 sealed.open_next(&mut self.inner).await?;
             }
-            let available = &sealed.incoming[sealed.read_at..];
+            let available = &sealed.incoming[sealed.read_at..sealed.read_end];
             let n = available.len().min(buf.len() - filled);
             buf[filled..filled + n].copy_from_slice(&available[..n]);
             sealed.read_at += n;
@@ -212,13 +214,12 @@ impl Sealed {
         from.read_exact(&mut self.record[..len])
             .await
             .map_err(closed_on_eof)?;
-        self.incoming.resize(RECORD_PLAINTEXT, 0);
         let n = self
             .noise
             .read_message(&self.record[..len], &mut self.incoming)
             .map_err(|_| WireError::Malformed("a record failed its authentication".into()))?;
-        self.incoming.truncate(n);
         self.read_at = 0;
+        self.read_end = n;
         Ok(())
     }
 }
