@@ -400,6 +400,18 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// The entries of `dir` in the agents' state directory of `host` (e.g. `forwards`),
+    /// one per line; empty when that directory does not exist.
+    pub fn agent_state(&self, host: &str, dir: &str) -> Result<String> {
+        let path = format!("{}/{dir}", plan::STATE_DIR_IN_HOST);
+        let out = self.exec_unchecked(host, &["ls", "-A", &path])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !stderr.contains("No such file") {
+            bail!("ls {path} in {host}: {stderr}");
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     /// Starts a long-running command in `node` (stdin null, stdout/stderr piped). The
     /// caller must kill/wait it; teardown kills whatever is still in the lab anyway.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(&self, node: &str, args: &[S]) -> Result<Child> {

@@ -33,6 +33,8 @@ pub const CONTAINER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 pub const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 /// Token file read by agent-server by default (inside a host).
 pub const TOKEN_FILE_IN_HOST: &str = "/etc/live-migrate/token";
+/// The agents' default state directory (inside a host).
+pub const STATE_DIR_IN_HOST: &str = "/var/lib/live-migrate";
 /// Most hosts a lab may have: host addresses 10.77.0.11.. must stay below the client's .100
 /// and every host needs its own /24 lease range inside 10.88.0.0/16.
 pub const MAX_HOSTS: usize = 50;

@@ -1,4 +1,4 @@
-//! The harness must not rot: a quick run (6 s of iperf3 TCP, one migration h1 -> h2) in a
+//! The harness must not rot: a quick run (12 s of iperf3 TCP, one migration h1 -> h2) in a
 //! real lab must produce a report in which the connection survived, and a plot.
 //! `LM_LAB_SKIP=1` skips it like the other lab tests.
 

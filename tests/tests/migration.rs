@@ -216,14 +216,7 @@ fn counter_advances(lab: &Lab, host: &str, name: &str, beyond: u64) -> Result<u6
 }
 
 fn outgoing_is_empty(lab: &Lab, host: &str) -> Result<()> {
-    let listing = lab.exec_stdout(
-        host,
-        &[
-            "sh",
-            "-c",
-            "ls -A /var/lib/live-migrate/outgoing 2>/dev/null || true",
-        ],
-    )?;
+    let listing = lab.agent_state(host, "outgoing")?;
     ensure!(
         listing.is_empty(),
         "{host} kept checkpoint archives: {listing}"
@@ -627,7 +620,7 @@ fn forwarding_removed(lab: &Lab) -> Result<()> {
     wait_for("h1 to drop the forwarding", Duration::from_secs(60), || {
         Ok(no_agent_state(lab, "h1", &ip, 5300).is_ok())
     })?;
-    let records = lab.exec_stdout("h1", &["sh", "-c", "ls -A /var/lib/live-migrate/forwards"])?;
+    let records = lab.agent_state("h1", "forwards")?;
     ensure!(records.is_empty(), "h1 keeps forward records: {records}");
     Ok(())
 }
@@ -640,14 +633,7 @@ fn no_agent_state(lab: &Lab, host: &str, ip: &str, port: u16) -> Result<()> {
         &["ip", "route", "show", "table", "main", &format!("{ip}/32")],
     )?;
     ensure!(route.is_empty(), "{host} still routes {ip}: {route}");
-    let sessions = lab.exec_stdout(
-        host,
-        &[
-            "sh",
-            "-c",
-            "ls -A /var/lib/live-migrate/sessions 2>/dev/null || true",
-        ],
-    )?;
+    let sessions = lab.agent_state(host, "sessions")?;
     ensure!(sessions.is_empty(), "{host} has open sessions: {sessions}");
     let rules = lab.exec_stdout(
         host,

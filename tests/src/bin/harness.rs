@@ -57,7 +57,8 @@ struct Args {
     /// worst client-observed pause.
     #[arg(long, default_value_t = 0)]
     echo: usize,
-    /// Quick check for `make test`: TCP, 6 s, one migration at 2 s, two hosts.
+    /// Quick check for `make test`: TCP, 12 s, one migration at 2 s, two hosts (the
+    /// migration must end before iperf3 does, also on a loaded machine).
     #[arg(long)]
     smoke: bool,
     /// Output directory (default target/harness/<unix time>).
@@ -69,7 +70,7 @@ fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.smoke {
         args.mode = vec!["tcp".into()];
-        args.duration = 6;
+        args.duration = 12;
         args.migrate_at = vec![2.0];
         args.baseline = false;
         args.sensitivity = false;

@@ -376,15 +376,7 @@ pub fn wait_swept(lab: &Lab, pb: &ProgressBar) -> Result<()> {
     loop {
         let mut left = Vec::new();
         for h in lab.hosts() {
-            let out = lab.exec_unchecked(
-                &h.name,
-                &[
-                    "sh",
-                    "-c",
-                    "ls -A /var/lib/live-migrate/forwards 2>/dev/null",
-                ],
-            )?;
-            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            if !lab.agent_state(&h.name, "forwards")?.is_empty() {
                 left.push(h.name.clone());
             }
         }

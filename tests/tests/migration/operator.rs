@@ -135,12 +135,7 @@ fn back_on_source_intact(lab: &Lab, name: &str) -> Result<()> {
         status["migrations"]
     );
     wait_for("h2 to drop the archive", Duration::from_secs(10), || {
-        Ok(lab
-            .exec_stdout(
-                "h2",
-                &["sh", "-c", "ls -A /var/lib/live-migrate/incoming || true"],
-            )?
-            .is_empty())
+        Ok(lab.agent_state("h2", "incoming")?.is_empty())
     })
 }
 
