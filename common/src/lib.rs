@@ -19,5 +19,6 @@ pub mod protocol;
 pub mod remote;
 pub mod routing;
 pub mod transfer;
+pub mod validate;
 pub mod wire;
 pub mod wireguard;
