@@ -11,6 +11,8 @@
 //! confidential and tamper-evident, and recordings of it stay sealed even if the token
 //! leaks later (forward secrecy).
 
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
@@ -38,6 +40,12 @@ pub enum AuthError {
         path: String,
         source: std::io::Error,
     },
+    /// Refused as ssh refuses a private key others can read: anyone who can read the
+    /// token can impersonate either agent.
+    #[error(
+        "token file {path} is open to group or others (mode {mode:04o}); fix it with: chmod 600 {path}"
+    )]
+    TokenFileMode { path: String, mode: u32 },
     #[error("token in {0} is shorter than {MIN_TOKEN_LEN} characters")]
     TokenTooShort(String),
     #[error("protocol version mismatch: we speak {ours}, peer speaks {theirs}")]
@@ -65,11 +73,24 @@ impl std::fmt::Debug for Token {
 }
 
 impl Token {
+    /// Reads the token from `path`, which only its owner may read or write (mode 0600 or
+    /// stricter).
     pub fn from_file(path: &Path) -> Result<Self, AuthError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AuthError::TokenFile {
+        let file_error = |source| AuthError::TokenFile {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        // The mode of the file that is read, not of whatever the path names a moment later.
+        let mut file = std::fs::File::open(path).map_err(file_error)?;
+        let mode = file.metadata().map_err(file_error)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(AuthError::TokenFileMode {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(file_error)?;
         let token = text.trim();
         if token.len() < MIN_TOKEN_LEN {
             return Err(AuthError::TokenTooShort(path.display().to_string()));
@@ -441,14 +462,46 @@ mod tests {
         ));
     }
 
+    /// A token file with `content` and mode 0600 (as `tempfile` creates it).
+    fn token_file(content: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), content).unwrap();
+        file
+    }
+
+    fn set_mode(file: &tempfile::NamedTempFile, mode: u32) {
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
     #[test]
     fn short_token_file_is_refused() {
-        let dir = std::env::temp_dir().join(format!("lm-token-test-{}", std::process::id()));
-        std::fs::write(&dir, "short\n").unwrap();
+        let file = token_file("short\n");
         assert!(matches!(
-            Token::from_file(&dir),
+            Token::from_file(file.path()),
             Err(AuthError::TokenTooShort(_))
         ));
-        std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn token_file_open_to_others_is_refused() {
+        let file = token_file("0123456789abcdef0123\n");
+        let path = file.path().display().to_string();
+        for mode in [0o644, 0o640, 0o604, 0o660, 0o602] {
+            set_mode(&file, mode);
+            match Token::from_file(file.path()) {
+                Err(e @ AuthError::TokenFileMode { mode: m, .. }) => {
+                    assert_eq!(m, mode);
+                    let text = e.to_string();
+                    assert!(text.contains(&format!("mode {mode:04o}")), "{text}");
+                    assert!(text.contains(&format!("chmod 600 {path}")), "{text}");
+                }
+                other => panic!("mode {mode:o} accepted: {other:?}"),
+            }
+        }
+        for mode in [0o600, 0o400] {
+            set_mode(&file, mode);
+            let token = Token::from_file(file.path()).unwrap();
+            assert_eq!(token.0, b"0123456789abcdef0123");
+        }
     }
 }

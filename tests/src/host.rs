@@ -134,7 +134,8 @@ pub fn prepare_host_files(
     Ok(())
 }
 
-/// Writes `content` to `path` with mode 0600 (created that way, never world-readable).
+/// Writes `content` to `path` with mode 0600 (created that way, never world-readable): the
+/// agents refuse a token file that group or others can access.
 pub fn write_secret(path: &Path, content: &str) -> Result<()> {
     use std::io::Write;
     let mut f = OpenOptions::new()
@@ -144,6 +145,8 @@ pub fn write_secret(path: &Path, content: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
+    // `mode` applies to a new file only; one left by an earlier run keeps its own.
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
     f.write_all(content.as_bytes())?;
     Ok(())
 }

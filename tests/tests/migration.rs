@@ -355,7 +355,11 @@ fn victim_survived(lab: &Lab, before: u64) -> Result<()> {
 fn wrong_token(lab: &Lab) -> Result<()> {
     let before = victim(lab)?;
     let path = format!("/tmp/lm-wrong-token-{}", std::process::id());
-    std::fs::write(&path, "this-is-not-the-lab-token-0000")?;
+    // Mode 0600, so that the agent gets as far as the handshake.
+    lab::host::write_secret(
+        std::path::Path::new(&path),
+        "this-is-not-the-lab-token-0000",
+    )?;
     let result = agent_client(
         lab,
         "h1",
