@@ -142,16 +142,23 @@ async fn handle(
             Routing::new()?
                 .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
                 .await?;
+            let prepared = flows.len();
             for flow in flows {
                 let flow = flow.with_mark(end.mark);
-                session.flows.push(flow.clone());
-                session.save()?;
-                conntrack::create(&flow).await?;
+                // Recorded for undo only once made here: an entry that existed already is
+                // not ours to delete. (A crash in between leaves one entry, which times out.)
+                if conntrack::create(&flow).await? {
+                    session.flows.push(flow);
+                    session.save()?;
+                }
             }
-            tracing::info!(flows = session.flows.len(), %container_ip, "flows prepared");
-            Ok(ServerMessage::TrafficPrepared {
-                flows: session.flows.len(),
-            })
+            tracing::info!(
+                flows = prepared,
+                created = session.flows.len(),
+                %container_ip,
+                "flows prepared"
+            );
+            Ok(ServerMessage::TrafficPrepared { flows: prepared })
         }
         ClientMessage::QueryContainer { id } => Ok(ServerMessage::ContainerStatus {
             alive: crate::sweeper::container_alive(context, &id).await?,

@@ -269,8 +269,11 @@ pub async fn list() -> Result<Vec<Flow>> {
 /// ESTABLISHED (or `flow.tcp_state`) with liberal window tracking, timeout
 /// `flow.timeout` but at least [`TCP_TIMEOUT_SECS`] / [`UDP_TIMEOUT_SECS`], ct mark
 /// `flow.mark`.
-/// An existing entry with the same tuples (EEXIST) is success.
-pub async fn create(flow: &Flow) -> Result<()> {
+///
+/// Returns whether this call made the entry: `false` if one with the same tuples existed
+/// already (EEXIST). Such an entry is not ours (its mark, state and timeout are left as
+/// they are), so an undo must not delete it.
+pub async fn create(flow: &Flow) -> Result<bool> {
     let msg = ConntrackMessage::New(create_attributes(flow)?);
     match request(
         family_of(flow)?,
@@ -279,8 +282,8 @@ pub async fn create(flow: &Flow) -> Result<()> {
     )
     .await
     {
-        Ok(_) => Ok(()),
-        Err(e) if errno_of(&e) == Some(libc_errno::EEXIST) => Ok(()),
+        Ok(_) => Ok(true),
+        Err(e) if errno_of(&e) == Some(libc_errno::EEXIST) => Ok(false),
         Err(e) => Err(e.context(format!("creating conntrack entry {flow}"))),
     }
 }

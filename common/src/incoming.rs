@@ -79,7 +79,8 @@ pub struct IncomingSession {
     #[serde(skip)]
     journal: PathBuf,
     pub archive: Option<PathBuf>,
-    /// Conntrack entries made for the incoming container's flows.
+    /// Conntrack entries this session made for the incoming container's flows (not those
+    /// that existed already): undo deletes them.
     pub flows: Vec<Flow>,
     /// The incoming container's address, held (blackholed) until it runs.
     pub held_ip: Option<Ipv4Addr>,

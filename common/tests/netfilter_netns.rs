@@ -245,9 +245,10 @@ fn conntrack_create_list_delete() {
             "10.2.2.2:53".parse().unwrap(),
         )
         .with_mark(0x7801);
-        conntrack::create(&flow).await.unwrap();
-        conntrack::create(&flow).await.unwrap(); // EEXIST is fine
-        conntrack::create(&udp).await.unwrap();
+        assert!(conntrack::create(&flow).await.unwrap());
+        // EEXIST: the entry is there, but not made by this call.
+        assert!(!conntrack::create(&flow).await.unwrap());
+        assert!(conntrack::create(&udp).await.unwrap());
 
         let all = conntrack::list().await.unwrap();
         let found = all
@@ -281,7 +282,7 @@ fn conntrack_create_list_delete() {
             "10.2.2.2:53".parse().unwrap(),
         )
         .with_mark(0x42);
-        conntrack::create(&other).await.unwrap();
+        assert!(conntrack::create(&other).await.unwrap());
         assert!(conntrack::delete_marked(0).await.is_err());
         assert_eq!(conntrack::delete_marked(0x7801).await.unwrap(), 1);
         let all = conntrack::list().await.unwrap();
