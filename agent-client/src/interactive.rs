@@ -14,12 +14,13 @@ pub async fn choose(args: &CommonArgs) -> Result<Option<MigrationRequest>> {
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         bail!("no --container given and stdin is not a terminal: use --container NAME --dest HOST[:PORT]");
     }
-    // Ctrl-C at a prompt: nothing has been changed yet, but the prompt hid the cursor.
+    // Ctrl-C (or SIGTERM, SIGHUP) at a prompt: nothing has been changed yet, but the prompt
+    // hid the cursor.
     let mut interrupts = crate::interrupts()?;
-    let on_ctrl_c = tokio::spawn(async move {
+    let on_interrupt = tokio::spawn(async move {
         if interrupts.recv().await.is_some() {
             let _ = console::Term::stderr().show_cursor();
-            eprintln!("\ncancelled: nothing was changed");
+            crate::say("\ncancelled: nothing was changed");
             std::process::exit(130);
         }
     });
@@ -28,7 +29,7 @@ pub async fn choose(args: &CommonArgs) -> Result<Option<MigrationRequest>> {
         // The prompt saw the signal first; the handler above ends the process.
         std::future::pending::<()>().await;
     }
-    on_ctrl_c.abort();
+    on_interrupt.abort();
     chosen
 }
 

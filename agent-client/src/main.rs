@@ -14,6 +14,7 @@ use common::auth::Token;
 use common::config::HostPaths;
 use common::migration::MigrationRequest;
 use common::podman::PodmanClient;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -23,8 +24,8 @@ use tracing_subscriber::EnvFilter;
 /// The container is checkpointed with its established connections, sent through a
 /// WireGuard tunnel to the destination, restored there, and removed here only once it runs
 /// there; flows that still arrive here are forwarded to it through the tunnel. If anything
-/// fails, or you press Ctrl-C before the traffic is switched, it runs here again and
-/// nothing is left behind.
+/// fails, or you press Ctrl-C (or agent-client gets SIGTERM or SIGHUP) before the traffic is
+/// switched, it runs here again and nothing is left behind.
 ///
 /// Without --container it asks: it lists the running containers, lets you pick one and a
 /// destination, shows a preflight check of both hosts and asks for confirmation.
@@ -123,12 +124,61 @@ impl CommonArgs {
     }
 }
 
-/// Ctrl-C from now on, instead of the default (the process dies). Registered here, not in
-/// the task that waits for it: that task may run only after the first Ctrl-C.
-fn interrupts() -> Result<tokio::signal::unix::Signal> {
-    Ok(tokio::signal::unix::signal(
-        tokio::signal::unix::SignalKind::interrupt(),
-    )?)
+/// A signal asking agent-client to stop. SIGTERM (`kill`, a service manager) and SIGHUP (the
+/// terminal went away) mean what Ctrl-C means, and get the same clean abort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Interrupt {
+    Int,
+    Term,
+    Hup,
+}
+
+impl std::fmt::Display for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Named as the operator knows it: a key they pressed, or a signal from elsewhere.
+        f.write_str(match self {
+            Interrupt::Int => "Ctrl-C",
+            Interrupt::Term => "interrupted (SIGTERM)",
+            Interrupt::Hup => "interrupted (SIGHUP)",
+        })
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP, caught (instead of killing the process) from [`interrupts`] on.
+struct Interrupts {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Interrupts {
+    /// Waits for the next of the three signals; `None` once none can arrive any more.
+    async fn recv(&mut self) -> Option<Interrupt> {
+        tokio::select! {
+            Some(()) = self.int.recv() => Some(Interrupt::Int),
+            Some(()) = self.term.recv() => Some(Interrupt::Term),
+            Some(()) = self.hup.recv() => Some(Interrupt::Hup),
+            else => None,
+        }
+    }
+}
+
+/// Ctrl-C, SIGTERM and SIGHUP from now on, instead of the default (the process dies).
+/// Registered here, not in the task that waits for them: that task may run only after the
+/// first signal.
+fn interrupts() -> Result<Interrupts> {
+    Ok(Interrupts {
+        int: signal(SignalKind::interrupt())?,
+        term: signal(SignalKind::terminate())?,
+        hup: signal(SignalKind::hangup())?,
+    })
+}
+
+/// Writes a line to stderr, ignoring failure: after a hangup the terminal is gone, and a
+/// rollback under way must not die of a progress line (as `eprintln!` would panic).
+fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{text}");
 }
 
 #[tokio::main]
@@ -141,7 +191,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -172,7 +222,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 _ => match interactive::choose(args).await? {
                     Some(request) => request,
                     None => {
-                        eprintln!("nothing migrated");
+                        say("nothing migrated");
                         return Ok(ExitCode::SUCCESS);
                     }
                 },
@@ -180,5 +230,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             request.forward_new_connections = !cli.migrate.no_forward_new;
             migrate::run(args, request).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::{raise, Signal as Sig};
+
+    /// Each of the three signals comes out once, named; none of them ends the process.
+    #[tokio::test]
+    async fn interrupts_catch_int_term_and_hup() {
+        let mut interrupts = interrupts().unwrap();
+        for (sig, expected) in [
+            (Sig::SIGINT, Interrupt::Int),
+            (Sig::SIGTERM, Interrupt::Term),
+            (Sig::SIGHUP, Interrupt::Hup),
+        ] {
+            raise(sig).unwrap();
+            let got = tokio::time::timeout(std::time::Duration::from_secs(5), interrupts.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{sig} not seen"));
+            assert_eq!(got, Some(expected));
+        }
+        assert_eq!(Interrupt::Int.to_string(), "Ctrl-C");
+        assert_eq!(Interrupt::Term.to_string(), "interrupted (SIGTERM)");
     }
 }

@@ -1,5 +1,5 @@
-//! Runs a migration with a progress display, and Ctrl-C as a clean abort until the traffic
-//! is switched.
+//! Runs a migration with a progress display, and Ctrl-C (or SIGTERM, SIGHUP) as a clean
+//! abort until the traffic is switched.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -11,17 +11,16 @@ use anyhow::Result;
 use common::migration::{migrate, MigrationRequest, Phase, Progress};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::output;
-use crate::CommonArgs;
+use crate::{output, say, CommonArgs, Interrupts};
 
-/// Exit status of a migration the operator cancelled (as for SIGINT).
+/// Exit status of a migration the operator cancelled, whatever the signal (as for SIGINT).
 const CANCELLED: u8 = 130;
 
 pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCode> {
     let display = Display::new(args.quiet);
     let past_switch = Arc::new(AtomicBool::new(false));
     let cancel = request.cancel.clone();
-    let ctrl_c = tokio::spawn(abort_on_ctrl_c(
+    let on_interrupt = tokio::spawn(abort_on_interrupt(
         crate::interrupts()?,
         cancel.clone(),
         past_switch.clone(),
@@ -38,7 +37,7 @@ pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCod
         display.show(event);
     };
     let outcome = migrate(request, &on_progress).await;
-    ctrl_c.abort();
+    on_interrupt.abort();
     match outcome {
         Ok(report) => {
             output::print_report(&report, args.json)?;
@@ -63,20 +62,25 @@ pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCod
     }
 }
 
-async fn abort_on_ctrl_c(
-    mut interrupts: tokio::signal::unix::Signal,
+async fn abort_on_interrupt(
+    mut interrupts: Interrupts,
     cancel: tokio_util::sync::CancellationToken,
     past_switch: Arc<AtomicBool>,
     display: Display,
 ) {
-    while interrupts.recv().await.is_some() {
+    while let Some(interrupt) = interrupts.recv().await {
         if past_switch.load(Ordering::SeqCst) {
-            display
-                .line("Ctrl-C: too late to abort, the destination runs the container; finishing");
+            display.line(&format!(
+                "{interrupt}: too late to abort, the destination runs the container; finishing"
+            ));
         } else if cancel.is_cancelled() {
-            display.line("Ctrl-C: already aborting, please wait for the rollback");
+            display.line(&format!(
+                "{interrupt}: already aborting, please wait for the rollback"
+            ));
         } else {
-            display.line("Ctrl-C: aborting; the container will run here again");
+            display.line(&format!(
+                "{interrupt}: aborting; the container will run here again"
+            ));
             cancel.cancel();
         }
     }
@@ -115,10 +119,10 @@ impl Display {
     fn line(&self, text: &str) {
         match self.mode {
             Mode::Quiet => {}
-            Mode::Lines => eprintln!("{text}"),
+            Mode::Lines => say(text),
             Mode::Bars => match &*self.current.lock().unwrap() {
                 Some(bar) => bar.println(text),
-                None => eprintln!("{text}"),
+                None => say(text),
             },
         }
     }
@@ -127,12 +131,14 @@ impl Display {
         match self.mode {
             Mode::Quiet => {}
             Mode::Lines => match event {
-                Progress::PhaseStarted(phase) => eprintln!("  {} ...", phase.label()),
-                Progress::PhaseFinished(phase, took) => {
-                    eprintln!("  {} done in {:.0} ms", phase.label(), millis(took))
-                }
+                Progress::PhaseStarted(phase) => say(&format!("  {} ...", phase.label())),
+                Progress::PhaseFinished(phase, took) => say(&format!(
+                    "  {} done in {:.0} ms",
+                    phase.label(),
+                    millis(took)
+                )),
                 Progress::Transferred { .. } => {}
-                Progress::RollingBack(step) => eprintln!("  rolling back: {step}"),
+                Progress::RollingBack(step) => say(&format!("  rolling back: {step}")),
             },
             Mode::Bars => self.show_bars(event),
         }
@@ -180,7 +186,7 @@ impl Display {
                     bar.set_style(ProgressStyle::with_template("  ✘ {msg}").unwrap());
                     bar.abandon();
                 }
-                eprintln!("  rolling back: {step}");
+                say(&format!("  rolling back: {step}"));
             }
         }
     }
