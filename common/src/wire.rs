@@ -322,6 +322,200 @@ mod tests {
         assert!(matches!(b.recv_frame().await, Err(WireError::Closed)));
     }
 
+    mod properties {
+        use std::time::Duration;
+
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use proptest::sample::{select, Index};
+        use proptest::test_runner::{RngAlgorithm, RngSeed};
+
+        use super::*;
+        use crate::conntrack::Flow;
+        use crate::protocol::ContainerRef;
+
+        /// The same cases on every run, and no files written for failed ones.
+        fn config() -> ProptestConfig {
+            ProptestConfig {
+                cases: 256,
+                failure_persistence: None,
+                rng_algorithm: RngAlgorithm::ChaCha,
+                rng_seed: RngSeed::Fixed(0x6c6d_7769_7265),
+                ..ProptestConfig::default()
+            }
+        }
+
+        fn samples() -> Vec<ClientMessage> {
+            let container = ContainerRef {
+                id: "ab".repeat(32),
+                name: "victim".into(),
+                image_id: "cd".repeat(32),
+                image_name: "localhost/counter:latest".into(),
+                address: Some([10, 88, 1, 2].into()),
+                published_ports: vec![],
+            };
+            vec![
+                ClientMessage::Abort,
+                ClientMessage::Hello {
+                    version: 4,
+                    client_nonce: "00".repeat(32),
+                },
+                ClientMessage::EndOfStream {
+                    bytes: u64::MAX,
+                    sha256: "ef".repeat(32),
+                },
+                ClientMessage::PrepareTraffic {
+                    source_public_key: "A".repeat(43) + "=",
+                    container_ip: [10, 88, 1, 2].into(),
+                    flows: vec![Flow::tcp(
+                        "10.88.1.2:80".parse().unwrap(),
+                        "10.0.0.9:40000".parse().unwrap(),
+                    )],
+                },
+                ClientMessage::PutCheckpoint { container },
+            ]
+        }
+
+        /// The JSON of a real message, whole, cut short or with one byte changed: input
+        /// that gets past the first bytes of the parser.
+        fn mutated_json() -> impl Strategy<Value = Vec<u8>> {
+            (select(samples()), 0..3u8, any::<Index>(), any::<u8>()).prop_map(
+                |(message, how, at, byte)| {
+                    let mut json = serde_json::to_vec(&message).unwrap();
+                    match how {
+                        0 => {}
+                        1 => json.truncate(at.index(json.len())),
+                        _ => {
+                            let i = at.index(json.len());
+                            json[i] = byte;
+                        }
+                    }
+                    json
+                },
+            )
+        }
+
+        fn payload() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                vec(any::<u8>(), 0..512),
+                any::<String>().prop_map(String::into_bytes),
+                mutated_json(),
+            ]
+        }
+
+        /// A frame as [`FramedStream`] writes it.
+        fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+            let mut bytes = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+            bytes.push(kind);
+            bytes.extend_from_slice(payload);
+            bytes
+        }
+
+        /// Byte strings: noise, or well-formed frames (of any kind byte) around payloads,
+        /// followed by noise.
+        fn wire_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let kind = prop_oneof![Just(FRAME_MESSAGE), Just(FRAME_DATA), any::<u8>()];
+            let frames = vec((kind, payload()), 0..4);
+            prop_oneof![
+                vec(any::<u8>(), 0..2048),
+                (frames, vec(any::<u8>(), 0..16)).prop_map(|(frames, tail)| {
+                    let mut bytes: Vec<u8> =
+                        frames.iter().flat_map(|(k, p)| frame(*k, p)).collect();
+                    bytes.extend(tail);
+                    bytes
+                }),
+            ]
+        }
+
+        /// Bound on reading one case: far longer than it takes, so only a hang reaches it.
+        const HANG: Duration = Duration::from_secs(10);
+
+        /// Receives messages from `bytes` (then end of stream) until the first error;
+        /// returns the messages and that error.
+        fn receive_all(bytes: &[u8]) -> (Vec<ClientMessage>, WireError) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (mut peer, ours) = tokio::io::duplex(bytes.len().max(1));
+                peer.write_all(bytes).await.unwrap();
+                drop(peer);
+                let mut stream = FramedStream::new(ours);
+                let mut messages = Vec::new();
+                let error = tokio::time::timeout(HANG, async {
+                    loop {
+                        match stream.recv::<ClientMessage>().await {
+                            Ok(message) => messages.push(message),
+                            Err(e) => break e,
+                        }
+                    }
+                })
+                .await
+                .expect("recv hung");
+                (messages, error)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Whatever a peer sends, `recv` returns a message or an error, and the stream
+            /// ends with an error: no panic, no hang.
+            #[test]
+            fn recv_of_any_bytes_ends(bytes in wire_bytes()) {
+                let (messages, _error) = receive_all(&bytes);
+                // Each message took a frame header of at least 5 bytes.
+                prop_assert!(messages.len() * 5 <= bytes.len());
+            }
+
+            /// Frames of real messages come out as they went in, then the end of stream.
+            #[test]
+            fn recv_of_messages_returns_them(sent in vec(select(samples()), 0..4)) {
+                let bytes: Vec<u8> = sent
+                    .iter()
+                    .flat_map(|m| frame(FRAME_MESSAGE, &serde_json::to_vec(m).unwrap()))
+                    .collect();
+                let (received, error) = receive_all(&bytes);
+                prop_assert_eq!(received, sent);
+                prop_assert!(matches!(error, WireError::Closed), "{:?}", error);
+            }
+
+            /// A length above the limit is refused at once: the frame body is neither
+            /// awaited (the peer stays open and sends none) nor allocated.
+            #[test]
+            fn oversized_length_is_refused(
+                len in (MAX_FRAME_LEN as u32 + 1)..=u32::MAX,
+                tail in vec(any::<u8>(), 0..64),
+            ) {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .unwrap();
+                let got = runtime.block_on(async {
+                    let (mut peer, ours) = tokio::io::duplex(128);
+                    peer.write_u32(len).await.unwrap();
+                    peer.write_all(&tail).await.unwrap();
+                    let mut stream = FramedStream::new(ours);
+                    let got = tokio::time::timeout(HANG, stream.recv::<ClientMessage>()).await;
+                    drop(peer);
+                    got
+                });
+                prop_assert!(
+                    matches!(got, Ok(Err(WireError::Oversized(n))) if n == len as usize),
+                    "{:?}",
+                    got
+                );
+            }
+
+            /// Decoding a message payload never panics, whatever it holds.
+            #[test]
+            fn decode_of_any_bytes_does_not_panic(bytes in payload()) {
+                let _ = decode::<ClientMessage>(&bytes);
+            }
+        }
+    }
+
     #[test]
     fn digest_of_known_input() {
         let mut d = StreamDigest::default();
