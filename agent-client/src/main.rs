@@ -60,7 +60,13 @@ enum Command {
     /// Removes agent state on this host that nothing needs any more: migrations abandoned
     /// by a crashed agent (the container runs again where it should), forwarding no flow
     /// uses, idle tunnels, and leftover archives, routes and port forwards.
-    Cleanup,
+    Cleanup {
+        /// The destination of a migration in doubt is gone for good: start the stopped
+        /// source copy without its answer. Only if that host will never run the container
+        /// again, or two copies run.
+        #[arg(long)]
+        destination_lost: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -208,11 +214,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output::print_status(&status, args.json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Some(Command::Cleanup) => {
+        Some(Command::Cleanup { destination_lost }) => {
             let token = Token::from_file(&args.paths.token_file)?;
-            let done =
-                common::housekeeping::clean_up(&args.paths.state_dir, &args.podman(), &token)
-                    .await?;
+            if destination_lost {
+                eprintln!("warning: migrations in doubt are rolled back without their destination's answer; if that host still runs the container, two copies run");
+            }
+            let done = common::housekeeping::clean_up(
+                &args.paths.state_dir,
+                &args.podman(),
+                &token,
+                destination_lost,
+            )
+            .await?;
             output::print_cleanup(&done, args.json)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use common::migration::{migrate, MigrationRequest, Phase, Progress};
+use common::migration::source::Resolution;
+use common::migration::{migrate, MigrationFailure, MigrationRequest, Phase, Progress};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::{output, say, CommonArgs, Interrupts};
@@ -18,21 +19,21 @@ const CANCELLED: u8 = 130;
 
 pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCode> {
     let display = Display::new(args.quiet);
-    let past_switch = Arc::new(AtomicBool::new(false));
+    let past_restore_request = Arc::new(AtomicBool::new(false));
     let cancel = request.cancel.clone();
     let on_interrupt = tokio::spawn(abort_on_interrupt(
         crate::interrupts()?,
         cancel.clone(),
-        past_switch.clone(),
+        past_restore_request.clone(),
         display.clone(),
     ));
     display.line(&format!(
-        "migrating {} to {} (Ctrl-C aborts until the traffic is switched)",
+        "migrating {} to {} (Ctrl-C aborts until the destination is asked to restore it)",
         request.container, request.destination
     ));
     let on_progress = |event: Progress| {
-        if let Progress::PhaseStarted(Phase::SwitchTraffic) = event {
-            past_switch.store(true, Ordering::SeqCst);
+        if let Progress::PhaseStarted(Phase::Restore) = event {
+            past_restore_request.store(true, Ordering::SeqCst);
         }
         display.show(event);
     };
@@ -43,17 +44,18 @@ pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCod
             output::print_report(&report, args.json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Err(failure) if cancel.is_cancelled() => {
+        Err(MigrationFailure {
+            phase,
+            resolution: Resolution::RolledBack { problems },
+            ..
+        }) if cancel.is_cancelled() => {
             display.line(&format!(
                 "aborted during {}: the container runs on this host again{}",
-                failure.phase.label(),
-                if failure.rollback_errors.is_empty() {
+                phase.label(),
+                if problems.is_empty() {
                     String::new()
                 } else {
-                    format!(
-                        "; rollback problems:\n  {}",
-                        failure.rollback_errors.join("\n  ")
-                    )
+                    format!("; rollback problems:\n  {}", problems.join("\n  "))
                 }
             ));
             Ok(ExitCode::from(CANCELLED))
@@ -65,13 +67,13 @@ pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCod
 async fn abort_on_interrupt(
     mut interrupts: Interrupts,
     cancel: tokio_util::sync::CancellationToken,
-    past_switch: Arc<AtomicBool>,
+    past_restore_request: Arc<AtomicBool>,
     display: Display,
 ) {
     while let Some(interrupt) = interrupts.recv().await {
-        if past_switch.load(Ordering::SeqCst) {
+        if past_restore_request.load(Ordering::SeqCst) {
             display.line(&format!(
-                "{interrupt}: too late to abort, the destination runs the container; finishing"
+                "{interrupt}: too late to abort, the destination decides now; finishing"
             ));
         } else if cancel.is_cancelled() {
             display.line(&format!(

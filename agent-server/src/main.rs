@@ -1,5 +1,6 @@
 //! `agent-server`: the daemon on every host that can receive a migrating container.
 
+mod adopter;
 mod session;
 mod sweeper;
 
@@ -11,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use common::auth::Token;
 use common::config::HostPaths;
-use common::incoming;
+use common::migration::destination::{self, Registry};
 use common::podman::PodmanClient;
 use common::wireguard::KeyPair;
 use tokio::net::TcpListener;
@@ -34,15 +35,19 @@ struct Args {
     sweep_seconds: u64,
 }
 
+/// Connections still in the handshake at once; more wait in the listen queue.
+const MAX_UNAUTHENTICATED: usize = 16;
+/// How often this host's outgoing migrations are checked for an `agent-client` that died.
+const ADOPT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What every session shares.
 pub struct ServerContext {
     pub token: Token,
     /// This agent's WireGuard key pair.
     pub keys: KeyPair,
     pub podman: PodmanClient,
-    pub incoming_dir: PathBuf,
-    /// One journal file per open session, for recovery after a crash.
-    pub journal_dir: PathBuf,
+    /// The incoming migrations, each journaled in the state directory.
+    pub migrations: Registry,
     /// Also holds the forward records of containers that left this host.
     pub state_dir: PathBuf,
 }
@@ -54,22 +59,19 @@ async fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     let token = Token::from_file(&args.paths.token_file)?;
-    let _running = incoming::lock_server(&args.paths.state_dir)?;
-    let incoming_dir = incoming::archive_dir(&args.paths.state_dir);
-    // Archives of sessions that died with a previous run are of no use to anyone.
-    let _ = std::fs::remove_dir_all(&incoming_dir);
-    std::fs::create_dir_all(&incoming_dir)
-        .with_context(|| format!("create {}", incoming_dir.display()))?;
+    let _running = destination::lock_server(&args.paths.state_dir)?;
     let keys = KeyPair::load_or_create(&args.paths.state_dir)?;
     let podman = PodmanClient::new(&args.paths.podman_socket);
-    let journal_dir = incoming::journal_dir(&args.paths.state_dir);
-    incoming::recover(&journal_dir, &podman).await?;
+    // Before accepting anything: a source that asks must get the reconciled answer.
+    let migrations = Registry::default();
+    for line in destination::recover(&args.paths.state_dir, &podman, &migrations).await? {
+        tracing::info!("{line}");
+    }
     let context = Arc::new(ServerContext {
         token,
         keys,
         podman,
-        incoming_dir,
-        journal_dir,
+        migrations,
         state_dir: args.paths.state_dir.clone(),
     });
     let listener = TcpListener::bind(args.listen)
@@ -80,17 +82,22 @@ async fn main() -> Result<()> {
         context.clone(),
         std::time::Duration::from_secs(args.sweep_seconds.max(1)),
     ));
+    tokio::spawn(adopter::run(context.clone(), ADOPT_INTERVAL));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED));
     loop {
+        let permit = handshakes.clone().acquire_owned().await?;
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
+                // Out of file descriptors, for one: retrying at once would only spin.
                 tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 continue;
             }
         };
         let context = context.clone();
         tokio::spawn(async move {
-            if let Err(e) = session::serve(stream, peer, context).await {
+            if let Err(e) = session::serve(stream, peer, context, permit).await {
                 tracing::warn!(%peer, "session ended with an error: {e:#}");
             }
         });

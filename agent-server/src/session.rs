@@ -1,33 +1,83 @@
-//! One connection from a source agent: the destination's side of a migration.
+//! One connection from a source agent: the destination's side of a migration. Every peer
+//! input is validated here before it reaches the host, authenticated or not.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context};
 use common::auth::authenticate_client;
 use common::conntrack;
 use common::forwarding::ForwardRecord;
 use common::history::{self, Direction, HistoryEntry};
-use common::incoming::IncomingSession;
+use common::migration::destination::{IncomingMigration, Shared};
+use common::migration::ownership::{self, DestinationStage};
 use common::overlay::{TunnelEnd, MAIN_TABLE};
-use common::protocol::{ClientMessage, ServerMessage};
+use common::protocol::{
+    ClientMessage, ContainerRef, ErrorCode, ServerMessage, MAX_FLOWS_PER_BATCH,
+};
 use common::routing::{Route, Routing};
 use common::transfer::receive_stream;
+use common::validate;
 use common::wire::FramedStream;
 use tokio::net::TcpStream;
 
 use crate::ServerContext;
 
 /// An unauthenticated peer gets this long to prove itself.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session that sends no request for this long is closed. Long enough for the source to
+/// checkpoint a large container between two requests; a dead peer is found sooner, by the
+/// connection's keepalive.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest image archive accepted.
 const IMAGE_LIMIT: u64 = 16 << 30;
 /// Largest checkpoint archive accepted.
 const CHECKPOINT_LIMIT: u64 = 256 << 30;
 
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, context: Arc<ServerContext>) -> Result<()> {
-    tcp.set_nodelay(true)?;
+/// A request refused, with the code the source acts on.
+struct Refusal {
+    code: ErrorCode,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Refusal {
+    fn from(error: E) -> Self {
+        Self {
+            code: ErrorCode::Host,
+            error: error.into(),
+        }
+    }
+}
+
+fn refuse(code: ErrorCode, error: impl Into<anyhow::Error>) -> Refusal {
+    Refusal {
+        code,
+        error: error.into(),
+    }
+}
+
+fn invalid(error: impl Into<anyhow::Error>) -> Refusal {
+    refuse(ErrorCode::Invalid, error)
+}
+
+type Reply = Result<ServerMessage, Refusal>;
+
+/// The connection's migration, once `PutCheckpoint` started one.
+struct Connection {
+    peer: SocketAddr,
+    migration: Option<Shared>,
+}
+
+/// Serves one connection. `unauthenticated` is its place among the connections still in
+/// the handshake, given up once the peer proved itself.
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    context: Arc<ServerContext>,
+    unauthenticated: tokio::sync::OwnedSemaphorePermit,
+) -> anyhow::Result<()> {
+    common::wire::tune_connection(&tcp)?;
     let mut stream = FramedStream::new(tcp);
     match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -36,29 +86,41 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, context: Arc<ServerContext>
     .await
     {
         Ok(Ok(())) => tracing::info!(%peer, "peer authenticated"),
-        Ok(Err(e)) => bail!("rejected {peer}: {e}"),
-        Err(_) => bail!("rejected {peer}: no handshake within {HANDSHAKE_TIMEOUT:?}"),
+        Ok(Err(e)) => anyhow::bail!("rejected {peer}: {e}"),
+        Err(_) => anyhow::bail!("rejected {peer}: no handshake within {HANDSHAKE_TIMEOUT:?}"),
     }
-    let mut session = IncomingSession::new(&context.journal_dir);
-    let result = handle_requests(&mut stream, &context, &mut session).await;
-    if let Some(container) = &session.incoming {
-        record_history(&context, &session, container, peer, &result);
+    drop(unauthenticated);
+    let mut connection = Connection {
+        peer,
+        migration: None,
+    };
+    let result = handle_requests(&mut stream, &context, &mut connection).await;
+    if let Some(shared) = connection.migration.take() {
+        wind_down(&context, &shared, &result).await;
     }
-    // The session ends here; whatever the source did not see through is undone.
-    session.wind_down(&context.podman).await;
     result
 }
 
-fn record_history(
-    context: &ServerContext,
-    session: &IncomingSession,
-    container: &str,
-    peer: SocketAddr,
-    result: &Result<()>,
-) {
-    let mut entry = HistoryEntry::now(Direction::Incoming, container, &peer.ip().to_string());
-    entry.succeeded = session.finished && session.restored.is_some();
-    if !entry.succeeded {
+/// The connection is gone: carry out [`ownership::on_connection_lost`].
+async fn wind_down(context: &ServerContext, shared: &Shared, result: &anyhow::Result<()>) {
+    let mut migration = shared.lock().await;
+    let owned = migration.stage == DestinationStage::Owns;
+    let id = migration.migration_id.clone();
+    let action = ownership::on_connection_lost(migration.stage);
+    match migration.apply(action, &context.podman).await {
+        Ok(true) => {
+            tracing::info!(migration = %id, "connection closed; this host owns the container until the source settles")
+        }
+        Ok(false) => context.migrations.remove(&id),
+        Err(e) => tracing::error!(migration = %id, "could not wind the migration down: {e:#}"),
+    }
+    let mut entry = HistoryEntry::now(
+        Direction::Incoming,
+        &migration.container.name,
+        &migration.source,
+    );
+    entry.succeeded = owned;
+    if !owned {
         entry.error = Some(match result {
             Err(e) => format!("{e:#}"),
             Ok(()) => "the source aborted or went away".to_string(),
@@ -72,15 +134,19 @@ fn record_history(
 async fn handle_requests(
     stream: &mut FramedStream<TcpStream>,
     context: &ServerContext,
-    session: &mut IncomingSession,
-) -> Result<()> {
+    connection: &mut Connection,
+) -> anyhow::Result<()> {
     loop {
-        let request = match stream.recv::<ClientMessage>().await {
+        let received = tokio::time::timeout(IDLE_TIMEOUT, stream.recv::<ClientMessage>())
+            .await
+            .map_err(|_| anyhow!("no request within {IDLE_TIMEOUT:?}"))?;
+        let request = match received {
             Ok(request) => request,
             Err(common::wire::WireError::Closed) => return Ok(()),
             Err(e) => {
                 let _ = stream
                     .send(&ServerMessage::Error {
+                        code: ErrorCode::Protocol,
                         message: e.to_string(),
                     })
                     .await;
@@ -88,16 +154,16 @@ async fn handle_requests(
             }
         };
         let finish = matches!(request, ClientMessage::Finish);
-        let reply = match handle(request, stream, context, session).await {
+        let reply = match handle(request, stream, context, connection).await {
             Ok(reply) => reply,
-            Err(e) => {
-                tracing::warn!("request failed: {e:#}");
+            Err(Refusal { code, error }) => {
+                tracing::warn!(?code, "request refused: {error:#}");
                 ServerMessage::Error {
-                    message: format!("{e:#}"),
+                    code,
+                    message: format!("{error:#}"),
                 }
             }
         };
-        session.save()?;
         stream.send(&reply).await?;
         if finish {
             return Ok(());
@@ -109,11 +175,12 @@ async fn handle(
     request: ClientMessage,
     stream: &mut FramedStream<TcpStream>,
     context: &ServerContext,
-    session: &mut IncomingSession,
-) -> Result<ServerMessage> {
+    connection: &mut Connection,
+) -> Reply {
     let podman = &context.podman;
     match request {
         ClientMessage::OpenTunnel { public_key } => {
+            validate::public_key(&public_key).map_err(invalid)?;
             let ours = context.keys.public_base64();
             let end = TunnelEnd::ensure(&context.keys, &public_key, None).await?;
             tracing::info!(interface = %end.interface, "tunnel to source ready");
@@ -122,125 +189,283 @@ async fn handle(
                 listen_port: end.listen_port,
             })
         }
+        ClientMessage::QueryContainer { id } => {
+            validate::container_id(&id).map_err(invalid)?;
+            Ok(ServerMessage::ContainerStatus {
+                alive: crate::sweeper::container_alive(context, &id).await?,
+            })
+        }
+        ClientMessage::Preflight { container } => {
+            validate_container(&container)?;
+            Ok(ServerMessage::Preflight(
+                common::preflight::host_report(podman, &context.state_dir, Some(&container))
+                    .await?,
+            ))
+        }
+        ClientMessage::PutImage { image_id } => {
+            validate::image_id(&image_id).map_err(invalid)?;
+            let mut archive = Vec::new();
+            receive_stream(stream, &mut archive, IMAGE_LIMIT).await?;
+            podman.load_image(&archive).await?;
+            if !podman.image_exists(&image_id).await? {
+                return Err(anyhow!(
+                    "loaded the image archive but image {image_id} is still missing"
+                )
+                .into());
+            }
+            Ok(ServerMessage::ImageLoaded)
+        }
+        ClientMessage::PutCheckpoint {
+            migration_id,
+            container,
+        } => put_checkpoint(migration_id, container, stream, context, connection).await,
         ClientMessage::PrepareTraffic {
             source_public_key,
             container_ip,
             flows,
         } => {
-            let end = TunnelEnd::to_peer(&context.keys.public_base64(), &source_public_key).await?;
-            // Until the restored sockets exist, packets for the container must be dropped
-            // here, not answered with a reset by its half-restored network namespace. This
-            // also replaces a route into a tunnel left from when the container lived here.
-            session.held_ip = Some(container_ip);
-            session.save()?;
-            // Coming back to a former host: it no longer forwards the container elsewhere.
-            for record in ForwardRecord::load_all(&context.state_dir) {
-                if record.container_ip == container_ip {
-                    record.remove(&context.state_dir, true).await?;
-                }
+            validate::public_key(&source_public_key).map_err(invalid)?;
+            let mut migration = current(connection)?.clone().lock_owned().await;
+            receiving(&migration)?;
+            if migration.container.address != Some(container_ip) {
+                return Err(invalid(anyhow!(
+                    "{container_ip} is not the address of container {}",
+                    migration.container.name
+                )));
             }
-            Routing::new()?
-                .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
-                .await?;
-            let prepared = flows.len();
+            if flows.len() > MAX_FLOWS_PER_BATCH {
+                return Err(invalid(anyhow!(
+                    "{} flows in one batch; at most {MAX_FLOWS_PER_BATCH}",
+                    flows.len()
+                )));
+            }
+            if let Some(foreign) = flows.iter().find(|f| !f.involves(container_ip.into())) {
+                return Err(invalid(anyhow!(
+                    "flow {foreign} does not involve the container's address {container_ip}"
+                )));
+            }
+            let end = TunnelEnd::to_peer(&context.keys.public_base64(), &source_public_key).await?;
+            if migration.held_ip.is_none() {
+                // Until the restored sockets exist, packets for the container must be
+                // dropped here, not answered with a reset by its half-restored network
+                // namespace. This also replaces a route into a tunnel left from when the
+                // container lived here.
+                migration.held_ip = Some(container_ip);
+                migration.save()?;
+                // Coming back to a former host: it no longer forwards the container elsewhere.
+                for record in ForwardRecord::load_all(&context.state_dir) {
+                    if record.container_ip == container_ip {
+                        record.remove(&context.state_dir, true).await?;
+                    }
+                }
+                Routing::new()?
+                    .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
+                    .await?;
+            }
             for flow in flows {
                 let flow = flow.with_mark(end.mark);
-                // Recorded for undo only once made here: an entry that existed already is
-                // not ours to delete. (A crash in between leaves one entry, which times out.)
+                // An entry that existed already is not ours: undo must leave it.
                 if conntrack::create(&flow).await? {
-                    session.flows.push(flow);
-                    session.save()?;
+                    migration.flows.push(flow);
+                    migration.save()?;
                 }
             }
-            tracing::info!(
-                flows = prepared,
-                created = session.flows.len(),
-                %container_ip,
-                "flows prepared"
-            );
-            Ok(ServerMessage::TrafficPrepared { flows: prepared })
-        }
-        ClientMessage::QueryContainer { id } => Ok(ServerMessage::ContainerStatus {
-            alive: crate::sweeper::container_alive(context, &id).await?,
-        }),
-        ClientMessage::Preflight { container } => Ok(ServerMessage::Preflight(
-            common::preflight::host_report(&context.podman, &context.state_dir, Some(&container))
-                .await?,
-        )),
-        ClientMessage::PutImage { image_id } => {
-            let mut archive = Vec::new();
-            receive_stream(stream, &mut archive, IMAGE_LIMIT).await?;
-            podman.load_image(&archive).await?;
-            if !podman.image_exists(&image_id).await? {
-                bail!("loaded the image archive but image {image_id} is still missing");
-            }
-            Ok(ServerMessage::ImageLoaded)
-        }
-        ClientMessage::PutCheckpoint { container } => {
-            session.discard_archive();
-            let path = context
-                .incoming_dir
-                .join(format!("{}.checkpoint.tar", container.id));
-            session.archive = Some(path.clone());
-            session.incoming = Some(container.name.clone());
-            let mut file = tokio::fs::File::create(&path)
-                .await
-                .with_context(|| format!("create {}", path.display()))?;
-            let bytes = receive_stream(stream, &mut file, CHECKPOINT_LIMIT).await?;
-            tracing::info!(container = %container.name, bytes, "checkpoint received and verified");
-            Ok(ServerMessage::CheckpointStored { bytes })
+            tracing::info!(flows = migration.flows.len(), %container_ip, "flows prepared");
+            Ok(ServerMessage::TrafficPrepared {
+                flows: migration.flows.len(),
+            })
         }
         ClientMessage::Restore { container } => {
-            let Some(archive) = session.archive.clone() else {
-                bail!("no checkpoint was uploaded in this session");
-            };
-            session.restoring = Some(container.clone());
-            session.save()?;
-            let started = Instant::now();
-            let restored = podman.restore_import(&archive).await;
-            session.release_held_ip().await?;
-            if let Err(e) = restored {
-                // Leave no half-restored copy behind.
-                if podman.find(&container.id).await.ok().flatten().is_some() {
-                    let _ = podman.remove(&container.id).await;
-                }
-                return Err(e.into());
-            }
-            let restored = podman.inspect(&container.id).await?;
-            if !restored.running {
-                let _ = podman.remove(&container.id).await;
-                bail!(
-                    "container {} was restored but is not running",
-                    container.name
-                );
-            }
-            let restore_ms = started.elapsed().as_millis() as u64;
-            tracing::info!(container = %container.name, restore_ms, "container restored");
-            session.restoring = None;
-            session.restored = Some(container);
-            // Saved before the source hears of it: from here on the container stays.
-            session.save()?;
-            Ok(ServerMessage::Restored { restore_ms })
+            let shared = current(connection)?.clone();
+            restore(&shared, &container, context).await
         }
         ClientMessage::Abort => {
-            if let Some(container) = session.restored.take() {
-                podman.remove(&container.id).await?;
-                tracing::info!(container = %container.name, "restored copy removed on abort");
-            }
-            session.discard_archive();
-            session.release_held_ip().await?;
-            for flow in session.flows.drain(..) {
-                conntrack::delete(&flow).await?;
+            if let Some(shared) = connection.migration.take() {
+                let mut migration = shared.lock().await;
+                migration.discard(podman).await?;
+                context.migrations.remove(&migration.migration_id);
+                tracing::info!(container = %migration.container.name, "migration aborted by the source");
             }
             Ok(ServerMessage::Aborted)
         }
         ClientMessage::Finish => {
-            session.discard_archive();
-            session.finished = true;
+            // An owned migration is settled; anything else winds down as the connection closes.
+            if let Some(shared) = connection.migration.clone() {
+                let mut migration = shared.lock().await;
+                if migration.stage == DestinationStage::Owns {
+                    settle(&mut migration, context)?;
+                    connection.migration = None;
+                }
+            }
             Ok(ServerMessage::Finished)
+        }
+        ClientMessage::Resolve { migration_id } => {
+            validate::migration_id(&migration_id).map_err(invalid)?;
+            let verdict = context.migrations.resolve(&migration_id, podman).await?;
+            tracing::info!(migration = %migration_id, ?verdict, "resolved for the source");
+            Ok(ServerMessage::Resolved { verdict })
+        }
+        ClientMessage::Settle { migration_id } => {
+            validate::migration_id(&migration_id).map_err(invalid)?;
+            if let Some(shared) = context.migrations.get(&migration_id) {
+                settle(&mut *shared.lock().await, context)?;
+            }
+            Ok(ServerMessage::Settled)
         }
         other @ (ClientMessage::Hello { .. }
         | ClientMessage::Prove { .. }
-        | ClientMessage::EndOfStream { .. }) => bail!("unexpected message {other:?}"),
+        | ClientMessage::EndOfStream { .. }) => Err(refuse(
+            ErrorCode::Protocol,
+            anyhow!("unexpected message {other:?}"),
+        )),
     }
+}
+
+fn validate_container(container: &ContainerRef) -> Result<(), Refusal> {
+    validate::container_id(&container.id).map_err(invalid)?;
+    validate::container_name(&container.name).map_err(invalid)?;
+    validate::image_id(&container.image_id).map_err(invalid)?;
+    Ok(())
+}
+
+fn current(connection: &Connection) -> Result<&Shared, Refusal> {
+    connection.migration.as_ref().ok_or_else(|| {
+        refuse(
+            ErrorCode::State,
+            anyhow!("no checkpoint was uploaded on this connection"),
+        )
+    })
+}
+
+/// Requests that change a migration are only taken while it receives: not once it is
+/// restored, and never once it was fenced for the source.
+fn receiving(migration: &IncomingMigration) -> Result<(), Refusal> {
+    if migration.stage == DestinationStage::Receiving {
+        Ok(())
+    } else {
+        Err(refuse(
+            ErrorCode::State,
+            anyhow!(
+                "migration {} is {:?}",
+                migration.migration_id,
+                migration.stage
+            ),
+        ))
+    }
+}
+
+async fn put_checkpoint(
+    migration_id: String,
+    container: ContainerRef,
+    stream: &mut FramedStream<TcpStream>,
+    context: &ServerContext,
+    connection: &mut Connection,
+) -> Reply {
+    validate::migration_id(&migration_id).map_err(invalid)?;
+    validate_container(&container)?;
+    if connection.migration.is_some() {
+        return Err(refuse(
+            ErrorCode::State,
+            anyhow!("this connection already carries a migration"),
+        ));
+    }
+    let name = container.name.clone();
+    let migration = IncomingMigration::begin(
+        &context.state_dir,
+        &migration_id,
+        container,
+        connection.peer.ip().to_string(),
+    )?;
+    let shared = context
+        .migrations
+        .insert(migration)
+        .map_err(|busy| refuse(ErrorCode::Busy, busy))?;
+    connection.migration = Some(shared.clone());
+    let migration = shared.lock().await;
+    let path = migration
+        .archive
+        .clone()
+        .expect("a new migration has an archive path");
+    let mut file = private_file(&path).await?;
+    let bytes = receive_stream(stream, &mut file, CHECKPOINT_LIMIT).await?;
+    tracing::info!(container = %name, bytes, "checkpoint received and verified");
+    Ok(ServerMessage::CheckpointStored { bytes })
+}
+
+/// The archive holds the container's memory: only root reads it.
+async fn private_file(path: &std::path::Path) -> anyhow::Result<tokio::fs::File> {
+    tokio::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .await
+        .with_context(|| format!("create {}", path.display()))
+}
+
+async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerContext) -> Reply {
+    let podman = &context.podman;
+    let mut migration = shared.lock().await;
+    receiving(&migration)?;
+    if declared.id != migration.container.id {
+        return Err(invalid(anyhow!(
+            "container {} is not the one this migration uploaded",
+            declared.name
+        )));
+    }
+    let archive = migration
+        .archive
+        .clone()
+        .ok_or_else(|| refuse(ErrorCode::State, anyhow!("no archive in this migration")))?;
+    migration.enter(DestinationStage::Restoring)?;
+    let started = Instant::now();
+    let restored = match common::fault::at(&context.state_dir, "restore") {
+        Ok(()) => podman.restore_import(&archive).await.map_err(Into::into),
+        Err(e) => Err(e),
+    };
+    let outcome = async {
+        let ids = restored?;
+        if ids != [migration.container.id.clone()] {
+            anyhow::bail!("the archive held {ids:?}, not the declared container");
+        }
+        if !podman.inspect(&migration.container.id).await?.running {
+            anyhow::bail!(
+                "container {} was restored but is not running",
+                migration.container.name
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = outcome {
+        // Leave no half-restored copy behind; the migration may be retried or aborted.
+        migration.discard(podman).await?;
+        context.migrations.remove(&migration.migration_id);
+        return Err(e.into());
+    }
+    // The decision point: journaled before the source hears of it.
+    migration.enter(DestinationStage::Owns)?;
+    migration.release_held_ip().await?;
+    migration.save()?;
+    common::fault::at(&context.state_dir, "restored")?;
+    let restore_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(container = %migration.container.name, restore_ms, "container restored; this host owns it");
+    Ok(ServerMessage::Restored { restore_ms })
+}
+
+/// The source removed its copy: nothing is left to decide about an owned migration.
+fn settle(migration: &mut IncomingMigration, context: &ServerContext) -> Result<(), Refusal> {
+    if migration.stage != DestinationStage::Owns {
+        return Err(refuse(
+            ErrorCode::State,
+            anyhow!(
+                "migration {} is {:?}, not owned here",
+                migration.migration_id,
+                migration.stage
+            ),
+        ));
+    }
+    migration.forget()?;
+    context.migrations.remove(&migration.migration_id);
+    Ok(())
 }

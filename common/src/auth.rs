@@ -20,7 +20,7 @@ use rand::RngCore;
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::protocol::{ClientMessage, ServerMessage, PROTOCOL_VERSION};
+use crate::protocol::{ClientMessage, ErrorCode, ServerMessage, PROTOCOL_VERSION};
 use crate::wire::{Frame, FramedStream, WireError};
 
 const NONCE_LEN: usize = 32;
@@ -52,14 +52,37 @@ pub enum AuthError {
     Version { ours: u32, theirs: u32 },
     #[error("authentication failed: the peer does not hold the same token")]
     BadProof,
-    #[error("peer refused: {0}")]
-    Refused(String),
+    #[error("peer refused: {message}")]
+    Refused { code: ErrorCode, message: String },
     #[error("unexpected message during handshake: {0}")]
     Unexpected(String),
     #[error("encryption handshake failed: {0}")]
     Noise(String),
     #[error(transparent)]
     Wire(#[from] WireError),
+}
+
+impl AuthError {
+    /// The code a refusal carries on the wire.
+    fn code(&self) -> ErrorCode {
+        match self {
+            AuthError::BadProof => ErrorCode::Unauthenticated,
+            AuthError::Version { .. } => ErrorCode::Version,
+            _ => ErrorCode::Protocol,
+        }
+    }
+
+    /// The peer holds another token (whichever side found out).
+    pub fn is_token_mismatch(&self) -> bool {
+        matches!(
+            self,
+            AuthError::BadProof
+                | AuthError::Refused {
+                    code: ErrorCode::Unauthenticated,
+                    ..
+                }
+        )
+    }
 }
 
 /// The pre-shared secret, as read from the token file.
@@ -173,7 +196,7 @@ pub async fn authenticate_to_server<S: AsyncRead + AsyncWrite + Unpin>(
             }
             (server_nonce, server_proof)
         }
-        ServerMessage::Error { message } => return Err(AuthError::Refused(message)),
+        ServerMessage::Error { code, message } => return Err(AuthError::Refused { code, message }),
         other => return Err(AuthError::Unexpected(format!("{other:?}"))),
     };
     if !token.verify(SERVER_ROLE, &client_nonce, &server_nonce, &server_proof) {
@@ -186,7 +209,7 @@ pub async fn authenticate_to_server<S: AsyncRead + AsyncWrite + Unpin>(
         .await?;
     match stream.recv::<ServerMessage>().await? {
         ServerMessage::Welcome => {}
-        ServerMessage::Error { message } => return Err(AuthError::Refused(message)),
+        ServerMessage::Error { code, message } => return Err(AuthError::Refused { code, message }),
         other => return Err(AuthError::Unexpected(format!("{other:?}"))),
     }
     let mut noise = noise_session(token, true)?;
@@ -241,6 +264,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
             // Best effort: the peer may be gone or not speak our protocol at all.
             let _ = stream
                 .send(&ServerMessage::Error {
+                    code: e.code(),
                     message: e.to_string(),
                 })
                 .await;
@@ -441,7 +465,7 @@ mod tests {
         .unwrap();
         let reply: ServerMessage = a.recv().await.unwrap();
         assert!(
-            matches!(reply, ServerMessage::Error { ref message } if message.contains("version"))
+            matches!(reply, ServerMessage::Error { code: ErrorCode::Version, ref message } if message.contains("version"))
         );
         assert!(matches!(
             server.await.unwrap(),

@@ -11,8 +11,10 @@ use crate::auth::Token;
 use crate::conntrack::{self, Flow, Proto};
 use crate::forwarding::{self, ForwardRecord};
 use crate::history::{self, HistoryEntry};
-use crate::incoming;
+use crate::migration::destination::{self, Journaled, Registry};
 use crate::migration::journal;
+use crate::migration::ownership::{DestinationStage, SourceStage};
+use crate::migration::source::{self, SourceHost};
 use crate::nft::{Firewall, RuleKind};
 use crate::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::podman::PodmanClient;
@@ -162,24 +164,19 @@ pub async fn status(state_dir: &Path) -> Result<HostStatus> {
             downstream_alive: r.downstream_alive,
         })
         .collect();
-    let server_running = incoming::server_running(state_dir);
+    let server_running = destination::server_running(state_dir);
     let mut migrations: Vec<MigrationStatus> = journal::list(state_dir)
         .into_iter()
         .map(|j| {
             let (container, detail) = match &j.record {
                 Some(r) => (
                     r.container.clone(),
-                    format!(
-                        "to {}{}",
-                        r.destination,
-                        if r.taken_over {
-                            ", destination has taken over"
-                        } else {
-                            ""
-                        }
-                    ),
+                    format!("to {}, {}", r.destination, source_stage(r.stage)),
                 ),
-                None => ("?".into(), "unreadable journal".into()),
+                None => (
+                    "?".into(),
+                    format!("unreadable journal {}", j.path.display()),
+                ),
             };
             MigrationStatus {
                 direction: history::Direction::Outgoing,
@@ -189,22 +186,24 @@ pub async fn status(state_dir: &Path) -> Result<HostStatus> {
             }
         })
         .collect();
-    migrations.extend(
-        incoming::list(state_dir)
-            .into_iter()
-            .map(|s| MigrationStatus {
-                direction: history::Direction::Incoming,
-                container: s.incoming.clone().unwrap_or_else(|| "-".into()),
-                running: server_running,
-                detail: if s.restored.is_some() {
-                    "restored".into()
-                } else if s.restoring.is_some() {
-                    "restoring".into()
-                } else {
-                    "receiving".into()
-                },
-            }),
-    );
+    migrations.extend(destination::list(state_dir).into_iter().map(|journaled| {
+        let (container, detail) = match journaled {
+            Journaled::Readable(m) => (
+                m.container.name,
+                format!("from {}, {}", m.source, destination_stage(m.stage)),
+            ),
+            Journaled::Unreadable { path, error } => (
+                "?".into(),
+                format!("unreadable journal {}: {error}", path.display()),
+            ),
+        };
+        MigrationStatus {
+            direction: history::Direction::Incoming,
+            container,
+            running: server_running,
+            detail,
+        }
+    }));
     Ok(HostStatus {
         hostname: crate::preflight::hostname(),
         server_running,
@@ -218,9 +217,9 @@ pub async fn status(state_dir: &Path) -> Result<HostStatus> {
 /// Removes what the agents keep on this host and nothing needs any more; returns one line
 /// per thing removed:
 /// - migrations whose `agent-client` died: rolled back, or finished if the destination
-///   had taken over ([`journal::recover_abandoned`]);
+///   had taken over ([`source::recover_abandoned`]);
 /// - with no `agent-server` running: its unfinished incoming sessions, as its restart
-///   would ([`incoming::recover`]);
+///   would ([`destination::recover`]);
 /// - forwarding of containers that left and that no flow needs ([`forwarding::sweep`]);
 /// - with no migration under way: tunnels no flow and no forwarding uses, and routes and
 ///   port forwards into tunnels that no forward record explains.
@@ -228,22 +227,22 @@ pub async fn clean_up(
     state_dir: &Path,
     podman: &PodmanClient,
     token: &Token,
+    destination_lost: bool,
 ) -> Result<Vec<String>> {
-    let mut done = journal::recover_abandoned(state_dir, podman).await;
-    let server_running = incoming::server_running(state_dir);
+    let host = SourceHost {
+        podman,
+        token,
+        state_dir,
+    };
+    let mut done = source::recover_abandoned(&host, destination_lost).await;
+    let server_running = destination::server_running(state_dir);
     if !server_running {
-        let sessions = incoming::recover(&incoming::journal_dir(state_dir), podman).await?;
-        if sessions > 0 {
-            done.push(format!(
-                "{sessions} incoming session(s) left by a stopped agent-server wound down"
-            ));
-        }
-        done.extend(remove_dir_contents(&incoming::archive_dir(state_dir)));
+        // As the server's restart would; what it keeps stays journaled for it.
+        done.extend(destination::recover(state_dir, podman, &Registry::default()).await?);
     }
     done.extend(forwarding::sweep(state_dir, podman, token).await?);
 
-    let busy = journal::list(state_dir).iter().any(|j| j.running)
-        || (server_running && !incoming::list(state_dir).is_empty());
+    let busy = !journal::list(state_dir).is_empty() || !destination::list(state_dir).is_empty();
     if busy {
         done.push("a migration is under way: tunnels and routes left alone".into());
         return Ok(done);
@@ -318,17 +317,22 @@ async fn remove_orphan_port_forwards(records: &[ForwardRecord]) -> Result<Vec<St
     .await?
 }
 
-fn remove_dir_contents(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let path = e.path();
-            std::fs::remove_file(&path)
-                .ok()
-                .map(|()| format!("{} removed: no session owns it", path.display()))
-        })
-        .collect()
+fn source_stage(stage: SourceStage) -> &'static str {
+    match stage {
+        SourceStage::Running => "preparing",
+        SourceStage::Frozen => "frozen here",
+        SourceStage::RestoreRequested => {
+            "restore requested: in doubt until the destination answers"
+        }
+        SourceStage::DestinationOwns => "destination owns it",
+    }
+}
+
+fn destination_stage(stage: DestinationStage) -> &'static str {
+    match stage {
+        DestinationStage::Receiving => "receiving",
+        DestinationStage::Restoring => "restoring",
+        DestinationStage::Owns => "runs here, waiting for the source to settle",
+        DestinationStage::Fenced => "fenced",
+    }
 }

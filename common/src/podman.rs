@@ -292,8 +292,9 @@ impl PodmanClient {
             .map_err(|e| self.error(&format!("restore {name}"), e))
     }
 
-    /// Creates and starts a container from an exported checkpoint archive.
-    pub async fn restore_import(&self, archive: &Path) -> Result<(), PodmanError> {
+    /// Creates and starts a container from an exported checkpoint archive; returns the IDs
+    /// of what podman restored from it.
+    pub async fn restore_import(&self, archive: &Path) -> Result<Vec<String>, PodmanError> {
         use containers_api::conn::{get_unix_connector, Transport};
         use hyper::{Body, Method, Request};
 
@@ -329,7 +330,7 @@ impl PodmanClient {
                 .unwrap_or_else(|| String::from_utf8_lossy(&text).into_owned());
             return Err(self.error("restore from archive", message));
         }
-        Ok(())
+        Ok(restored_ids(&text))
     }
 
     /// Removes a container, stopping it first if needed.
@@ -356,6 +357,19 @@ fn file_chunks(
         buf.truncate(n);
         Ok(Some((buf, file)))
     })
+}
+
+/// The container IDs in podman's restore report: one report, or a list of them.
+fn restored_ids(report: &[u8]) -> Vec<String> {
+    let report: serde_json::Value = serde_json::from_slice(report).unwrap_or_default();
+    let reports = match report {
+        serde_json::Value::Array(all) => all,
+        one => vec![one],
+    };
+    reports
+        .iter()
+        .filter_map(|r| r.get("Id").and_then(|id| id.as_str()).map(String::from))
+        .collect()
 }
 
 fn is_not_found(e: &podman_api::Error) -> bool {

@@ -30,28 +30,41 @@
 //!      second session through it, then goes on with this one;
 //!    - `Preflight` -> `Preflight` (what the destination has and can do);
 //!    - `PutImage` + data frames + `EndOfStream` -> `ImageLoaded`;
-//!    - `PutCheckpoint` + data frames + `EndOfStream` -> `CheckpointStored`;
+//!    - `PutCheckpoint` + data frames + `EndOfStream` -> `CheckpointStored`: starts the
+//!      migration `migration_id` (32 hex digits, fresh per migration) on this connection;
 //!    - `PrepareTraffic` -> `TrafficPrepared` (before the restore: the container's flows
-//!      get conntrack entries marked for the tunnel, so its replies go back through it);
-//!    - `Restore` -> `Restored`;
+//!      get conntrack entries marked for the tunnel, so its replies go back through it).
+//!      Sent in batches of at most [`MAX_FLOWS_PER_BATCH`]; each flow must have the
+//!      container's own address on one end;
+//!    - `Restore` -> `Restored`: restores the archive of this connection's migration, and
+//!      only the container declared with it. The destination records that it owns the
+//!      container before it answers (the decision point, [`crate::migration::ownership`]);
 //!    - `Abort` -> `Aborted` (drop the archive, any restored copy and the flows' entries);
 //!    - `Finish` -> `Finished` (the source is gone; forget the session);
+//!    - `Resolve` -> `Resolved`, on any connection: who owns the container of migration
+//!      `migration_id`. Unless the destination owns it, it is fenced first: any copy is
+//!      removed and none will be started. Waits for a request of that migration still
+//!      being handled (a restore) to end;
+//!    - `Settle` -> `Settled`, on any connection: the source has removed its copy of a
+//!      migration the destination owns; the destination forgets the migration;
 //!    - `QueryContainer` -> `ContainerStatus`: does the container live here or downstream
 //!      (a former host asks, to know whether its forwarding is still needed).
 //!
-//!    Any request may instead be answered by `Error`.
-//! 3. A connection that closes without `Finish` is treated as `Abort` for whatever has not
-//!    been restored yet.
+//!    Any request may instead be answered by `Error`, with an [`ErrorCode`].
+//! 3. A connection that closes (or goes silent: both ends use TCP keepalive and a user
+//!    timeout) without `Finish` is treated as `Abort` for a migration the destination does
+//!    not own yet. One it owns stays, and is kept until the source `Resolve`s and `Settle`s it.
 
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::Flow;
+pub use crate::migration::ownership::Verdict;
 use crate::podman::PublishedPort;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Default TCP port of `agent-server`.
 pub const DEFAULT_PORT: u16 = 7878;
@@ -61,6 +74,9 @@ pub const MAX_FRAME_LEN: usize = 1024 * 1024;
 
 /// Size of the data frames a sender cuts a stream into.
 pub const DATA_CHUNK_LEN: usize = 256 * 1024;
+
+/// Most flows in one `PrepareTraffic` request: a batch stays well inside a frame.
+pub const MAX_FLOWS_PER_BATCH: usize = 2000;
 
 /// Kind byte of a frame holding a JSON message.
 pub const FRAME_MESSAGE: u8 = 0;
@@ -92,6 +108,7 @@ pub enum ClientMessage {
         image_id: String,
     },
     PutCheckpoint {
+        migration_id: String,
         container: ContainerRef,
     },
     /// Ends the data frames of a `Put*` request.
@@ -112,6 +129,12 @@ pub enum ClientMessage {
     },
     Abort,
     Finish,
+    Resolve {
+        migration_id: String,
+    },
+    Settle {
+        migration_id: String,
+    },
     QueryContainer {
         id: String,
     },
@@ -148,13 +171,45 @@ pub enum ServerMessage {
     },
     Aborted,
     Finished,
+    Resolved {
+        verdict: Verdict,
+    },
+    Settled,
     ContainerStatus {
         /// Runs on this host, or on a host this one forwards it to.
         alive: bool,
     },
     Error {
+        code: ErrorCode,
         message: String,
     },
+}
+
+/// Why a request was refused; the source acts on the code, never on the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// A field failed validation (an ID, a name, an address, a flow).
+    #[error("invalid request")]
+    Invalid,
+    /// The request does not fit the session's state (no archive yet, fenced, ...).
+    #[error("request out of order")]
+    State,
+    /// This container is already migrating to or from this host.
+    #[error("busy")]
+    Busy,
+    /// The host could not do it (podman, CRIU, netlink, the file system).
+    #[error("host failure")]
+    Host,
+    /// The frame or message could not be read.
+    #[error("protocol error")]
+    Protocol,
+    /// The peer does not hold the same token.
+    #[error("authentication failed")]
+    Unauthenticated,
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch")]
+    Version,
 }
 
 /// Identifies the container being migrated.

@@ -8,13 +8,24 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::net::TcpStream;
 
 use crate::auth::{authenticate_to_server, Token};
-use crate::protocol::{ClientMessage, ContainerRef, HostReport, ServerMessage, DEFAULT_PORT};
+use crate::protocol::{
+    ClientMessage, ContainerRef, ErrorCode, HostReport, ServerMessage, Verdict, DEFAULT_PORT,
+};
 use crate::transfer::{send_file, send_stream};
-use crate::wire::{FramedStream, WireError};
+use crate::wire::FramedStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Replies that involve podman on the far side (load, restore) may take a while.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A request the destination agent refused; callers act on `code`.
+#[derive(Debug, thiserror::Error)]
+#[error("destination agent {agent}: {message}")]
+pub struct RemoteError {
+    pub agent: String,
+    pub code: ErrorCode,
+    pub message: String,
+}
 
 pub struct RemoteAgent {
     stream: FramedStream<TcpStream>,
@@ -49,7 +60,7 @@ impl RemoteAgent {
                 anyhow!("destination agent {address} did not answer within {CONNECT_TIMEOUT:?}")
             })?
             .with_context(|| format!("cannot reach destination agent {address}"))?;
-        tcp.set_nodelay(true)?;
+        crate::wire::tune_connection(&tcp)?;
         let mut stream = FramedStream::new(tcp);
         tokio::time::timeout(CONNECT_TIMEOUT, authenticate_to_server(&mut stream, token))
             .await
@@ -73,9 +84,12 @@ impl RemoteAgent {
             .map_err(|_| anyhow!("destination agent {} stopped answering", self.address))?
             .with_context(|| format!("destination agent {}", self.address))?;
         match reply {
-            ServerMessage::Error { message } => {
-                bail!("destination agent {}: {message}", self.address)
+            ServerMessage::Error { code, message } => Err(RemoteError {
+                agent: self.address.clone(),
+                code,
+                message,
             }
+            .into()),
             other => Ok(other),
         }
     }
@@ -145,15 +159,18 @@ impl RemoteAgent {
         }
     }
 
-    /// Uploads the checkpoint archive; `progress` gets the bytes sent so far.
+    /// Starts migration `migration_id` on this connection with its checkpoint archive;
+    /// `progress` gets the bytes sent so far.
     pub async fn put_checkpoint(
         &mut self,
+        migration_id: &str,
         container: &ContainerRef,
         archive: &Path,
         progress: impl FnMut(u64),
     ) -> Result<u64> {
         self.stream
             .send(&ClientMessage::PutCheckpoint {
+                migration_id: migration_id.to_string(),
                 container: container.clone(),
             })
             .await?;
@@ -167,30 +184,44 @@ impl RemoteAgent {
     }
 
     /// Restores the uploaded checkpoint; returns podman's restore time in milliseconds.
-    pub async fn restore(&mut self, container: &ContainerRef) -> Result<u64> {
-        match self
-            .request(&ClientMessage::Restore {
+    /// `sent` runs once the request is on its way, before the answer.
+    pub async fn restore(&mut self, container: &ContainerRef, sent: impl FnOnce()) -> Result<u64> {
+        self.stream
+            .send(&ClientMessage::Restore {
                 container: container.clone(),
             })
-            .await?
-        {
+            .await?;
+        sent();
+        match self.reply().await? {
             ServerMessage::Restored { restore_ms } => Ok(restore_ms),
             other => bail!("unexpected reply to restore: {other:?}"),
         }
     }
 
-    /// Asks the destination to drop the archive and any restored copy. A connection that
-    /// is already gone counts as done: the destination winds a session down when its
-    /// connection closes (see [`crate::protocol`], session step 3), or when it restarts.
-    pub async fn abort(&mut self) -> Result<()> {
-        match self.request(&ClientMessage::Abort).await {
-            Ok(ServerMessage::Aborted) => Ok(()),
-            Ok(other) => bail!("unexpected reply to abort: {other:?}"),
-            Err(e) if connection_lost(&e) => {
-                tracing::info!("connection to {} already lost: {e:#}", self.address);
-                Ok(())
-            }
-            Err(e) => Err(e),
+    /// Who owns the container of migration `migration_id`; unless the destination does,
+    /// it is fenced there first (no copy, none to come).
+    pub async fn resolve(&mut self, migration_id: &str) -> Result<Verdict> {
+        match self
+            .request(&ClientMessage::Resolve {
+                migration_id: migration_id.to_string(),
+            })
+            .await?
+        {
+            ServerMessage::Resolved { verdict } => Ok(verdict),
+            other => bail!("unexpected reply to resolve: {other:?}"),
+        }
+    }
+
+    /// Tells the destination that the source copy of a migration it owns is gone.
+    pub async fn settle(&mut self, migration_id: &str) -> Result<()> {
+        match self
+            .request(&ClientMessage::Settle {
+                migration_id: migration_id.to_string(),
+            })
+            .await?
+        {
+            ServerMessage::Settled => Ok(()),
+            other => bail!("unexpected reply to settle: {other:?}"),
         }
     }
 
@@ -211,15 +242,6 @@ impl RemoteAgent {
             other => bail!("unexpected reply to finish: {other:?}"),
         }
     }
-}
-
-fn connection_lost(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<WireError>(),
-            Some(WireError::Closed | WireError::Io(_))
-        )
-    })
 }
 
 #[cfg(test)]

@@ -8,6 +8,24 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 
 use crate::protocol::{DATA_CHUNK_LEN, FRAME_DATA, FRAME_MESSAGE, MAX_FRAME_LEN};
 
+/// How long sent data may stay unacknowledged, or a silent connection unanswered, before
+/// the kernel gives up on it: a cut network fails a migration's reads and writes within
+/// this, not after TCP's 15 minutes of retransmissions.
+pub const DEAD_PEER_SECONDS: u32 = 10;
+
+/// Sets up an agent connection: no Nagle delay for the small request frames, and the
+/// keepalive probes and user timeout of [`DEAD_PEER_SECONDS`].
+pub fn tune_connection(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    tcp.set_nodelay(true)?;
+    setsockopt(tcp, sockopt::KeepAlive, &true)?;
+    setsockopt(tcp, sockopt::TcpKeepIdle, &3)?;
+    setsockopt(tcp, sockopt::TcpKeepInterval, &2)?;
+    setsockopt(tcp, sockopt::TcpKeepCount, &3)?;
+    setsockopt(tcp, sockopt::TcpUserTimeout, &(DEAD_PEER_SECONDS * 1000))?;
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("connection closed by peer")]
@@ -372,7 +390,10 @@ mod tests {
                         "10.0.0.9:40000".parse().unwrap(),
                     )],
                 },
-                ClientMessage::PutCheckpoint { container },
+                ClientMessage::PutCheckpoint {
+                    migration_id: "0".repeat(32),
+                    container,
+                },
             ]
         }
 

@@ -48,6 +48,12 @@ pub fn is_zombie(pid: u32) -> bool {
     }
 }
 
+/// Whether `pid` is stopped (by SIGSTOP: a fault point it reached).
+pub fn is_stopped(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| stat_fields(&s).first().is_some_and(|st| *st == "T"))
+}
+
 /// Fields of /proc/PID/stat after the `(comm)` field (comm may contain spaces): the
 /// first is the state (field 3), index 19 is the start time (field 22).
 fn stat_fields(stat: &str) -> Vec<&str> {

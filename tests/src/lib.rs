@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 
 pub use cleanup::{gc, LabStatus, TeardownReport};
 pub use host::Daemon;
@@ -552,6 +552,64 @@ impl Lab {
     /// Kills `agent-server` in `host` at once (SIGKILL): a crash rather than a shutdown.
     pub fn kill_agent(&self, host: &str) -> Result<bool> {
         host::stop_daemon(self.host(host)?, Daemon::Agent, Duration::ZERO)
+    }
+
+    /// The pid of `agent-server` in `host`, if it runs.
+    pub fn agent_pid(&self, host: &str) -> Result<Option<u32>> {
+        Ok(host::daemon_pid(self.host(host)?, Daemon::Agent))
+    }
+
+    /// Arms a fault point of `agent-server` in `host` (`POINT:ACTION`, see
+    /// `common::fault`): the running agent reads it when it reaches the point.
+    pub fn inject_agent_fault(&self, host: &str, spec: &str) -> Result<()> {
+        let path = format!("{}/inject-fault", plan::STATE_DIR_IN_HOST);
+        let mut c = self.command(host, &["tee", &path])?;
+        c.stdin(Stdio::piped()).stdout(Stdio::null());
+        let mut child = c.spawn()?;
+        std::io::Write::write_all(&mut child.stdin.take().expect("piped"), spec.as_bytes())?;
+        ensure!(child.wait()?.success(), "writing {path} in {host}");
+        Ok(())
+    }
+
+    /// Removes a fault point armed with [`Lab::inject_agent_fault`] that did not fire.
+    pub fn clear_agent_fault(&self, host: &str) -> Result<()> {
+        let path = format!("{}/inject-fault", plan::STATE_DIR_IN_HOST);
+        self.exec(host, &["rm", "-f", &path])?;
+        Ok(())
+    }
+
+    /// Drops all traffic between hosts `a` and `b` on the LAN (the client still reaches
+    /// both), as a cut cable between them would; [`Lab::join_link`] undoes it.
+    pub fn cut_link(&self, a: &str, b: &str) -> Result<()> {
+        let (a, b) = (self.host(a)?.address.to_string(), self.host(b)?.address.to_string());
+        let table = "lm_lab_cut";
+        self.lan_nft(&["add", "table", "bridge", table])?;
+        self.lan_nft(&[
+            "add", "chain", "bridge", table, "forward",
+            "{ type filter hook forward priority 0 ; }",
+        ])?;
+        for (from, to) in [(&a, &b), (&b, &a)] {
+            self.lan_nft(&[
+                "add", "rule", "bridge", table, "forward", "ip", "saddr", from, "ip", "daddr",
+                to, "drop",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Ends every cut of [`Lab::cut_link`].
+    pub fn join_link(&self) -> Result<()> {
+        self.lan_nft(&["delete", "table", "bridge", "lm_lab_cut"])
+    }
+
+    /// `nft ARGS...` in the LAN namespace (a network namespace only: no mount namespace
+    /// to enter).
+    fn lan_nft(&self, args: &[&str]) -> Result<()> {
+        cmd::run(
+            Command::new("ip")
+                .args(["netns", "exec", &self.desc.lan.netns, "nft"])
+                .args(args),
+        )
     }
 
     /// Whether `agent-server` runs in `host`.

@@ -1,85 +1,117 @@
-//! The source's journal of a running migration: its undo steps on disk, in a file the
-//! migrating process keeps locked. Every change appends the whole record as one JSON line
-//! and readers take the last complete one, so a process killed mid-write leaves the
-//! previous state readable (and the lock stays on the one file). When that process dies, the lock goes with it, and
-//! [`recover_abandoned`] (run by `agent-client cleanup`) finishes the job: it restarts the
-//! container on the source, or, if the destination had already taken over, removes the
-//! stopped source copy.
+//! The source's journal of a migration: where it stands in the ownership model, its undo
+//! steps and what the switch of traffic needs, in a file the migrating process keeps
+//! locked. Every change appends the whole record as one JSON line and syncs it before the
+//! step it describes runs; readers take the last complete line, so a process killed
+//! mid-write leaves the previous state readable. When that process dies, the lock goes
+//! with it, and whoever takes the lock next (`agent-server`'s adopter within seconds, or
+//! `agent-client cleanup`) resolves the migration ([`super::source::settle`]).
 
 use std::fs::{File, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{Undo, UndoLog};
-use crate::podman::PodmanClient;
+use super::ownership::SourceStage;
+use super::phases::SwitchPlan;
+use super::Undo;
 
 pub fn journals_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("journals")
 }
 
 /// What a journal file holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JournalRecord {
+    pub migration_id: String,
     pub container: String,
+    pub container_id: String,
     pub destination: String,
-    /// The destination confirmed it runs the container.
-    pub taken_over: bool,
+    pub stage: SourceStage,
     pub steps: Vec<Undo>,
+    /// How to switch the traffic to the destination, known before the restore request.
+    pub switch: Option<SwitchPlan>,
 }
 
-/// The open, locked journal of the migration this process runs.
+/// The open, locked journal of a migration this process runs (or has adopted).
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
     file: File,
-    container: String,
-    destination: String,
-    pub(super) taken_over: bool,
 }
 
 impl Journal {
-    pub fn create(state_dir: &Path, container: &str, destination: &str) -> Result<Self> {
+    /// Starts the journal of a new migration of `record.container_id`; refused while
+    /// another journal of that container exists (running, or left to be resolved).
+    pub fn create(state_dir: &Path, record: &JournalRecord) -> Result<Self> {
         let dir = journals_dir(state_dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let path = dir.join(format!("{:016x}.json", rand::random::<u64>()));
+        crate::files::create_private_dir(&dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+        // Two clients starting at once must not both see no other journal.
+        let guard = File::create(dir.join(".lock"))?;
+        guard.lock()?;
+        if let Some(other) = list(state_dir).into_iter().find(|j| {
+            j.record
+                .as_ref()
+                .is_some_and(|r| r.container_id == record.container_id)
+        }) {
+            let how = if other.running {
+                "is migrating now"
+            } else {
+                "has an unresolved migration (agent-server resolves it; see agent-client status)"
+            };
+            bail!(
+                "container {} {how}: {}",
+                record.container,
+                other.path.display()
+            );
+        }
+        // Written and locked under a name no reader lists, then renamed into place: an
+        // adopter never sees it unlocked.
+        let path = dir.join(format!("{}.json", record.migration_id));
+        let new = dir.join(format!(".{}.new", record.migration_id));
         let file = File::options()
             .append(true)
             .create_new(true)
-            .open(&path)
-            .with_context(|| format!("create {}", path.display()))?;
+            .open(&new)
+            .with_context(|| format!("create {}", new.display()))?;
         file.lock()
-            .with_context(|| format!("lock {}", path.display()))?;
-        let journal = Self {
-            path,
-            file,
-            container: container.to_string(),
-            destination: destination.to_string(),
-            taken_over: false,
-        };
-        journal.save(&[])?;
+            .with_context(|| format!("lock {}", new.display()))?;
+        let journal = Self { path, file };
+        journal.save(record)?;
+        std::fs::rename(&new, &journal.path)
+            .with_context(|| format!("create {}", journal.path.display()))?;
         Ok(journal)
     }
 
-    pub(super) fn save(&self, steps: &[Undo]) -> Result<()> {
-        let record = JournalRecord {
-            container: self.container.clone(),
-            destination: self.destination.clone(),
-            taken_over: self.taken_over,
-            steps: steps.to_vec(),
-        };
-        let mut line = serde_json::to_vec(&record)?;
-        line.push(b'\n');
-        (&self.file).write_all(&line)?;
-        Ok(())
+    /// Takes over the journal at `path` if no process holds it.
+    pub fn adopt(path: &Path) -> Option<Self> {
+        let file = File::options().append(true).open(path).ok()?;
+        file.try_lock().ok()?;
+        Some(Self {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
-    pub(super) fn delete(self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::warn!("could not remove {}: {e}", self.path.display());
-        }
+    /// Appends `record` and syncs it to disk.
+    pub fn save(&self, record: &JournalRecord) -> Result<()> {
+        let mut line = serde_json::to_vec(record)?;
+        line.push(b'\n');
+        (&self.file)
+            .write_all(&line)
+            .and_then(|()| self.file.sync_data())
+            .with_context(|| format!("write the migration journal {}", self.path.display()))
+    }
+
+    pub fn delete(self) -> Result<()> {
+        crate::files::remove_if_present(&self.path)
+            .with_context(|| format!("remove {}", self.path.display()))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -87,12 +119,13 @@ impl Journal {
 #[derive(Debug, Clone, Serialize)]
 pub struct JournalEntry {
     pub path: PathBuf,
+    /// `None`: unreadable. Reported, never deleted: it may list the only way back.
     pub record: Option<JournalRecord>,
     /// Its process still runs (it holds the lock).
     pub running: bool,
 }
 
-/// The migrations with a journal here: running ones, and abandoned ones their process left.
+/// The migrations with a journal here: running ones, and ones their process left.
 pub fn list(state_dir: &Path) -> Vec<JournalEntry> {
     let Ok(entries) = std::fs::read_dir(journals_dir(state_dir)) else {
         return Vec::new();
@@ -104,14 +137,9 @@ pub fn list(state_dir: &Path) -> Vec<JournalEntry> {
         .filter_map(|path| {
             let file = File::open(&path).ok()?;
             let running = matches!(file.try_lock(), Err(TryLockError::WouldBlock));
-            let record = std::fs::read_to_string(&path).ok().and_then(|text| {
-                text.lines()
-                    .rev()
-                    .find_map(|line| serde_json::from_str(line).ok())
-            });
             Some(JournalEntry {
+                record: read_last_record(&path),
                 path,
-                record,
                 running,
             })
         })
@@ -120,120 +148,85 @@ pub fn list(state_dir: &Path) -> Vec<JournalEntry> {
     out
 }
 
-/// Finishes the migrations whose process died; returns one line per migration saying what
-/// was done (or what failed).
-pub async fn recover_abandoned(state_dir: &Path, podman: &PodmanClient) -> Vec<String> {
-    let mut report = Vec::new();
-    for entry in list(state_dir).into_iter().filter(|e| !e.running) {
-        let Ok(file) = File::options().append(true).open(&entry.path) else {
-            continue;
-        };
-        // Lost a race with another cleanup, or the migration just started.
-        if file.try_lock().is_err() {
-            continue;
-        }
-        let Some(record) = entry.record else {
-            report.push(format!(
-                "{}: unreadable migration journal removed",
-                entry.path.display()
-            ));
-            let _ = std::fs::remove_file(&entry.path);
-            continue;
-        };
-        let line = recover(podman, entry.path, file, record).await;
-        report.push(line);
-    }
-    report
+fn read_last_record(path: &Path) -> Option<JournalRecord> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
 }
 
-async fn recover(
-    podman: &PodmanClient,
-    path: PathBuf,
-    file: File,
-    record: JournalRecord,
-) -> String {
-    let mut steps = record.steps;
-    let what = if record.taken_over {
-        // The destination runs the container: never restart it here. What remains is the
-        // stopped source copy, the archive, and a half-made switch of traffic (complete
-        // once its forward record exists; then the sweeper of agent-server owns it).
-        let switched = steps
-            .iter()
-            .any(|s| matches!(s, Undo::ForgetForwarding(p) if p.exists()));
-        steps.retain(|s| match s {
-            Undo::RemoveFile(_) => true,
-            Undo::RestartOnSource { .. } | Undo::DiscardOnDestination => false,
-            _ => !switched,
-        });
-        if let Ok(Some(source_copy)) = podman.find(&record.container).await {
-            if !source_copy.running {
-                if let Err(e) = podman.remove(&record.container).await {
-                    return format!(
-                        "{}: could not remove the source copy: {e}",
-                        record.container
-                    );
-                }
-            }
-        }
-        "the destination had taken over: source copy and leftovers removed"
-    } else {
-        // The destination drops its part by itself when the connection closes.
-        steps.retain(|s| *s != Undo::DiscardOnDestination);
-        "rolled back: the container runs here again"
-    };
-    let mut log = UndoLog {
-        steps,
-        journal: Some(Journal {
-            path,
-            file,
-            container: record.container.clone(),
-            destination: record.destination.clone(),
-            taken_over: record.taken_over,
-        }),
-    };
-    let errors = log.unwind(podman, None, &|_| {}).await;
-    if errors.is_empty() {
-        format!(
-            "{}: migration to {} was abandoned; {what}",
-            record.container, record.destination
-        )
-    } else {
-        format!(
-            "{}: migration to {} was abandoned; cleaning up failed: {}",
-            record.container,
-            record.destination,
-            errors.join("; ")
-        )
-    }
+/// The record of an adopted journal.
+pub fn read(journal: &Journal) -> Option<JournalRecord> {
+    read_last_record(&journal.path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn record(id: &str) -> JournalRecord {
+        JournalRecord {
+            migration_id: id.into(),
+            container: "web".into(),
+            container_id: "c".repeat(64),
+            destination: "h2:7878".into(),
+            stage: SourceStage::Running,
+            steps: Vec::new(),
+            switch: None,
+        }
+    }
+
     #[test]
     fn a_journal_is_running_while_its_process_holds_it() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::create(dir.path(), "web", "h2:7878").unwrap();
-        let steps = [Undo::RemoveFile("/tmp/x.tar".into())];
-        journal.save(&steps).unwrap();
+        let mut rec = record("a");
+        let journal = Journal::create(dir.path(), &rec).unwrap();
+        rec.stage = SourceStage::Frozen;
+        rec.steps = vec![Undo::RemoveFile("/tmp/x.tar".into())];
+        journal.save(&rec).unwrap();
         let listed = list(dir.path());
         assert_eq!(listed.len(), 1);
         assert!(listed[0].running);
-        let record = listed[0].record.as_ref().unwrap();
-        assert_eq!(record.container, "web");
-        assert_eq!(record.steps, steps);
-        assert!(!record.taken_over);
+        assert_eq!(listed[0].record.as_ref(), Some(&rec));
+        assert!(
+            Journal::adopt(&listed[0].path).is_none(),
+            "held by its process"
+        );
 
         // A write cut short by a kill leaves the previous record readable.
         (&journal.file)
-            .write_all(b"{\"container\":\"web\",\"desti")
+            .write_all(b"{\"migration_id\":\"a\",\"conta")
             .unwrap();
-        assert_eq!(list(dir.path())[0].record.as_ref().unwrap().steps, steps);
+        assert_eq!(list(dir.path())[0].record.as_ref(), Some(&rec));
 
         drop(journal); // as when the process dies: the lock goes, the file stays
         let listed = list(dir.path());
-        assert_eq!(listed.len(), 1);
         assert!(!listed[0].running);
+        let adopted = Journal::adopt(&listed[0].path).expect("free to adopt");
+        assert_eq!(read(&adopted), Some(rec));
+    }
+
+    #[test]
+    fn a_second_migration_of_the_same_container_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Journal::create(dir.path(), &record("a")).unwrap();
+        let refused = Journal::create(dir.path(), &record("b")).unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("is migrating now"),
+            "{refused:#}"
+        );
+        drop(first); // abandoned, not resolved: still refused
+        let refused = Journal::create(dir.path(), &record("b")).unwrap_err();
+        assert!(format!("{refused:#}").contains("unresolved"), "{refused:#}");
+    }
+
+    #[test]
+    fn an_unreadable_journal_is_listed_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(journals_dir(dir.path())).unwrap();
+        std::fs::write(journals_dir(dir.path()).join("x.json"), b"garbage").unwrap();
+        let listed = list(dir.path());
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].record.is_none());
     }
 }

@@ -1,12 +1,19 @@
-//! A migration as a sequence of named phases, run by the source agent.
+//! A migration as a sequence of named phases, run by the source agent, and the
+//! destination's side of it.
 //!
 //! Each phase ([`phases`]) does one job and, when it changes anything, records how to undo
-//! it on an [`UndoLog`]. If a phase fails, the log is unwound newest first, so the container
-//! runs again on the source and whatever the migration made is removed; the driver never
-//! needs to know which phase made what.
+//! it on an [`source::UndoLog`], journaled ([`journal`]) before the change. Both sides
+//! follow one model of who owns the container at each step ([`ownership`]): if a phase
+//! fails, [`source::settle`] rolls the migration back (the container runs on the source
+//! again and whatever the migration made is removed), rolls it forward (the destination
+//! owns it), or keeps it stopped while the destination's answer is outstanding. The
+//! destination's state is [`destination`].
 
+pub mod destination;
 pub mod journal;
+pub mod ownership;
 pub mod phases;
+pub mod source;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,11 +22,17 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Token;
-use crate::conntrack::Proto;
 use crate::history::{Direction, HistoryEntry};
 use crate::podman::PodmanClient;
 use crate::preflight::Finding;
 use crate::remote::RemoteAgent;
+use journal::JournalRecord;
+use ownership::SourceStage;
+use source::{Resolution, SourceHost, UndoLog};
+
+/// How long a migration whose destination stopped answering after the restore request
+/// keeps asking it, before it leaves the question to `agent-server`'s adopter.
+const IN_DOUBT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The phases, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -88,8 +101,8 @@ pub struct MigrationRequest {
     /// Also forward new connections to the container's published ports on this host.
     pub forward_new_connections: bool,
     /// Cancelled by the operator: the migration stops at the next safe point before the
-    /// switch of traffic and rolls back. Later it is ignored: the destination has taken
-    /// over by then.
+    /// restore request and rolls back. Later it is ignored: from then on only the
+    /// destination decides.
     pub cancel: CancellationToken,
 }
 
@@ -116,13 +129,12 @@ pub struct MigrationReport {
     pub warnings: Vec<String>,
 }
 
-/// Why a migration failed, and what the rollback did about it.
+/// Why a migration failed, and what became of the container.
 #[derive(Debug)]
 pub struct MigrationFailure {
     pub phase: Phase,
     pub error: anyhow::Error,
-    /// Undo steps that themselves failed: what may need a hand.
-    pub rollback_errors: Vec<String>,
+    pub resolution: Resolution,
 }
 
 impl std::fmt::Display for MigrationFailure {
@@ -133,8 +145,22 @@ impl std::fmt::Display for MigrationFailure {
             self.phase.label(),
             self.error
         )?;
-        for e in &self.rollback_errors {
-            write!(f, "\n  rollback problem: {e}")?;
+        match &self.resolution {
+            Resolution::RolledBack { problems } => {
+                for e in problems {
+                    write!(f, "\n  rollback problem: {e}")?;
+                }
+            }
+            Resolution::RolledForward { warnings } => {
+                write!(f, "\n  the destination runs the container; the source copy is removed")?;
+                for w in warnings {
+                    write!(f, "\n  warning: {w}")?;
+                }
+            }
+            Resolution::InDoubt { reason } => write!(
+                f,
+                "\n  in doubt: {reason}\n  the container stays stopped here; agent-server on this host keeps asking and finishes the migration either way"
+            )?,
         }
         Ok(())
     }
@@ -142,22 +168,17 @@ impl std::fmt::Display for MigrationFailure {
 
 impl std::error::Error for MigrationFailure {}
 
-/// How to take back one thing a phase did.
+/// How to take back one thing a phase did on the source. The destination's part is not
+/// here: it follows [`ownership`] on its own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Undo {
     /// The container was checkpointed (and so stopped) on the source: start it again from
     /// its checkpoint, falling back to the exported archive.
     RestartOnSource { container: String, archive: PathBuf },
-    /// The destination received (and maybe restored) the container: make it drop both.
-    DiscardOnDestination,
     /// A local file the migration wrote.
     RemoveFile(PathBuf),
-    /// The container's address was routed away from this host (blackhole, then tunnel).
+    /// The container's address was blackholed here while it is frozen.
     RemoveContainerRoute(std::net::Ipv4Addr),
-    /// New connections to a published port were forwarded to the migrated container.
-    UnforwardPort { protocol: Proto, host_port: u16 },
-    /// A forward record was written for the sweeper of `agent-server`.
-    ForgetForwarding(PathBuf),
 }
 
 impl std::fmt::Display for Undo {
@@ -166,119 +187,9 @@ impl std::fmt::Display for Undo {
             Undo::RestartOnSource { container, .. } => {
                 write!(f, "start {container} on this host again")
             }
-            Undo::DiscardOnDestination => write!(f, "have the destination drop its copy"),
             Undo::RemoveFile(path) => write!(f, "remove {}", path.display()),
             Undo::RemoveContainerRoute(ip) => write!(f, "route {ip} to this host again"),
-            Undo::UnforwardPort {
-                protocol,
-                host_port,
-            } => write!(f, "stop forwarding {protocol}/{host_port}"),
-            Undo::ForgetForwarding(path) => {
-                write!(f, "remove the forward record {}", path.display())
-            }
         }
-    }
-}
-
-/// The undo steps recorded so far, newest last, mirrored to a [`journal::Journal`] so that
-/// `agent-client cleanup` can finish the job if this process dies.
-#[derive(Debug, Default)]
-pub struct UndoLog {
-    steps: Vec<Undo>,
-    journal: Option<journal::Journal>,
-}
-
-impl UndoLog {
-    pub fn push(&mut self, undo: Undo) {
-        self.steps.push(undo);
-        self.save();
-    }
-
-    /// The destination runs the container now: a crash from here on must not restart it
-    /// on the source.
-    fn mark_taken_over(&mut self) {
-        if let Some(journal) = &mut self.journal {
-            journal.taken_over = true;
-        }
-        self.save();
-    }
-
-    fn save(&self) {
-        self.save_steps(&self.steps);
-    }
-
-    fn save_steps(&self, steps: &[Undo]) {
-        if let Some(journal) = &self.journal {
-            if let Err(e) = journal.save(steps) {
-                tracing::warn!("could not write the migration journal: {e:#}");
-            }
-        }
-    }
-
-    /// The steps, once nothing will be undone any more; the journal is deleted.
-    fn close(mut self) -> Vec<Undo> {
-        if let Some(journal) = self.journal.take() {
-            journal.delete();
-        }
-        std::mem::take(&mut self.steps)
-    }
-
-    /// Runs every step newest first; returns the ones that failed. The journal then keeps
-    /// only the failed steps `agent-client cleanup` can retry, or goes.
-    async fn unwind(
-        &mut self,
-        podman: &PodmanClient,
-        remote: Option<&mut RemoteAgent>,
-        progress: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Vec<String> {
-        let mut remote = remote;
-        let mut errors = Vec::new();
-        let mut failed = Vec::new();
-        // A step leaves the journal only once it has run, so a crash in between leaves
-        // it for `agent-client cleanup`; failed ones stay (newer than those not yet run).
-        while let Some(step) = self.steps.last().cloned() {
-            progress(Progress::RollingBack(step.to_string()));
-            let result = match &step {
-                Undo::RestartOnSource { container, archive } => {
-                    phases::restart_on_source(podman, container, archive).await
-                }
-                Undo::DiscardOnDestination => match remote.as_deref_mut() {
-                    Some(agent) => agent.abort().await.map(|()| {
-                        // Whatever it had restored is gone again: the source owns it.
-                        if let Some(journal) = &mut self.journal {
-                            journal.taken_over = false;
-                        }
-                    }),
-                    None => Ok(()),
-                },
-                Undo::RemoveFile(path) | Undo::ForgetForwarding(path) => {
-                    crate::files::remove_if_present(path).map_err(Into::into)
-                }
-                Undo::RemoveContainerRoute(ip) => phases::route_container_locally(*ip).await,
-                Undo::UnforwardPort {
-                    protocol,
-                    host_port,
-                } => phases::unforward_port(*protocol, *host_port).await,
-            };
-            self.steps.pop();
-            if let Err(e) = result {
-                tracing::warn!(?step, "undo failed: {e:#}");
-                errors.push(format!("{step}: {e:#}"));
-                // The destination's part cannot be retried from here: it winds down on its
-                // own once the connection is gone.
-                if step != Undo::DiscardOnDestination {
-                    failed.insert(0, step);
-                }
-            }
-            self.save_steps(&[self.steps.as_slice(), &failed].concat());
-        }
-        self.steps = failed;
-        if self.steps.is_empty() {
-            if let Some(journal) = self.journal.take() {
-                journal.delete();
-            }
-        }
-        errors
     }
 }
 
@@ -353,7 +264,11 @@ pub async fn check(request: &MigrationRequest) -> anyhow::Result<phases::Survey>
         }
         Err(e) => {
             let mut survey = phases::survey(podman, None, container, state_dir).await?;
-            let fix = if e.chain().any(|c| c.to_string().contains("authentication")) {
+            let mismatch = e.chain().any(|c| {
+                c.downcast_ref::<crate::auth::AuthError>()
+                    .is_some_and(crate::auth::AuthError::is_token_mismatch)
+            });
+            let fix = if mismatch {
                 "use the same token (--token-file) on both hosts".to_string()
             } else {
                 format!(
@@ -373,8 +288,9 @@ pub async fn check(request: &MigrationRequest) -> anyhow::Result<phases::Survey>
     }
 }
 
-/// Runs a migration end to end. On failure (or cancellation before the switch) everything
-/// done so far is undone before this returns, and the error says in which phase it failed.
+/// Runs a migration end to end. On failure (or cancellation before the restore request)
+/// the migration is resolved before this returns ([`source::settle`]), and the error says
+/// in which phase it failed and what became of the container.
 pub async fn migrate(
     request: MigrationRequest,
     progress: &(dyn Fn(Progress) + Send + Sync),
@@ -384,16 +300,26 @@ pub async fn migrate(
         timings: Vec::new(),
         progress,
     };
-    let mut undo = UndoLog::default();
+    let mut undo: Option<UndoLog> = None;
     let mut remote: Option<RemoteAgent> = None;
     let mut phase = Phase::Connect;
     let cancel = &request.cancel;
+    let state_dir = &request.state_dir;
 
     let outcome: anyhow::Result<(phases::Prepared, u64, Instant, Instant)> = async {
-        undo.journal = Some(journal::Journal::create(
-            &request.state_dir,
-            &request.container,
-            &request.destination,
+        // Journaled (and locked against a second migration of it) before anything else.
+        let info = request.podman.inspect_running(&request.container).await?;
+        let log = undo.insert(UndoLog::create(
+            state_dir,
+            JournalRecord {
+                migration_id: crate::validate::new_migration_id(),
+                container: info.name.clone(),
+                container_id: info.id.clone(),
+                destination: crate::remote::with_default_port(&request.destination),
+                stage: SourceStage::Running,
+                steps: Vec::new(),
+                switch: None,
+            },
         )?);
         let t = clock.start_unless_cancelled(phase, cancel)?;
         let agent = remote.insert(
@@ -407,7 +333,7 @@ pub async fn migrate(
 
         phase = Phase::Tunnel;
         let t = clock.start_unless_cancelled(phase, cancel)?;
-        let keys = crate::wireguard::KeyPair::load_or_create(&request.state_dir)?;
+        let keys = crate::wireguard::KeyPair::load_or_create(state_dir)?;
         let tunnel = phases::tunnel(agent, &request.token, &keys).await?;
         clock.finish(phase, t);
 
@@ -415,24 +341,29 @@ pub async fn migrate(
         let t = clock.start_unless_cancelled(phase, cancel)?;
         let prepared = cancellable(
             cancel,
-            phases::prepare(
-                &request.podman,
-                agent,
-                &request.container,
-                &request.state_dir,
-            ),
+            phases::prepare(&request.podman, agent, &info.id, state_dir),
         )
         .await?;
         clock.finish(phase, t);
         let container_ip = prepared.container.ipv4();
+        if let Some(ip) = container_ip {
+            log.set_switch_plan(phases::SwitchPlan::new(
+                &tunnel,
+                ip,
+                &prepared.container,
+                request.forward_new_connections,
+                agent.peer_addr()?.port(),
+            )?)?;
+        }
 
         phase = Phase::Checkpoint;
         let frozen_at = clock.start_unless_cancelled(phase, cancel)?;
-        let work_dir = request.state_dir.join("outgoing");
         // Not cancellable halfway: podman would finish the checkpoint anyway. A cancel
         // is seen right after it, and the container restarted.
+        let work_dir = state_dir.join("outgoing");
         let archive =
-            phases::checkpoint(&request.podman, &prepared.container, &work_dir, &mut undo).await?;
+            phases::checkpoint(&request.podman, &prepared.container, &work_dir, log).await?;
+        crate::fault::at(state_dir, "checkpointed")?;
         clock.finish(phase, frozen_at);
 
         phase = Phase::Transfer;
@@ -441,10 +372,11 @@ pub async fn migrate(
             cancel,
             phases::transfer(
                 agent,
+                &log.record.migration_id,
                 &prepared.container.to_ref(),
                 &archive,
+                state_dir,
                 progress,
-                &mut undo,
             ),
         )
         .await;
@@ -460,35 +392,23 @@ pub async fn migrate(
         clock.finish(phase, t);
 
         phase = Phase::Restore;
+        // The last chance to cancel: from the restore request on, the destination decides.
         let t = clock.start_unless_cancelled(phase, cancel)?;
         if let Some(ip) = container_ip {
             phases::prepare_flows(agent, &keys, ip).await?;
         }
-        phases::restore(agent, &prepared.container.to_ref()).await?;
+        phases::restore(agent, &prepared.container.to_ref(), log, state_dir).await?;
         let resumed_at = Instant::now();
-        undo.mark_taken_over();
-        clock.finish(phase, t);
-
-        phase = Phase::SwitchTraffic;
-        // The last chance to cancel: the destination gives the container up again.
-        let t = clock.start_unless_cancelled(phase, cancel)?;
-        if let Some(ip) = container_ip {
-            phases::switch_traffic(
-                &tunnel,
-                ip,
-                &prepared.container,
-                request.forward_new_connections,
-                &request.state_dir,
-                agent.peer_addr()?.port(),
-                &mut undo,
-            )
-            .await?;
-        }
         clock.finish(phase, t);
         Ok((prepared, bytes, frozen_at, resumed_at))
     }
     .await;
 
+    let host = SourceHost {
+        podman: &request.podman,
+        token: &request.token,
+        state_dir,
+    };
     let mut history = HistoryEntry::now(
         Direction::Outgoing,
         &request.container,
@@ -498,38 +418,49 @@ pub async fn migrate(
         Ok(done) => done,
         Err(error) => {
             tracing::error!(phase = phase.label(), "migration failed: {error:#}");
-            let rollback_errors = undo
-                .unwind(&request.podman, remote.as_mut(), progress)
-                .await;
+            // The migration's connection closes first: the destination winds down what it
+            // does not own without waiting for it to time out.
+            drop(remote);
+            let resolution = match undo.as_mut() {
+                Some(log) => source::settle(log, &host, IN_DOUBT_PATIENCE, progress).await,
+                None => Resolution::RolledBack {
+                    problems: Vec::new(),
+                },
+            };
             let failure = MigrationFailure {
                 phase,
                 error,
-                rollback_errors,
+                resolution,
             };
             history.error = Some(failure.to_string());
-            record_history(&request.state_dir, &history);
+            record_history(state_dir, &history);
             return Err(failure);
         }
     };
     let freeze_to_resume = resumed_at - frozen_at;
+    let log = undo.as_mut().expect("journaled");
 
-    // The destination runs the container now: from here on nothing is rolled back, and
+    // The destination owns the container now: from here on nothing is rolled back, and
     // problems are only reported.
+    let t = clock.start(Phase::SwitchTraffic);
+    let mut warnings = Vec::new();
+    if let Err(e) = crate::fault::at(state_dir, "switching") {
+        warnings.push(format!("{e:#}"));
+    }
+    if let Some(plan) = &log.record.switch {
+        if let Err(e) = phases::switch_traffic(plan, state_dir).await {
+            warnings.push(format!("could not switch the traffic: {e:#}"));
+        }
+    }
+    clock.finish(Phase::SwitchTraffic, t);
     let t = clock.start(Phase::CleanUp);
-    let agent = remote.as_mut().expect("connected");
-    let warnings = phases::clean_up(
-        &request.podman,
-        agent,
-        &prepared.container.name,
-        undo.close(),
-    )
-    .await;
+    warnings.extend(source::release_source(log, &host, remote.as_mut()).await);
     clock.finish(Phase::CleanUp, t);
 
     history.succeeded = true;
     history.freeze_to_resume_ms = Some(freeze_to_resume.as_secs_f64() * 1e3);
     history.total_ms = Some(started.elapsed().as_secs_f64() * 1e3);
-    record_history(&request.state_dir, &history);
+    record_history(state_dir, &history);
     Ok(MigrationReport {
         container: prepared.container.name.clone(),
         container_id: prepared.container.id.clone(),

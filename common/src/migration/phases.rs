@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::{Progress, Undo, UndoLog};
+use super::ownership::SourceStage;
+use super::source::UndoLog;
+use super::{Progress, Undo};
 
 use crate::auth::Token;
 use crate::conntrack::{self, Proto};
@@ -17,7 +19,7 @@ use crate::nft::Firewall;
 use crate::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::podman::{ContainerInfo, PodmanClient};
 use crate::preflight::{self, Finding};
-use crate::protocol::{ContainerRef, HostReport};
+use crate::protocol::{ContainerRef, HostReport, MAX_FLOWS_PER_BATCH};
 use crate::remote::RemoteAgent;
 use crate::routing::{Route, Routing};
 use crate::wireguard::KeyPair;
@@ -147,19 +149,20 @@ pub async fn checkpoint(
     work_dir: &Path,
     undo: &mut UndoLog,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(work_dir)
+    crate::files::create_private_dir(work_dir)
         .with_context(|| format!("create work directory {}", work_dir.display()))?;
-    let archive = work_dir.join(format!("{}.checkpoint.tar", container.id));
-    undo.push(Undo::RemoveFile(archive.clone()));
+    let archive = work_dir.join(format!("{}.tar", undo.record.migration_id));
+    undo.push(Undo::RemoveFile(archive.clone()))?;
     let container_ip = container.ipv4();
     if let Some(ip) = container_ip {
-        undo.push(Undo::RemoveContainerRoute(ip));
+        undo.push(Undo::RemoveContainerRoute(ip))?;
     }
     // Registered before the call: a checkpoint that fails halfway may still have stopped it.
     undo.push(Undo::RestartOnSource {
         container: container.name.clone(),
         archive: archive.clone(),
-    });
+    })?;
+    undo.enter(SourceStage::Frozen)?;
     podman.checkpoint_to_file(&container.name, &archive).await?;
     if let Some(ip) = container_ip {
         Routing::new()?
@@ -171,7 +174,8 @@ pub async fn checkpoint(
 
 /// Part of the restore phase: tell the destination about the container's flows, as it will
 /// see them (without this host's NAT), so it tracks them as established connections that
-/// came through the tunnel. Undone with the transfer's `DiscardOnDestination`.
+/// came through the tunnel. The destination removes them unless it comes to own the
+/// container.
 pub async fn prepare_flows(
     remote: &mut RemoteAgent,
     keys: &KeyPair,
@@ -182,63 +186,95 @@ pub async fn prepare_flows(
         .map(|f| f.without_nat())
         .collect();
     tracing::info!(flows = flows.len(), %container_ip, "sending the container's flows");
-    remote
-        .prepare_traffic(&keys.public_base64(), container_ip, flows)
-        .await
+    let mut prepared = 0;
+    // An empty batch still holds the address on the destination.
+    for batch in flows
+        .chunks(MAX_FLOWS_PER_BATCH)
+        .chain(flows.is_empty().then_some(&[][..]))
+    {
+        prepared = remote
+            .prepare_traffic(&keys.public_base64(), container_ip, batch.to_vec())
+            .await?;
+    }
+    Ok(prepared)
+}
+
+/// Everything the switch of traffic needs, journaled before the restore request so that
+/// whoever finishes the migration (after a crash too) can switch it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwitchPlan {
+    pub container_id: String,
+    pub container_name: String,
+    pub container_ip: Ipv4Addr,
+    /// The tunnel to the destination.
+    pub interface: String,
+    /// The destination agent, reached through the tunnel (its address stays the same if
+    /// the LAN's changes).
+    pub next_agent: SocketAddr,
+    /// Published ports whose new connections go to the container: (protocol, host port,
+    /// container port). Empty with `--no-forward-new`.
+    pub ports: Vec<(Proto, u16, u16)>,
+}
+
+impl SwitchPlan {
+    pub fn new(
+        tunnel: &TunnelEnd,
+        container_ip: Ipv4Addr,
+        container: &ContainerInfo,
+        forward_new_connections: bool,
+        agent_port: u16,
+    ) -> Result<Self> {
+        let mut ports = Vec::new();
+        if forward_new_connections {
+            for port in &container.published_ports {
+                ports.push((port.protocol.parse()?, port.host_port, port.container_port));
+            }
+        }
+        Ok(Self {
+            container_id: container.id.clone(),
+            container_name: container.name.clone(),
+            container_ip,
+            interface: tunnel.interface.clone(),
+            next_agent: tunnel.peer_agent(agent_port),
+            ports,
+        })
+    }
 }
 
 /// Switch traffic: flows that still arrive here for the container go through the tunnel,
-/// and (if enabled) so do new connections to its published ports. A forward record tells
-/// `agent-server` to remove all this once nothing needs it ([`crate::forwarding`]).
-/// Undo: route it locally again, drop the forwards and the record.
-#[allow(clippy::too_many_arguments)] // each is one fact the switch needs
-pub async fn switch_traffic(
-    tunnel: &TunnelEnd,
-    container_ip: Ipv4Addr,
-    container: &ContainerInfo,
-    forward_new_connections: bool,
-    state_dir: &Path,
-    agent_port: u16,
-    undo: &mut UndoLog,
-) -> Result<()> {
-    let mut record = ForwardRecord {
-        container_id: container.id.clone(),
-        container_name: container.name.clone(),
-        container_ip,
-        // Asked through the tunnel, whose address stays the same if the LAN's changes.
-        next_agent: tunnel.peer_agent(agent_port),
-        ports: Vec::new(),
-        downstream_alive: true,
-    };
-    undo.push(Undo::ForgetForwarding(record.path(state_dir)));
+/// and so do new connections to its published ports in the plan. A forward record tells
+/// `agent-server` to remove all this once nothing needs it ([`crate::forwarding`]). Runs
+/// after the destination owns the container, so it is never undone; every step is
+/// idempotent, so it can be run again after a crash.
+pub async fn switch_traffic(plan: &SwitchPlan, state_dir: &Path) -> Result<()> {
     Routing::new()?
         .replace_route(&Route::device_v4(
-            container_ip,
+            plan.container_ip,
             32,
             MAIN_TABLE,
-            tunnel.interface.clone(),
+            plan.interface.clone(),
         ))
         .await?;
-    if forward_new_connections {
-        for port in &container.published_ports {
-            let protocol: Proto = port.protocol.parse()?;
-            undo.push(Undo::UnforwardPort {
-                protocol,
-                host_port: port.host_port,
-            });
-            record.ports.push((protocol, port.host_port));
-            let (host_port, container_port) = (port.host_port, port.container_port);
-            tokio::task::spawn_blocking(move || {
-                Firewall::ensure()?.forward_port(protocol, host_port, container_ip, container_port)
-            })
-            .await??;
-        }
+    for &(protocol, host_port, container_port) in &plan.ports {
+        let container_ip = plan.container_ip;
+        tokio::task::spawn_blocking(move || {
+            Firewall::ensure()?.forward_port(protocol, host_port, container_ip, container_port)
+        })
+        .await??;
     }
-    record.save(state_dir)?;
+    ForwardRecord {
+        container_id: plan.container_id.clone(),
+        container_name: plan.container_name.clone(),
+        container_ip: plan.container_ip,
+        next_agent: plan.next_agent,
+        ports: plan.ports.iter().map(|&(p, h, _)| (p, h)).collect(),
+        downstream_alive: true,
+    }
+    .save(state_dir)?;
     Ok(())
 }
 
-/// Undo of the route [`checkpoint`] and [`switch_traffic`] make for the container.
+/// Undo of the blackhole route [`checkpoint`] makes for the container.
 pub async fn route_container_locally(container_ip: Ipv4Addr) -> Result<()> {
     Routing::new()?
         .delete_route(IpAddr::V4(container_ip), 32, MAIN_TABLE)
@@ -246,62 +282,50 @@ pub async fn route_container_locally(container_ip: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
-/// Undo of [`switch_traffic`]'s port forwards.
-pub async fn unforward_port(protocol: Proto, host_port: u16) -> Result<()> {
-    tokio::task::spawn_blocking(move || Firewall::ensure()?.unforward_port(protocol, host_port))
-        .await?
-}
-
-/// Transfer: stream the archive to the destination, which verifies its SHA-256.
-/// Undo: the destination drops what it received (and, later, what it restored).
+/// Transfer: stream the archive to the destination, which verifies its SHA-256. Nothing
+/// to undo here: until it is asked to restore, the destination drops what it received
+/// when the connection closes.
 pub async fn transfer(
     remote: &mut RemoteAgent,
+    migration_id: &str,
     container: &ContainerRef,
     archive: &Path,
+    state_dir: &Path,
     progress: &(dyn Fn(Progress) + Send + Sync),
-    undo: &mut UndoLog,
 ) -> Result<u64> {
     let total = std::fs::metadata(archive)?.len();
-    undo.push(Undo::DiscardOnDestination);
+    let mut first = true;
     remote
-        .put_checkpoint(container, archive, |sent| {
+        .put_checkpoint(migration_id, container, archive, |sent| {
+            if std::mem::take(&mut first) {
+                if let Err(e) = crate::fault::at(state_dir, "transferring") {
+                    tracing::error!("{e:#}");
+                }
+            }
             progress(Progress::Transferred { sent, total })
         })
         .await
 }
 
-/// Restore: the destination creates and starts the container from the archive. Its undo is
-/// the transfer's: the destination removes the restored copy along with the archive.
-pub async fn restore(remote: &mut RemoteAgent, container: &ContainerRef) -> Result<u64> {
-    remote.restore(container).await
-}
-
-/// Clean up: the destination runs the container, so remove the source copy and the
-/// migration's local files, and tell the destination it may forget the session.
-/// Returns warnings: nothing here may undo the migration.
-pub async fn clean_up(
-    podman: &PodmanClient,
+/// Restore: the destination creates and starts the container from the archive, and owns
+/// it once it answers. The request is journaled before it is sent: from then on, who owns
+/// the container is in doubt until the destination answers ([`super::ownership`]).
+pub async fn restore(
     remote: &mut RemoteAgent,
-    container: &str,
-    undo: Vec<Undo>,
-) -> Vec<String> {
-    let mut warnings = Vec::new();
-    if let Err(e) = podman.remove(container).await {
-        warnings.push(format!(
-            "could not remove the source copy of {container}: {e}"
-        ));
-    }
-    for step in undo {
-        if let Undo::RemoveFile(path) = step {
-            if let Err(e) = std::fs::remove_file(&path) {
-                warnings.push(format!("could not remove {}: {e}", path.display()));
+    container: &ContainerRef,
+    undo: &mut UndoLog,
+    state_dir: &Path,
+) -> Result<u64> {
+    undo.enter(SourceStage::RestoreRequested)?;
+    let restore_ms = remote
+        .restore(container, || {
+            if let Err(e) = crate::fault::at(state_dir, "restore-requested") {
+                tracing::error!("{e:#}");
             }
-        }
-    }
-    if let Err(e) = remote.finish().await {
-        warnings.push(format!("destination did not acknowledge the end: {e:#}"));
-    }
-    warnings
+        })
+        .await?;
+    undo.enter(SourceStage::DestinationOwns)?;
+    Ok(restore_ms)
 }
 
 /// Undo of [`checkpoint`]: bring the container back on the source. The checkpoint kept with

@@ -12,10 +12,21 @@ fn main() {
     help_if_asked(
         "tcp-echo: echoes every byte of every TCP connection back to its sender.\n\n\
          Takes no arguments. Environment:\n  \
-         PORT  TCP port to listen on (default 5000)",
+         PORT      TCP port to listen on (default 5000)\n  \
+         COUNT_MS  also print `count N` (N = 1, 2, ...) every COUNT_MS milliseconds, so a \
+         test sees that the process ran once, with no gap and no repeat (default 0: off)",
     );
     exit_on_termination();
     let port: u16 = env_or("PORT", 5000);
+    let count_ms: u64 = env_or("COUNT_MS", 0);
+    if count_ms > 0 {
+        thread::spawn(move || {
+            for n in 1u64.. {
+                say(&format!("count {n}"));
+                thread::sleep(Duration::from_millis(count_ms));
+            }
+        });
+    }
     let listener = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| {
         eprintln!("tcp-echo: cannot listen on port {port}: {e}");
         std::process::exit(1)

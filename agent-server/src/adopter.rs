@@ -1,0 +1,27 @@
+//! Adopts the outgoing migrations of an `agent-client` on this host that died (killed,
+//! crashed, its terminal lost) or gave up on a destination that stopped answering, and
+//! resolves them as the ownership model says ([`common::migration::source`]): the
+//! container runs here again, or the destination's copy is confirmed and this one removed.
+//! A migration in doubt is asked about again on every round.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::migration::source::{self, SourceHost};
+
+use crate::ServerContext;
+
+/// Runs [`source::recover_abandoned`] every `interval`, for ever.
+pub async fn run(context: Arc<ServerContext>, interval: Duration) {
+    let host = SourceHost {
+        podman: &context.podman,
+        token: &context.token,
+        state_dir: &context.state_dir,
+    };
+    loop {
+        for line in source::recover_abandoned(&host, false).await {
+            tracing::info!("adopted migration: {line}");
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,369 @@
+//! The destination's side of a migration, as state: what an incoming migration has made on
+//! this host (archive, conntrack entries, a held address, a restored container) and where
+//! it stands in the ownership model ([`super::ownership`]). Each migration is journaled
+//! atomically on every change, so that after a crash `agent-server` (or `agent-client
+//! cleanup` while it is down) carries out the model: it keeps what it owns, and removes
+//! what it does not.
+
+use std::collections::HashMap;
+use std::fs::{File, TryLockError};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::ownership::{self, DestinationAction, DestinationStage, Verdict};
+use crate::conntrack::{self, Flow};
+use crate::overlay::MAIN_TABLE;
+use crate::podman::PodmanClient;
+use crate::protocol::ContainerRef;
+use crate::routing::Routing;
+
+/// How long a restarted agent waits for a restore that podman may still finish on its own
+/// (the agent died after handing podman the archive) before it counts it as not coming.
+const LATE_RESTORE_WAIT: Duration = Duration::from_secs(5);
+
+fn server_lock_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent-server.lock")
+}
+
+/// Takes the lock `agent-server` holds for as long as it runs on `state_dir`: one server
+/// per state directory, and `agent-client cleanup` knows whether one runs.
+pub fn lock_server(state_dir: &Path) -> Result<File> {
+    crate::files::create_private_dir(state_dir)
+        .with_context(|| format!("create {}", state_dir.display()))?;
+    let path = server_lock_path(state_dir);
+    let file = File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => anyhow::bail!(
+            "another agent-server runs with the state directory {}",
+            state_dir.display()
+        ),
+        Err(TryLockError::Error(e)) => Err(e).with_context(|| format!("lock {}", path.display())),
+    }
+}
+
+/// Whether an `agent-server` runs on `state_dir` (holds its lock).
+pub fn server_running(state_dir: &Path) -> bool {
+    File::open(server_lock_path(state_dir))
+        .is_ok_and(|f| matches!(f.try_lock_shared(), Err(TryLockError::WouldBlock)))
+}
+
+/// Directory of the incoming migrations' journals.
+pub fn journal_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("sessions")
+}
+
+/// Directory of the incoming checkpoint archives.
+pub fn archive_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("incoming")
+}
+
+/// A journal found in the state directory.
+#[derive(Debug)]
+pub enum Journaled {
+    Readable(Box<IncomingMigration>),
+    /// Reported, never silently deleted: it may name a copy or conntrack entries.
+    Unreadable {
+        path: PathBuf,
+        error: String,
+    },
+}
+
+/// The journals of incoming migrations (open ones, ones kept because this host owns the
+/// container until the source settles, or, with no server running, abandoned ones).
+pub fn list(state_dir: &Path) -> Vec<Journaled> {
+    let Ok(entries) = std::fs::read_dir(journal_dir(state_dir)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(read_journal)
+        .collect();
+    out.sort_by_key(|j| match j {
+        Journaled::Readable(m) => m.journal.clone(),
+        Journaled::Unreadable { path, .. } => path.clone(),
+    });
+    out
+}
+
+fn read_journal(path: PathBuf) -> Journaled {
+    let parsed = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| {
+            serde_json::from_slice::<IncomingMigration>(&bytes).map_err(|e| e.to_string())
+        });
+    match parsed {
+        Ok(mut migration) => {
+            migration.journal = path;
+            Journaled::Readable(Box::new(migration))
+        }
+        Err(error) => Journaled::Unreadable { path, error },
+    }
+}
+
+/// One incoming migration: what it has made on this host, so it can be undone, and where
+/// it stands.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IncomingMigration {
+    #[serde(skip)]
+    journal: PathBuf,
+    pub migration_id: String,
+    pub stage: DestinationStage,
+    /// The container the source declared; the only one this migration may restore.
+    pub container: ContainerRef,
+    /// The source's address, for the history.
+    pub source: String,
+    pub archive: Option<PathBuf>,
+    /// Conntrack entries this migration created (entries that existed before are not ours).
+    pub flows: Vec<Flow>,
+    /// The incoming container's address, held (blackholed) until it runs.
+    pub held_ip: Option<Ipv4Addr>,
+}
+
+impl IncomingMigration {
+    /// A migration that starts receiving its archive; journaled before anything else.
+    pub fn begin(
+        state_dir: &Path,
+        migration_id: &str,
+        container: ContainerRef,
+        source: String,
+    ) -> Result<Self> {
+        for dir in [journal_dir(state_dir), archive_dir(state_dir)] {
+            crate::files::create_private_dir(&dir)
+                .with_context(|| format!("create {}", dir.display()))?;
+        }
+        let migration = Self {
+            journal: journal_dir(state_dir).join(format!("{migration_id}.json")),
+            migration_id: migration_id.to_string(),
+            stage: DestinationStage::Receiving,
+            container,
+            source,
+            archive: Some(archive_dir(state_dir).join(format!("{migration_id}.tar"))),
+            flows: Vec::new(),
+            held_ip: None,
+        };
+        migration.save()?;
+        Ok(migration)
+    }
+
+    /// Journals the current state durably; a failure stops the request before its next step.
+    pub fn save(&self) -> Result<()> {
+        let json = serde_json::to_vec(self)?;
+        crate::files::write_atomic(&self.journal, &json)
+            .with_context(|| format!("write the migration journal {}", self.journal.display()))
+    }
+
+    /// Moves to `stage`, durably.
+    pub fn enter(&mut self, stage: DestinationStage) -> Result<()> {
+        self.stage = stage;
+        self.save()
+    }
+
+    /// Removes everything the migration made here, its copy of the container included,
+    /// and fences it: once this returns Ok, this host holds no copy and starts none. On an
+    /// error the migration stays journaled (and unfenced), to be tried again.
+    pub async fn discard(&mut self, podman: &PodmanClient) -> Result<()> {
+        if matches!(
+            self.stage,
+            DestinationStage::Restoring | DestinationStage::Owns
+        ) && podman.find(&self.container.id).await?.is_some()
+        {
+            tracing::info!(container = %self.container.name, "removing this host's copy");
+            podman.remove(&self.container.id).await?;
+        }
+        while let Some(flow) = self.flows.last() {
+            conntrack::delete(flow).await?;
+            self.flows.pop();
+        }
+        self.release_held_ip().await?;
+        self.discard_archive();
+        self.stage = DestinationStage::Fenced;
+        crate::files::remove_if_present(&self.journal)
+            .with_context(|| format!("remove {}", self.journal.display()))
+    }
+
+    /// The container runs here and the source has removed its copy: nothing is left to
+    /// decide, so the journal goes (the container and its flows stay).
+    pub fn forget(&mut self) -> Result<()> {
+        self.discard_archive();
+        crate::files::remove_if_present(&self.journal)
+            .with_context(|| format!("remove {}", self.journal.display()))
+    }
+
+    /// The container's address is routed locally again (its sockets exist, or it is not coming).
+    pub async fn release_held_ip(&mut self) -> Result<()> {
+        if let Some(ip) = self.held_ip {
+            Routing::new()?
+                .delete_route(IpAddr::V4(ip), 32, MAIN_TABLE)
+                .await?;
+            self.held_ip = None;
+        }
+        Ok(())
+    }
+
+    pub fn discard_archive(&mut self) {
+        if let Some(path) = self.archive.take() {
+            if let Err(e) = crate::files::remove_if_present(&path) {
+                tracing::warn!("could not remove {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Carries out `action` ([`ownership`]). Returns whether the migration is still kept.
+    pub async fn apply(
+        &mut self,
+        action: DestinationAction,
+        podman: &PodmanClient,
+    ) -> Result<bool> {
+        match action {
+            DestinationAction::Keep => {
+                // It runs: its sockets exist and the archive is of no use any more.
+                self.release_held_ip().await?;
+                self.discard_archive();
+                self.save()?;
+                Ok(true)
+            }
+            DestinationAction::Discard => {
+                self.discard(podman).await?;
+                Ok(false)
+            }
+            DestinationAction::Reconcile => {
+                if self.restore_finished_without_us(podman).await? {
+                    tracing::info!(container = %self.container.name, "a restore finished while the agent was down: this host owns it");
+                    self.stage = DestinationStage::Owns;
+                    Box::pin(self.apply(DestinationAction::Keep, podman)).await
+                } else {
+                    self.discard(podman).await?;
+                    Ok(false)
+                }
+            }
+        }
+    }
+
+    /// Whether podman runs the container although the agent never saw the restore end.
+    /// A restore that podman is still working on is waited for a little.
+    async fn restore_finished_without_us(&self, podman: &PodmanClient) -> Result<bool> {
+        let deadline = tokio::time::Instant::now() + LATE_RESTORE_WAIT;
+        loop {
+            if let Some(found) = podman.find(&self.container.id).await? {
+                if found.running {
+                    return Ok(true);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// The incoming migrations this agent knows, by migration ID. Each sits behind its own
+/// lock, held while a request of it is handled, so a `Resolve` from another connection
+/// waits for a restore under way to end and then sees its outcome.
+#[derive(Default)]
+pub struct Registry {
+    /// By migration ID: the container's ID (readable while the migration is locked) and
+    /// the migration.
+    migrations: std::sync::Mutex<HashMap<String, (String, Shared)>>,
+}
+
+pub type Shared = Arc<tokio::sync::Mutex<IncomingMigration>>;
+
+impl Registry {
+    /// Adds a migration; refused if it, or another one of the same container, is known.
+    pub fn insert(&self, migration: IncomingMigration) -> Result<Shared, Busy> {
+        let mut all = self.migrations.lock().expect("registry lock");
+        let container = migration.container.id.clone();
+        if all.contains_key(&migration.migration_id) || all.values().any(|(c, _)| *c == container) {
+            return Err(Busy(migration.container.name));
+        }
+        let id = migration.migration_id.clone();
+        let shared = Arc::new(tokio::sync::Mutex::new(migration));
+        all.insert(id, (container, shared.clone()));
+        Ok(shared)
+    }
+
+    pub fn get(&self, migration_id: &str) -> Option<Shared> {
+        self.migrations
+            .lock()
+            .expect("registry lock")
+            .get(migration_id)
+            .map(|(_, m)| m.clone())
+    }
+
+    pub fn remove(&self, migration_id: &str) {
+        self.migrations
+            .lock()
+            .expect("registry lock")
+            .remove(migration_id);
+    }
+
+    /// Answers `Resolve`: the owner says so; anything else is fenced first.
+    pub async fn resolve(&self, migration_id: &str, podman: &PodmanClient) -> Result<Verdict> {
+        let Some(shared) = self.get(migration_id) else {
+            // Never known, or discarded already: no copy here, and none can start (a
+            // restore needs the migration's own connection and archive).
+            return Ok(Verdict::Fenced);
+        };
+        let mut migration = shared.lock().await;
+        let (action, verdict) = ownership::resolve(migration.stage);
+        if !migration.apply(action, podman).await? {
+            self.remove(migration_id);
+        }
+        Ok(verdict)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("container {0} is already migrating to or from this host")]
+pub struct Busy(pub String);
+
+/// Carries out [`ownership::on_restart`] for the migrations a previous run of the agent
+/// left; the ones it keeps (this host owns them) go into `registry`. Returns a line per
+/// migration it handled.
+pub async fn recover(
+    state_dir: &Path,
+    podman: &PodmanClient,
+    registry: &Registry,
+) -> Result<Vec<String>> {
+    let mut report = Vec::new();
+    for journaled in list(state_dir) {
+        let mut migration = match journaled {
+            Journaled::Readable(m) => *m,
+            Journaled::Unreadable { path, error } => {
+                tracing::error!(journal = %path.display(), "unreadable migration journal: {error}");
+                report.push(format!(
+                    "{}: unreadable migration journal left for a look: {error}",
+                    path.display()
+                ));
+                continue;
+            }
+        };
+        let stage = migration.stage;
+        let name = migration.container.name.clone();
+        let kept = migration
+            .apply(ownership::on_restart(stage), podman)
+            .await
+            .with_context(|| format!("recovering the incoming migration of {name}"))?;
+        if kept {
+            report.push(format!(
+                "{name}: runs here; kept until its source settles the migration"
+            ));
+            registry
+                .insert(migration)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        } else {
+            report.push(format!(
+                "{name}: incoming migration left {stage:?} by a previous run wound down"
+            ));
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,374 @@
+//! The fault matrix: a migration h1 -> h2 of an echo service that counts (`tcp-echo` with
+//! `COUNT_MS`), with a live TCP client, hit by one fault at one exact step. The step is
+//! reached through the agents' test-only fault points (`common::fault`): the process
+//! stops itself there (SIGSTOP), the fault is applied, and the process is let go on.
+//!
+//! Every cell asserts, with no manual step: never two running copies while it resolves;
+//! exactly one copy runs, on the host the ownership model says, within 40 s; the counter
+//! ran once, with no gap and no repeat; the client's connection survived unless the cut
+//! link carried it; and nothing of the migration is left on either host.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use lab::flow::FlowClient;
+use lab::Lab;
+
+use super::{agent_client, flow_survived, is_running, wait_for};
+
+/// Where the fault hits.
+#[derive(Debug, Clone, Copy)]
+enum Point {
+    /// The container is checkpointed, nothing sent yet.
+    Checkpoint,
+    /// Part of the archive is on its way.
+    Transfer,
+    /// The restore request is sent; the destination restores.
+    Restore,
+    /// The destination owns the container and has not yet said so.
+    RestoredUnheard,
+    /// The source heard it, and has not switched the traffic yet.
+    Switch,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillClient,
+    TermClient,
+    /// SIGKILL of h2's agent-server, started again 5 s later.
+    KillDestination,
+    /// The link between h1 and h2 is cut for 20 s.
+    CutLink,
+}
+
+const POINTS: [Point; 5] = [
+    Point::Checkpoint,
+    Point::Transfer,
+    Point::Restore,
+    Point::RestoredUnheard,
+    Point::Switch,
+];
+const FAULTS: [Fault; 4] = [
+    Fault::KillClient,
+    Fault::TermClient,
+    Fault::KillDestination,
+    Fault::CutLink,
+];
+
+/// Within this, exactly one copy runs once the fault hit.
+const RESOLVED_WITHIN: Duration = Duration::from_secs(40);
+const CUT_FOR: Duration = Duration::from_secs(20);
+
+impl Point {
+    /// `LM_FAULT` of the client, or `None` when the destination's agent stops instead.
+    fn client_fault(self) -> Option<&'static str> {
+        match self {
+            Point::Checkpoint => Some("checkpointed:stop"),
+            Point::Transfer => Some("transferring:stop"),
+            Point::Restore => Some("restore-requested:stop"),
+            Point::RestoredUnheard => None,
+            Point::Switch => Some("switching:stop"),
+        }
+    }
+
+    /// Where the container runs once the model resolved the fault: the destination once
+    /// a restore was requested and it restored the container, the source before.
+    fn owner(self) -> &'static str {
+        match self {
+            Point::Checkpoint | Point::Transfer => "h1",
+            Point::Restore | Point::RestoredUnheard | Point::Switch => "h2",
+        }
+    }
+}
+
+/// One row per cell, for the log: what happened and how long recovery took.
+pub fn fault_matrix(lab: &Lab) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    let mut index = 0;
+    for point in POINTS {
+        for fault in FAULTS {
+            index += 1;
+            let outcome = run_cell(lab, index, point, Some(fault));
+            report(&mut rows, &mut failures, format!("{point:?} / {fault:?}"), outcome);
+        }
+    }
+    index += 1;
+    let outcome = run_cell(lab, index, Point::Restore, None);
+    report(&mut rows, &mut failures, "Restore / restore fails on h2".into(), outcome);
+    eprintln!("fault matrix:\n{}", rows.join("\n"));
+    ensure!(failures.is_empty(), "cells failed:\n{}", failures.join("\n"));
+    Ok(())
+}
+
+fn report(rows: &mut Vec<String>, failures: &mut Vec<String>, cell: String, outcome: Result<Duration>) {
+    match outcome {
+        Ok(took) => rows.push(format!("  {cell:<36} passed, resolved in {:.1} s", took.as_secs_f64())),
+        Err(e) => {
+            rows.push(format!("  {cell:<36} FAILED: {e:#}"));
+            failures.push(format!("{cell}: {e:#}"));
+        }
+    }
+}
+
+/// `fault` `None`: the restore fails on the destination.
+fn run_cell(lab: &Lab, index: u16, point: Point, fault: Option<Fault>) -> Result<Duration> {
+    let name = format!("fm{index}");
+    let port = 5300 + index;
+    let published = format!("{port}:5000");
+    lab.run_container(
+        "h1",
+        &name,
+        &["-p", &published, "-e", "COUNT_MS=50"],
+        "localhost/tcp-echo",
+        &[],
+    )?;
+    let ip = lab.container_ip("h1", &name)?;
+    let result = cell(lab, &name, port, point, fault);
+    // Whatever happened: no stopped process, no cut, no armed fault, no container left.
+    if let Ok(Some(pid)) = lab.agent_pid("h2") {
+        lab::cleanup::kill(pid, libc::SIGCONT);
+    }
+    let _ = lab.join_link();
+    let _ = lab.clear_agent_fault("h2");
+    let _ = lab.start_agent("h2");
+    for host in ["h1", "h2"] {
+        let _ = lab.podman(host, &["rm", "-f", "-t", "0", &name]);
+    }
+    let (took, flow_closed) = result?;
+    nothing_left(lab, &ip, port, flow_closed)?;
+    Ok(took)
+}
+
+/// Returns how long recovery took, and whether the client's flow survived (and so was
+/// closed in order).
+fn cell(
+    lab: &Lab,
+    name: &str,
+    port: u16,
+    point: Point,
+    fault: Option<Fault>,
+) -> Result<(Duration, bool)> {
+    let addr = format!("10.77.0.11:{port}");
+    lab.wait_tcp("client", addr.parse()?, Duration::from_secs(10))?;
+    let flow = FlowClient::start(lab, "tcp", &addr, None)?;
+    let before = counted(lab, "h1", name)?;
+
+    match fault {
+        Some(_) if point.client_fault().is_none() => {
+            lab.inject_agent_fault("h2", "restored:stop")?
+        }
+        None => lab.inject_agent_fault("h2", "restore:fail")?,
+        Some(_) => {}
+    }
+    let client = Client::start(lab, name, fault.and(point.client_fault()))?;
+    let hit = Instant::now();
+    if let Some(fault) = fault {
+        let stopped_pid = match point.client_fault() {
+            Some(_) => client.pid,
+            None => destination_pid(lab)?,
+        };
+        wait_for(&format!("the fault point of {point:?}"), Duration::from_secs(60), || {
+            Ok(lab::cleanup::is_stopped(stopped_pid))
+        })?;
+        if matches!(point, Point::Restore) && matches!(fault, Fault::KillDestination | Fault::CutLink) {
+            // Let the restore under way finish first, so the cell is the same every run.
+            wait_for("h2 to run the container", Duration::from_secs(30), || {
+                is_running(lab, "h2", name)
+            })?;
+        }
+        apply(lab, fault, stopped_pid, client.pid)?;
+    }
+    let owner = if fault.is_none() { "h1" } else { point.owner() };
+    let other = if owner == "h1" { "h2" } else { "h1" };
+    // Never two copies; within the bound, one copy where the model says, and both hosts
+    // done with the migration.
+    let deadline = hit + RESOLVED_WITHIN + if matches!(fault, Some(Fault::CutLink)) { CUT_FOR } else { Duration::ZERO };
+    let mut cut_restored = !matches!(fault, Some(Fault::CutLink));
+    let took = loop {
+        let (here, there) = (is_running(lab, owner, name)?, is_running(lab, other, name)?);
+        ensure!(!(here && there), "two copies run: on {owner} and on {other}");
+        if !cut_restored && hit.elapsed() >= CUT_FOR {
+            lab.join_link()?;
+            cut_restored = true;
+        }
+        if here && cut_restored && migration_settled(lab)? {
+            break hit.elapsed();
+        }
+        if Instant::now() > deadline {
+            let seen = client.finish()?;
+            bail!(
+                "not resolved after {:.0} s: {owner} runs it: {here}, {other} runs it: {there}\n{seen}",
+                hit.elapsed().as_secs_f64(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let client_log = client.finish()?;
+    if took > RESOLVED_WITHIN + if matches!(fault, Some(Fault::CutLink)) { CUT_FOR } else { Duration::ZERO } {
+        bail!("resolved only after {:.1} s", took.as_secs_f64());
+    }
+    let after = counted(lab, owner, name)?;
+    ensure!(
+        after.last() > before.last(),
+        "the counter on {owner} did not go on past {:?}",
+        before.last()
+    );
+    let flow = flow_survived(flow);
+    let link_carried_it = matches!(fault, Some(Fault::CutLink)) && owner == "h2";
+    let survived = match flow {
+        Ok(_) => true,
+        Err(e) if link_carried_it => {
+            eprintln!("{name}: the flow did not survive the cut: {e:#}");
+            false
+        }
+        Err(e) => return Err(e.context(client_log)),
+    };
+    Ok((took, survived))
+}
+
+fn destination_pid(lab: &Lab) -> Result<u32> {
+    lab.agent_pid("h2")?.context("agent-server on h2 is not running")
+}
+
+/// Applies `fault` while the process `stopped` waits at the fault point.
+fn apply(lab: &Lab, fault: Fault, stopped: u32, client: u32) -> Result<()> {
+    let cont = |pid| lab::cleanup::kill(pid, libc::SIGCONT);
+    match fault {
+        Fault::KillClient => {
+            lab::cleanup::kill(client, libc::SIGKILL);
+            cont(stopped);
+        }
+        Fault::TermClient => {
+            lab::cleanup::kill(client, libc::SIGTERM);
+            cont(stopped);
+        }
+        Fault::KillDestination => {
+            lab.kill_agent("h2")?;
+            std::thread::sleep(Duration::from_secs(5)); // the fault is 5 s of downtime
+            lab.start_agent("h2")?;
+            cont(client);
+        }
+        Fault::CutLink => {
+            lab.cut_link("h1", "h2")?;
+            cont(stopped);
+        }
+    }
+    Ok(())
+}
+
+/// Neither host has a journal, session, archive or armed fault of the migration left.
+fn migration_settled(lab: &Lab) -> Result<bool> {
+    for (host, dirs) in [("h1", ["journals", "outgoing"]), ("h2", ["sessions", "incoming"])] {
+        for dir in dirs {
+            if !lab.agent_state(host, dir)?.is_empty() {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Once the container is gone: no journal, session, archive, forward record, route, port
+/// forward or live conntrack entry of it on either host.
+/// Conntrack entries are checked after a flow that was closed in order; a broken one's
+/// linger until the kernel times them out.
+fn nothing_left(lab: &Lab, ip: &str, port: u16, flow_closed: bool) -> Result<()> {
+    wait_for("h1 to drop its forwarding", Duration::from_secs(20), || {
+        Ok(lab.agent_state("h1", "forwards")?.is_empty())
+    })?;
+    ensure!(migration_settled(lab)?, "journals, sessions or archives left");
+    for host in ["h1", "h2"] {
+        let routes = lab.exec_stdout(host, &["ip", "route", "show", "table", "main"])?;
+        ensure!(
+            !routes.lines().any(|r| r.split_whitespace().any(|w| w == ip)),
+            "{host} keeps a route of {ip}: {routes}"
+        );
+        let tracked = lab.exec_stdout(host, &["conntrack", "-L", "-p", "tcp", "--state", "ESTABLISHED"])?;
+        ensure!(
+            !flow_closed || !tracked.lines().any(|l| l.contains(&format!("={ip} "))),
+            "{host} keeps established conntrack entries of {ip}: {tracked}"
+        );
+        let nft = lab.exec_unchecked(host, &["nft", "list", "table", "inet", "live_migrate"])?;
+        let nft = String::from_utf8_lossy(&nft.stdout);
+        ensure!(
+            !nft.contains(&format!("dport {port} ")),
+            "{host} still forwards port {port}: {nft}"
+        );
+        let (_, stdout, _) = agent_client(lab, host, &["status", "--json"])?;
+        let status: serde_json::Value = serde_json::from_str(&stdout)?;
+        ensure!(
+            status["migrations"].as_array().is_some_and(Vec::is_empty)
+                && status["forwards"].as_array().is_some_and(Vec::is_empty),
+            "{host}'s status still lists the migration: {status}"
+        );
+    }
+    Ok(())
+}
+
+/// The `count N` lines of the container's log: one run, no gap, no repeat.
+fn counted(lab: &Lab, host: &str, name: &str) -> Result<Vec<u64>> {
+    let mut values = Vec::new();
+    wait_for(&format!("{name} on {host} to count"), Duration::from_secs(10), || {
+        values = lab
+            .podman(host, &["logs", name])?
+            .lines()
+            .filter_map(|l| l.strip_prefix("count "))
+            .map(|n| n.trim().parse().context("count line"))
+            .collect::<Result<Vec<u64>>>()?;
+        Ok(values.len() >= 3)
+    })?;
+    for (i, n) in values.iter().enumerate() {
+        ensure!(
+            *n == i as u64 + 1,
+            "the counter on {host} ran more than once or skipped: {values:?}"
+        );
+    }
+    Ok(values)
+}
+
+/// `agent-client` migrating the cell's container, its stderr collected.
+struct Client {
+    child: Child,
+    pid: u32,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Client {
+    fn start(lab: &Lab, name: &str, fault: Option<&str>) -> Result<Self> {
+        let mut command = lab.command("h1", &["agent-client", "--container", name, "--dest", "h2"])?;
+        if let Some(fault) = fault {
+            command.env("LM_FAULT", fault);
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = command.spawn().context("start agent-client")?;
+        let pipe = child.stderr.take().expect("piped");
+        let stderr = std::thread::spawn(move || {
+            let mut seen = String::new();
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            seen
+        });
+        // nsenter execs agent-client: the child is the client itself.
+        let pid = child.id();
+        Ok(Self { child, pid, stderr })
+    }
+
+    /// Waits for the client to end (killing it if it has not after 60 s); returns what
+    /// it printed.
+    fn finish(mut self) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.child.try_wait()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let status = self.child.wait()?;
+        let seen = self.stderr.join().unwrap_or_default();
+        eprintln!("agent-client ({status}):\n{seen}");
+        Ok(seen)
+    }
+}
