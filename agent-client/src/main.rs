@@ -21,11 +21,14 @@ use tracing_subscriber::EnvFilter;
 /// Live-migrates a podman container from this host to the agent-server on another host,
 /// keeping its TCP and UDP connections open.
 ///
-/// The container is checkpointed with its established connections, sent through a
-/// WireGuard tunnel to the destination, restored there, and removed here only once it runs
-/// there; flows that still arrive here are forwarded to it through the tunnel. If anything
-/// fails, or you press Ctrl-C (or agent-client gets SIGTERM or SIGHUP) before the traffic is
-/// switched, it runs here again and nothing is left behind.
+/// The container is checkpointed with its established connections, sent over an
+/// authenticated, encrypted session to the destination, restored there, and removed here
+/// only once it runs there; flows that still arrive here are forwarded to it through a
+/// WireGuard tunnel. If anything fails, or you press Ctrl-C (or agent-client gets SIGTERM
+/// or SIGHUP) before the destination is asked to restore it, it runs here again and
+/// nothing is left behind. Once asked, the destination decides: the container never runs
+/// on both hosts, and if the destination stops answering it stays stopped here until
+/// agent-server on this host learns the answer.
 ///
 /// Without --container it asks: it lists the running containers, lets you pick one and a
 /// destination, shows a preflight check of both hosts and asks for confirmation.

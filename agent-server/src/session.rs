@@ -2,6 +2,7 @@
 //! input is validated here before it reaches the host, authenticated or not.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use common::auth::authenticate_client;
 use common::conntrack;
 use common::forwarding::ForwardRecord;
 use common::history::{self, Direction, HistoryEntry};
-use common::migration::destination::{IncomingMigration, Shared};
+use common::migration::destination::{self, IncomingMigration, Shared};
 use common::migration::ownership::{self, DestinationStage};
 use common::overlay::{TunnelEnd, MAIN_TABLE};
 use common::protocol::{
@@ -204,9 +205,16 @@ async fn handle(
         }
         ClientMessage::PutImage { image_id } => {
             validate::image_id(&image_id).map_err(invalid)?;
-            let mut archive = Vec::new();
-            receive_stream(stream, &mut archive, IMAGE_LIMIT).await?;
-            podman.load_image(&archive).await?;
+            // Into a file, not memory: an image may be large. Removed when dropped.
+            let dir = destination::archive_dir(&context.state_dir);
+            common::files::create_private_dir(&dir)?;
+            let archive = tempfile::Builder::new()
+                .prefix("image-")
+                .permissions(std::fs::Permissions::from_mode(0o600))
+                .tempfile_in(&dir)?;
+            let mut file = tokio::fs::File::from_std(archive.reopen()?);
+            receive_stream(stream, &mut file, IMAGE_LIMIT).await?;
+            podman.load_image_file(archive.path()).await?;
             if !podman.image_exists(&image_id).await? {
                 return Err(anyhow!(
                     "loaded the image archive but image {image_id} is still missing"
@@ -279,22 +287,13 @@ async fn handle(
             let shared = current(connection)?.clone();
             restore(&shared, &container, context).await
         }
-        ClientMessage::Abort => {
-            if let Some(shared) = connection.migration.take() {
-                let mut migration = shared.lock().await;
-                migration.discard(podman).await?;
-                context.migrations.remove(&migration.migration_id);
-                tracing::info!(container = %migration.container.name, "migration aborted by the source");
-            }
-            Ok(ServerMessage::Aborted)
-        }
         ClientMessage::Finish => {
-            // An owned migration is settled; anything else winds down as the connection closes.
-            if let Some(shared) = connection.migration.clone() {
+            // An owned migration is settled; anything else winds down as the connection
+            // closes (where the history is written, for both).
+            if let Some(shared) = &connection.migration {
                 let mut migration = shared.lock().await;
                 if migration.stage == DestinationStage::Owns {
                     settle(&mut migration, context)?;
-                    connection.migration = None;
                 }
             }
             Ok(ServerMessage::Finished)
@@ -369,25 +368,42 @@ async fn put_checkpoint(
             anyhow!("this connection already carries a migration"),
         ));
     }
+    // Whatever runs here with its ID later is then the migration's, and only that.
+    for existing in [&container.id, &container.name] {
+        if let Some(found) = context.podman.find(existing).await? {
+            return Err(refuse(
+                ErrorCode::State,
+                anyhow!("container {} already exists here", found.name),
+            ));
+        }
+    }
     let name = container.name.clone();
-    let migration = IncomingMigration::begin(
+    let migration = IncomingMigration::new(
         &context.state_dir,
         &migration_id,
         container,
         connection.peer.ip().to_string(),
     )?;
+    // Taken by the registry before it is journaled: a migration ID or container that is
+    // busy must not overwrite the journal of the one that has it.
     let shared = context
         .migrations
         .insert(migration)
-        .map_err(|busy| refuse(ErrorCode::Busy, busy))?;
+        .map_err(|busy| refuse(ErrorCode::Busy, anyhow!("{busy}")))?;
+    let mut migration = shared.lock().await;
+    if let Err(e) = migration.save() {
+        context.migrations.remove(&migration_id);
+        return Err(e.into());
+    }
     connection.migration = Some(shared.clone());
-    let migration = shared.lock().await;
     let path = migration
         .archive
         .clone()
         .expect("a new migration has an archive path");
     let mut file = private_file(&path).await?;
     let bytes = receive_stream(stream, &mut file, CHECKPOINT_LIMIT).await?;
+    migration.archive_verified = true;
+    migration.save()?;
     tracing::info!(container = %name, bytes, "checkpoint received and verified");
     Ok(ServerMessage::CheckpointStored { bytes })
 }
@@ -416,7 +432,13 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
     let archive = migration
         .archive
         .clone()
-        .ok_or_else(|| refuse(ErrorCode::State, anyhow!("no archive in this migration")))?;
+        .filter(|_| migration.archive_verified)
+        .ok_or_else(|| {
+            refuse(
+                ErrorCode::State,
+                anyhow!("no complete, verified archive in this migration"),
+            )
+        })?;
     migration.enter(DestinationStage::Restoring)?;
     let started = Instant::now();
     let restored = match common::fault::at(&context.state_dir, "restore") {
@@ -426,6 +448,10 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
     let outcome = async {
         let ids = restored?;
         if ids != [migration.container.id.clone()] {
+            // Not what the source declared: whatever it was goes again.
+            for id in &ids {
+                let _ = podman.remove(id).await;
+            }
             anyhow::bail!("the archive held {ids:?}, not the declared container");
         }
         if !podman.inspect(&migration.container.id).await?.running {

@@ -479,7 +479,7 @@ mod tests {
         let (mut a, mut b) = (FramedStream::new(a), FramedStream::new(b));
         let token = Token::from("0123456789abcdef0123");
         let server = tokio::spawn(async move { authenticate_client(&mut b, &token).await });
-        a.send(&ClientMessage::Abort).await.unwrap();
+        a.send(&ClientMessage::Finish).await.unwrap();
         assert!(matches!(
             server.await.unwrap(),
             Err(AuthError::Unexpected(_))

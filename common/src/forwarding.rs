@@ -20,12 +20,26 @@ use crate::remote::RemoteAgent;
 use crate::routing::Routing;
 
 /// Removes the forwarding of every record that nothing needs any more: the container is
-/// local again, or the next host says it no longer lives there or downstream. Run periodically by `agent-server` and once by `agent-client
-/// cleanup`; returns what it removed.
+/// local again, or the next host says it no longer lives there or downstream. Forwarding
+/// also yields to a new local container that took the address or a published port: its
+/// traffic is never sent to the departed one. Run periodically by `agent-server` and once
+/// by `agent-client cleanup`; returns what it removed.
 pub async fn sweep(state_dir: &Path, podman: &PodmanClient, token: &Token) -> Result<Vec<String>> {
     let mut removed = Vec::new();
-    for mut record in ForwardRecord::load_all(state_dir) {
-        if podman.find(&record.container_id).await?.is_some() {
+    let records = ForwardRecord::load_all(state_dir);
+    let local = if records.is_empty() {
+        Vec::new()
+    } else {
+        podman.list_running().await?
+    };
+    for mut record in records {
+        // Running, not merely there: the stopped source copy stays until the migration that
+        // wrote this record has removed it.
+        if podman
+            .find(&record.container_id)
+            .await?
+            .is_some_and(|c| c.running)
+        {
             // It came back: the restore owns its route now, the forwards are stale.
             record.remove(state_dir, true).await?;
             removed.push(format!(
@@ -33,6 +47,44 @@ pub async fn sweep(state_dir: &Path, podman: &PodmanClient, token: &Token) -> Re
                 record.container_name
             ));
             continue;
+        }
+        let others = local.iter().filter(|c| c.id != record.container_id);
+        if let Some(squatter) = others
+            .clone()
+            .find(|c| c.ipv4() == Some(record.container_ip))
+        {
+            record.remove(state_dir, false).await?;
+            removed.push(format!(
+                "{}: its address {} belongs to local container {} now, forwarding removed",
+                record.container_name, record.container_ip, squatter.name
+            ));
+            continue;
+        }
+        let taken: Vec<(Proto, u16)> = record
+            .ports
+            .iter()
+            .copied()
+            .filter(|&(proto, port)| {
+                others.clone().any(|c| {
+                    c.published_ports
+                        .iter()
+                        .any(|p| p.host_port == port && p.protocol == proto.as_str())
+                })
+            })
+            .collect();
+        if !taken.is_empty() {
+            record.unforward(&taken).await?;
+            record.ports.retain(|p| !taken.contains(p));
+            record.save(state_dir)?;
+            removed.push(format!(
+                "{}: port(s) {} published by a local container now, their forwarding removed",
+                record.container_name,
+                taken
+                    .iter()
+                    .map(|(proto, port)| format!("{proto}/{port}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
         let downstream_alive = match record.ask_downstream(token).await {
             Ok(alive) => alive,
@@ -128,7 +180,13 @@ impl ForwardRecord {
                 .delete_route(IpAddr::V4(self.container_ip), 32, MAIN_TABLE)
                 .await?;
         }
-        let ports = self.ports.clone();
+        self.unforward(&self.ports).await?;
+        Ok(crate::files::remove_if_present(&self.path(state_dir))?)
+    }
+
+    /// Stops forwarding new connections to `ports`.
+    async fn unforward(&self, ports: &[(Proto, u16)]) -> Result<()> {
+        let ports = ports.to_vec();
         tokio::task::spawn_blocking(move || -> Result<()> {
             let firewall = Firewall::ensure()?;
             for (proto, port) in ports {
@@ -136,8 +194,7 @@ impl ForwardRecord {
             }
             Ok(())
         })
-        .await??;
-        Ok(crate::files::remove_if_present(&self.path(state_dir))?)
+        .await?
     }
 }
 

@@ -235,9 +235,9 @@ pub async fn clean_up(
         state_dir,
     };
     let mut done = source::recover_abandoned(&host, destination_lost).await;
-    let server_running = destination::server_running(state_dir);
-    if !server_running {
-        // As the server's restart would; what it keeps stays journaled for it.
+    // As the server's restart would, holding its lock so that it cannot start meanwhile;
+    // what it keeps stays journaled for it.
+    if let Ok(_server) = destination::lock_server(state_dir) {
         done.extend(destination::recover(state_dir, podman, &Registry::default()).await?);
     }
     done.extend(forwarding::sweep(state_dir, podman, token).await?);

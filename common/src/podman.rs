@@ -1,8 +1,8 @@
 //! The container engine, through the Podman REST API of one host.
 //!
-//! Everything goes through `podman-api`, except restoring from an imported archive: the
-//! crate's `restore` sends no request body, so that one call streams the archive with the
-//! HTTP client of `containers-api` (the transport podman-api itself is built on).
+//! Everything goes through `podman-api`, except the two calls that upload an archive
+//! (restore from a checkpoint, load an image): those stream it from a file
+//! ([`PodmanClient::post_archive`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -241,13 +241,11 @@ impl PodmanClient {
             .map_err(|e| self.error(&format!("export image {reference}"), e))
     }
 
-    pub async fn load_image(&self, archive: &[u8]) -> Result<(), PodmanError> {
-        self.api
-            .images()
-            .load(archive)
+    /// Loads the image archive at `archive`, streamed from the file: it may be large.
+    pub async fn load_image_file(&self, archive: &Path) -> Result<(), PodmanError> {
+        self.post_archive("load image", "/v4.0.0/libpod/images/load", archive)
             .await
             .map(|_| ())
-            .map_err(|e| self.error("load image", e))
     }
 
     /// Checkpoints a running container (it stops) and writes the exported archive to
@@ -260,7 +258,13 @@ impl PodmanClient {
             .build();
         let container = self.api.containers().get(name);
         let mut stream = container.checkpoint_export(&opts);
-        let mut file = tokio::fs::File::create(archive)
+        // It holds the container's memory: only root reads it.
+        let mut file = tokio::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(archive)
             .await
             .map_err(|e| self.error(&format!("create {}", archive.display()), e))?;
         let mut written = 0u64;
@@ -295,6 +299,26 @@ impl PodmanClient {
     /// Creates and starts a container from an exported checkpoint archive; returns the IDs
     /// of what podman restored from it.
     pub async fn restore_import(&self, archive: &Path) -> Result<Vec<String>, PodmanError> {
+        let report = self
+            .post_archive(
+                "restore from archive",
+                "/v4.0.0/libpod/containers/import/restore?import=true&tcpEstablished=true",
+                archive,
+            )
+            .await?;
+        Ok(restored_ids(&report))
+    }
+
+    /// POSTs the file `archive` as a tar body to `path_and_query`, streamed; returns the
+    /// response body. podman-api's calls for these take the archive in memory, or (for
+    /// restore) send no body at all, so they use the HTTP client of `containers-api` (the
+    /// transport podman-api itself is built on).
+    async fn post_archive(
+        &self,
+        what: &str,
+        path_and_query: &str,
+        archive: &Path,
+    ) -> Result<hyper::body::Bytes, PodmanError> {
         use containers_api::conn::{get_unix_connector, Transport};
         use hyper::{Body, Method, Request};
 
@@ -307,30 +331,30 @@ impl PodmanClient {
             path: self.socket.clone(),
         };
         let uri = transport
-            .make_uri("/v4.0.0/libpod/containers/import/restore?import=true&tcpEstablished=true")
-            .map_err(|e| self.error("restore", e))?;
+            .make_uri(path_and_query)
+            .map_err(|e| self.error(what, e))?;
         let request = Request::builder()
             .method(Method::POST)
             .uri(uri)
             .header("Content-Type", "application/x-tar")
             .body(body)
-            .map_err(|e| self.error("restore", e))?;
+            .map_err(|e| self.error(what, e))?;
         let response = transport
             .request(request)
             .await
-            .map_err(|e| self.error("restore", e))?;
+            .map_err(|e| self.error(what, e))?;
         let status = response.status();
         let text = hyper::body::to_bytes(response.into_body())
             .await
-            .map_err(|e| self.error("restore", e))?;
+            .map_err(|e| self.error(what, e))?;
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&text)
                 .ok()
                 .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(String::from))
                 .unwrap_or_else(|| String::from_utf8_lossy(&text).into_owned());
-            return Err(self.error("restore from archive", message));
+            return Err(self.error(what, message));
         }
-        Ok(restored_ids(&text))
+        Ok(text)
     }
 
     /// Removes a container, stopping it first if needed.

@@ -39,7 +39,6 @@
 //!    - `Restore` -> `Restored`: restores the archive of this connection's migration, and
 //!      only the container declared with it. The destination records that it owns the
 //!      container before it answers (the decision point, [`crate::migration::ownership`]);
-//!    - `Abort` -> `Aborted` (drop the archive, any restored copy and the flows' entries);
 //!    - `Finish` -> `Finished` (the source is gone; forget the session);
 //!    - `Resolve` -> `Resolved`, on any connection: who owns the container of migration
 //!      `migration_id`. Unless the destination owns it, it is fenced first: any copy is
@@ -52,8 +51,10 @@
 //!
 //!    Any request may instead be answered by `Error`, with an [`ErrorCode`].
 //! 3. A connection that closes (or goes silent: both ends use TCP keepalive and a user
-//!    timeout) without `Finish` is treated as `Abort` for a migration the destination does
-//!    not own yet. One it owns stays, and is kept until the source `Resolve`s and `Settle`s it.
+//!    timeout) without `Finish` ends a migration the destination does not own yet: it drops
+//!    the archive, any copy and the flows' entries. One it owns stays, and is kept until the
+//!    source `Resolve`s and `Settle`s it. There is no abort request: a source that gives up
+//!    closes the connection, or asks `Resolve`.
 
 use std::net::Ipv4Addr;
 
@@ -127,7 +128,6 @@ pub enum ClientMessage {
     Restore {
         container: ContainerRef,
     },
-    Abort,
     Finish,
     Resolve {
         migration_id: String,
@@ -169,7 +169,6 @@ pub enum ServerMessage {
         /// Time podman took to restore, in milliseconds.
         restore_ms: u64,
     },
-    Aborted,
     Finished,
     Resolved {
         verdict: Verdict,

@@ -147,7 +147,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(1024 * 1024);
         let (mut a, mut b) = (FramedStream::new(a), FramedStream::new(b));
         a.send_data(&[0u8; 100]).await.unwrap();
-        a.send(&ClientMessage::Abort).await.unwrap();
+        a.send(&ClientMessage::Finish).await.unwrap();
         let mut out = Vec::new();
         assert!(matches!(
             receive_stream(&mut b, &mut out, 50).await,

@@ -286,12 +286,12 @@ mod tests {
     async fn message_and_data_roundtrip() {
         let (a, b) = tokio::io::duplex(4 * 1024 * 1024);
         let (mut a, mut b) = (FramedStream::new(a), FramedStream::new(b));
-        a.send(&ClientMessage::Abort).await.unwrap();
+        a.send(&ClientMessage::Finish).await.unwrap();
         a.send_data(&vec![7u8; DATA_CHUNK_LEN + 10]).await.unwrap();
         a.send(&ClientMessage::Finish).await.unwrap();
         assert_eq!(
             b.recv::<ClientMessage>().await.unwrap(),
-            ClientMessage::Abort
+            ClientMessage::Finish
         );
         let mut total = 0;
         for _ in 0..2 {
@@ -373,7 +373,7 @@ mod tests {
                 published_ports: vec![],
             };
             vec![
-                ClientMessage::Abort,
+                ClientMessage::Finish,
                 ClientMessage::Hello {
                     version: 4,
                     client_nonce: "00".repeat(32),

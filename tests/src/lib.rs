@@ -581,17 +581,24 @@ impl Lab {
     /// Drops all traffic between hosts `a` and `b` on the LAN (the client still reaches
     /// both), as a cut cable between them would; [`Lab::join_link`] undoes it.
     pub fn cut_link(&self, a: &str, b: &str) -> Result<()> {
-        let (a, b) = (self.host(a)?.address.to_string(), self.host(b)?.address.to_string());
+        let (a, b) = (
+            self.host(a)?.address.to_string(),
+            self.host(b)?.address.to_string(),
+        );
         let table = "lm_lab_cut";
         self.lan_nft(&["add", "table", "bridge", table])?;
         self.lan_nft(&[
-            "add", "chain", "bridge", table, "forward",
+            "add",
+            "chain",
+            "bridge",
+            table,
+            "forward",
             "{ type filter hook forward priority 0 ; }",
         ])?;
         for (from, to) in [(&a, &b), (&b, &a)] {
             self.lan_nft(&[
-                "add", "rule", "bridge", table, "forward", "ip", "saddr", from, "ip", "daddr",
-                to, "drop",
+                "add", "rule", "bridge", table, "forward", "ip", "saddr", from, "ip", "daddr", to,
+                "drop",
             ])?;
         }
         Ok(())

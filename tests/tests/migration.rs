@@ -13,6 +13,8 @@ use lab::flow::FlowClient;
 use lab::{Lab, LabOptions};
 use libtest_mimic::{Arguments, Failed, Trial};
 
+#[path = "migration/bad_input.rs"]
+mod bad_input;
 #[path = "migration/faults.rs"]
 mod faults;
 #[path = "migration/operator.rs"]
@@ -39,6 +41,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         destination_killed_mid_transfer,
     ),
     ("garbage_frames_do_not_hurt_the_daemon", garbage_frames),
+    (
+        "bad_peer_input_is_refused",
+        bad_input::peer_input_is_refused,
+    ),
     ("tcp_and_udp_flows_survive_h1_h2_h3_h1", flows_survive_hops),
     ("new_connections_reach_the_moved_container", new_connections),
     (
@@ -64,6 +70,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         operator::interactive_migration_in_a_terminal,
     ),
     ("fault_matrix_keeps_exactly_one_copy", faults::fault_matrix),
+    (
+        "second_migration_of_a_container_is_refused",
+        faults::second_migration_is_refused,
+    ),
 ];
 
 fn main() {
@@ -700,9 +710,11 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
         .stderr(std::process::Stdio::piped());
     let mut child = command.spawn()?;
     let pid = child.id();
-    wait_for("the client to stop in the transfer", Duration::from_secs(60), || {
-        Ok(lab::cleanup::is_stopped(pid))
-    })?;
+    wait_for(
+        "the client to stop in the transfer",
+        Duration::from_secs(60),
+        || Ok(lab::cleanup::is_stopped(pid)),
+    )?;
     lab.kill_agent("h2")?;
     lab::cleanup::kill(pid, libc::SIGCONT);
     let mut seen = String::new();

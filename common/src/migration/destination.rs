@@ -23,8 +23,12 @@ use crate::protocol::ContainerRef;
 use crate::routing::Routing;
 
 /// How long a restarted agent waits for a restore that podman may still finish on its own
-/// (the agent died after handing podman the archive) before it counts it as not coming.
-const LATE_RESTORE_WAIT: Duration = Duration::from_secs(5);
+/// (the agent died after handing podman the archive) before it counts it as not coming:
+/// this much, plus the time podman takes to read the archive at [`LATE_RESTORE_RATE`].
+/// The source gets no answer meanwhile (the agent listens only once it has recovered).
+const LATE_RESTORE_WAIT: Duration = Duration::from_secs(10);
+/// Bytes per second podman reads a checkpoint archive at, at least, on a slow host.
+const LATE_RESTORE_RATE: u64 = 50 << 20;
 
 fn server_lock_path(state_dir: &Path) -> PathBuf {
     state_dir.join("agent-server.lock")
@@ -124,11 +128,18 @@ pub struct IncomingMigration {
     pub flows: Vec<Flow>,
     /// The incoming container's address, held (blackholed) until it runs.
     pub held_ip: Option<Ipv4Addr>,
+    /// The whole archive arrived and matched its SHA-256: only then may it be restored.
+    #[serde(default)]
+    pub archive_verified: bool,
+    /// Settled or discarded: nothing of it may be journaled again.
+    #[serde(skip)]
+    done: bool,
 }
 
 impl IncomingMigration {
-    /// A migration that starts receiving its archive; journaled before anything else.
-    pub fn begin(
+    /// A migration that is about to receive its archive; [`Self::save`] journals it, once
+    /// the [`Registry`] took it.
+    pub fn new(
         state_dir: &Path,
         migration_id: &str,
         container: ContainerRef,
@@ -147,13 +158,19 @@ impl IncomingMigration {
             archive: Some(archive_dir(state_dir).join(format!("{migration_id}.tar"))),
             flows: Vec::new(),
             held_ip: None,
+            archive_verified: false,
+            done: false,
         };
-        migration.save()?;
         Ok(migration)
     }
 
     /// Journals the current state durably; a failure stops the request before its next step.
+    /// A migration that is done is not journaled again (a connection that closes after
+    /// another one settled it must not bring its record back).
     pub fn save(&self) -> Result<()> {
+        if self.done {
+            return Ok(());
+        }
         let json = serde_json::to_vec(self)?;
         crate::files::write_atomic(&self.journal, &json)
             .with_context(|| format!("write the migration journal {}", self.journal.display()))
@@ -184,6 +201,7 @@ impl IncomingMigration {
         self.release_held_ip().await?;
         self.discard_archive();
         self.stage = DestinationStage::Fenced;
+        self.done = true;
         crate::files::remove_if_present(&self.journal)
             .with_context(|| format!("remove {}", self.journal.display()))
     }
@@ -192,6 +210,7 @@ impl IncomingMigration {
     /// decide, so the journal goes (the container and its flows stay).
     pub fn forget(&mut self) -> Result<()> {
         self.discard_archive();
+        self.done = true;
         crate::files::remove_if_present(&self.journal)
             .with_context(|| format!("remove {}", self.journal.display()))
     }
@@ -221,6 +240,9 @@ impl IncomingMigration {
         action: DestinationAction,
         podman: &PodmanClient,
     ) -> Result<bool> {
+        if self.done {
+            return Ok(false);
+        }
         match action {
             DestinationAction::Keep => {
                 // It runs: its sockets exist and the archive is of no use any more.
@@ -249,7 +271,13 @@ impl IncomingMigration {
     /// Whether podman runs the container although the agent never saw the restore end.
     /// A restore that podman is still working on is waited for a little.
     async fn restore_finished_without_us(&self, podman: &PodmanClient) -> Result<bool> {
-        let deadline = tokio::time::Instant::now() + LATE_RESTORE_WAIT;
+        let archive_bytes = self
+            .archive
+            .as_ref()
+            .and_then(|a| std::fs::metadata(a).ok())
+            .map_or(0, |m| m.len());
+        let reading = Duration::from_secs(archive_bytes / LATE_RESTORE_RATE);
+        let deadline = tokio::time::Instant::now() + LATE_RESTORE_WAIT + reading;
         loop {
             if let Some(found) = podman.find(&self.container.id).await? {
                 if found.running {
@@ -282,7 +310,7 @@ impl Registry {
         let mut all = self.migrations.lock().expect("registry lock");
         let container = migration.container.id.clone();
         if all.contains_key(&migration.migration_id) || all.values().any(|(c, _)| *c == container) {
-            return Err(Busy(migration.container.name));
+            return Err(Busy(Box::new(migration)));
         }
         let id = migration.migration_id.clone();
         let shared = Arc::new(tokio::sync::Mutex::new(migration));
@@ -321,9 +349,10 @@ impl Registry {
     }
 }
 
+/// The migration [`Registry::insert`] refused.
 #[derive(Debug, thiserror::Error)]
-#[error("container {0} is already migrating to or from this host")]
-pub struct Busy(pub String);
+#[error("container {} is already migrating to or from this host", .0.container.name)]
+pub struct Busy(pub Box<IncomingMigration>);
 
 /// Carries out [`ownership::on_restart`] for the migrations a previous run of the agent
 /// left; the ones it keeps (this host owns them) go into `registry`. Returns a line per
@@ -348,21 +377,35 @@ pub async fn recover(
         };
         let stage = migration.stage;
         let name = migration.container.name.clone();
-        let kept = migration
-            .apply(ownership::on_restart(stage), podman)
-            .await
-            .with_context(|| format!("recovering the incoming migration of {name}"))?;
+        let kept = match migration.apply(ownership::on_restart(stage), podman).await {
+            Ok(true) => {
+                report.push(format!(
+                    "{name}: runs here; kept until its source settles the migration"
+                ));
+                true
+            }
+            Ok(false) => {
+                report.push(format!(
+                    "{name}: incoming migration left {stage:?} by a previous run wound down"
+                ));
+                false
+            }
+            Err(e) => {
+                // Kept as it is: a Resolve, or the next start, tries again.
+                tracing::error!(container = %name, "could not recover the incoming migration: {e:#}");
+                report.push(format!(
+                    "{name}: incoming migration left {stage:?}; recovering it failed: {e:#}"
+                ));
+                true
+            }
+        };
         if kept {
-            report.push(format!(
-                "{name}: runs here; kept until its source settles the migration"
-            ));
-            registry
-                .insert(migration)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-        } else {
-            report.push(format!(
-                "{name}: incoming migration left {stage:?} by a previous run wound down"
-            ));
+            if let Err(busy) = registry.insert(migration) {
+                report.push(format!(
+                    "{}: {busy}; journal left for a look",
+                    busy.0.journal.display()
+                ));
+            }
         }
     }
     Ok(report)

@@ -48,8 +48,9 @@ impl Journal {
         let dir = journals_dir(state_dir);
         crate::files::create_private_dir(&dir)
             .with_context(|| format!("create {}", dir.display()))?;
-        // Two clients starting at once must not both see no other journal.
-        let guard = File::create(dir.join(".lock"))?;
+        // Two clients starting at once must not both see no other journal. Beside the
+        // directory, not in it: the directory holds journals only.
+        let guard = File::create(state_dir.join("journals.lock"))?;
         guard.lock()?;
         if let Some(other) = list(state_dir).into_iter().find(|j| {
             j.record
@@ -87,8 +88,15 @@ impl Journal {
 
     /// Takes over the journal at `path` if no process holds it.
     pub fn adopt(path: &Path) -> Option<Self> {
-        let file = File::options().append(true).open(path).ok()?;
+        let mut file = File::options().append(true).open(path).ok()?;
         file.try_lock().ok()?;
+        // A line torn by a kill is ended, so the next record starts a line of its own.
+        let torn = std::fs::read(path)
+            .ok()
+            .is_some_and(|bytes| bytes.last().is_some_and(|b| *b != b'\n'));
+        if torn {
+            file.write_all(b"\n").ok()?;
+        }
         Some(Self {
             path: path.to_path_buf(),
             file,

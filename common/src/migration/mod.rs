@@ -307,8 +307,10 @@ pub async fn migrate(
     let state_dir = &request.state_dir;
 
     let outcome: anyhow::Result<(phases::Prepared, u64, Instant, Instant)> = async {
-        // Journaled (and locked against a second migration of it) before anything else.
-        let info = request.podman.inspect_running(&request.container).await?;
+        // Journaled (and locked against a second migration of it) before anything else; a
+        // container that is not running is refused by the prepare phase, after this check,
+        // so that a second migration of a frozen one hears why.
+        let info = request.podman.inspect(&request.container).await?;
         let log = undo.insert(UndoLog::create(
             state_dir,
             JournalRecord {

@@ -6,23 +6,77 @@
 //! the migration is in doubt. The same code serves `agent-client`, `agent-server`'s
 //! adopter and `agent-client cleanup`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
 
 use super::journal::{self, Journal, JournalRecord};
 use super::ownership::{self, SourceAction, SourceStage, Verdict};
-use super::{phases, Progress, Undo};
+use super::phases::{self, SwitchPlan};
+use super::{Progress, Undo};
 use crate::auth::Token;
 use crate::podman::PodmanClient;
 use crate::remote::RemoteAgent;
 
-/// What resolving a migration needs of this host.
+/// What resolving a migration does to this host and asks of the destination, one call per
+/// step: [`SourceHost`] is the real one; the unit tests below use a fake world that can
+/// crash at any step.
+#[allow(async_fn_in_trait)] // used with concrete types only, never as `dyn`
+pub trait SourceActions {
+    fn state_dir(&self) -> &Path;
+    /// The destination's answer to `Resolve`, asked for up to `patience`.
+    async fn ask(&self, record: &JournalRecord, patience: Duration) -> Result<Verdict>;
+    async fn undo(&self, step: &Undo) -> Result<()>;
+    async fn switch_traffic(&self, plan: &SwitchPlan) -> Result<()>;
+    /// Removes the stopped source copy (none is fine).
+    async fn remove_source_copy(&self, container_id: &str) -> Result<()>;
+    /// Tells the destination, on a connection of its own, that the source copy is gone.
+    async fn settle_destination(&self, record: &JournalRecord) -> Result<()>;
+}
+
+/// This host, and its token for the destination.
 pub struct SourceHost<'a> {
     pub podman: &'a PodmanClient,
     pub token: &'a Token,
     pub state_dir: &'a Path,
+}
+
+impl SourceActions for SourceHost<'_> {
+    fn state_dir(&self) -> &Path {
+        self.state_dir
+    }
+
+    async fn ask(&self, record: &JournalRecord, patience: Duration) -> Result<Verdict> {
+        ask(record, self.token, patience).await
+    }
+
+    async fn undo(&self, step: &Undo) -> Result<()> {
+        match step {
+            Undo::RestartOnSource { container, archive } => {
+                phases::restart_on_source(self.podman, container, archive).await
+            }
+            Undo::RemoveFile(path) => Ok(crate::files::remove_if_present(path)?),
+            Undo::RemoveContainerRoute(ip) => phases::route_container_locally(*ip).await,
+        }
+    }
+
+    async fn switch_traffic(&self, plan: &SwitchPlan) -> Result<()> {
+        phases::switch_traffic(plan, self.state_dir).await
+    }
+
+    async fn remove_source_copy(&self, container_id: &str) -> Result<()> {
+        if self.podman.find(container_id).await?.is_some() {
+            self.podman.remove(container_id).await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_destination(&self, record: &JournalRecord) -> Result<()> {
+        let mut agent = RemoteAgent::connect(&record.destination, self.token).await?;
+        agent.settle(&record.migration_id).await?;
+        agent.finish().await
+    }
 }
 
 /// The migration's record, mirrored to its journal on every change.
@@ -92,7 +146,7 @@ pub enum Resolution {
 /// destination for up to `patience` where its answer decides.
 pub async fn settle(
     log: &mut UndoLog,
-    host: &SourceHost<'_>,
+    host: &impl SourceActions,
     patience: Duration,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Resolution {
@@ -100,7 +154,7 @@ pub async fn settle(
     let mut verdict = None;
     let mut unanswered = String::new();
     if stage == SourceStage::RestoreRequested {
-        match ask(&log.record, host.token, patience).await {
+        match host.ask(&log.record, patience).await {
             Ok(answer) => verdict = Some(answer),
             Err(e) => unanswered = format!("{e:#}"),
         }
@@ -114,7 +168,7 @@ pub async fn settle(
                 };
             }
             let mut warnings = match &log.record.switch {
-                Some(plan) => match phases::switch_traffic(plan, host.state_dir).await {
+                Some(plan) => match host.switch_traffic(plan).await {
                     Ok(()) => Vec::new(),
                     Err(e) => vec![format!("could not switch the traffic: {e:#}")],
                 },
@@ -132,18 +186,29 @@ pub async fn settle(
     }
 }
 
+/// How long one `Resolve` may take: the destination answers once a restore under way has
+/// ended, so this is generous; a destination slower than this is asked again.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Asks the destination who owns the migration, on fresh connections (the migration's own
 /// may be mid-frame or dead), until it answers or `patience` runs out.
 async fn ask(record: &JournalRecord, token: &Token, patience: Duration) -> Result<Verdict> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        let answer = async {
+        let attempt = async {
             let mut agent = RemoteAgent::connect(&record.destination, token).await?;
             let verdict = agent.resolve(&record.migration_id).await?;
             let _ = agent.finish().await;
             anyhow::Ok(verdict)
-        }
-        .await;
+        };
+        let answer = tokio::time::timeout(RESOLVE_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "{} did not answer within {RESOLVE_TIMEOUT:?}",
+                    record.destination
+                ))
+            });
         match answer {
             Ok(verdict) => return Ok(verdict),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
@@ -158,21 +223,14 @@ async fn ask(record: &JournalRecord, token: &Token, patience: Duration) -> Resul
 /// is never removed. Other failed steps stay journaled for `agent-client cleanup`.
 async fn roll_back(
     log: &mut UndoLog,
-    host: &SourceHost<'_>,
+    host: &impl SourceActions,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Resolution {
     let mut problems = Vec::new();
     let mut failed = Vec::new();
     while let Some(step) = log.record.steps.last().cloned() {
         progress(Progress::RollingBack(step.to_string()));
-        let result = match &step {
-            Undo::RestartOnSource { container, archive } => {
-                phases::restart_on_source(host.podman, container, archive).await
-            }
-            Undo::RemoveFile(path) => crate::files::remove_if_present(path).map_err(Into::into),
-            Undo::RemoveContainerRoute(ip) => phases::route_container_locally(*ip).await,
-        };
-        if let Err(e) = result {
+        if let Err(e) = host.undo(&step).await {
             tracing::warn!(?step, "undo failed: {e:#}");
             problems.push(format!("{step}: {e:#}"));
             if matches!(step, Undo::RestartOnSource { .. }) {
@@ -214,48 +272,32 @@ async fn roll_back(
 /// later.
 pub async fn release_source(
     log: &mut UndoLog,
-    host: &SourceHost<'_>,
+    host: &impl SourceActions,
     remote: Option<&mut RemoteAgent>,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
-    let container = log.record.container_id.clone();
-    match host.podman.find(&container).await {
-        Ok(Some(_)) => {
-            if let Err(e) = host.podman.remove(&container).await {
-                warnings.push(format!(
-                    "could not remove the source copy of {}: {e}",
-                    log.record.container
-                ));
-            }
-        }
-        Ok(None) => {}
-        Err(e) => warnings.push(format!("could not look for the source copy: {e}")),
+    if let Err(e) = host.remove_source_copy(&log.record.container_id).await {
+        warnings.push(format!(
+            "could not remove the source copy of {}: {e:#}",
+            log.record.container
+        ));
     }
-    let files: Vec<PathBuf> = log
+    let files: Vec<Undo> = log
         .record
         .steps
         .iter()
-        .filter_map(|s| match s {
-            Undo::RemoveFile(path) => Some(path.clone()),
-            _ => None,
-        })
+        .filter(|s| matches!(s, Undo::RemoveFile(_)))
+        .cloned()
         .collect();
-    for path in files {
-        if let Err(e) = crate::files::remove_if_present(&path) {
-            warnings.push(format!("could not remove {}: {e}", path.display()));
+    for file in files {
+        if let Err(e) = host.undo(&file).await {
+            warnings.push(format!("could not {file}: {e:#}"));
         }
     }
     log.record.steps.clear();
     let told = match remote {
         Some(agent) => agent.finish().await,
-        None => {
-            async {
-                let mut agent = RemoteAgent::connect(&log.record.destination, host.token).await?;
-                agent.settle(&log.record.migration_id).await?;
-                agent.finish().await
-            }
-            .await
-        }
+        None => host.settle_destination(&log.record).await,
     };
     match told {
         Ok(()) => {
@@ -276,9 +318,9 @@ pub async fn release_source(
 /// Resolves the migrations whose process died; returns one line per migration saying what
 /// was done. `destination_lost`: the operator declares the destination gone for good, so
 /// a migration in doubt is rolled back without its answer.
-pub async fn recover_abandoned(host: &SourceHost<'_>, destination_lost: bool) -> Vec<String> {
+pub async fn recover_abandoned(host: &impl SourceActions, destination_lost: bool) -> Vec<String> {
     let mut report = Vec::new();
-    for entry in journal::list(host.state_dir)
+    for entry in journal::list(host.state_dir())
         .into_iter()
         .filter(|e| !e.running)
     {
@@ -295,6 +337,15 @@ pub async fn recover_abandoned(host: &SourceHost<'_>, destination_lost: bool) ->
         if destination_lost && record.stage == SourceStage::RestoreRequested {
             tracing::warn!(container = %record.container, "destination declared lost: restarting the source copy without its answer");
             record.stage = SourceStage::Frozen;
+        }
+        if destination_lost && record.stage == SourceStage::DestinationOwns {
+            // Only the lost host's word was missing: the copy here is gone already.
+            report.push(format!(
+                "{}: the lost destination {} ran it; nothing to restart here, migration forgotten",
+                record.container, record.destination
+            ));
+            let _ = journal.delete();
+            continue;
         }
         let (name, destination) = (record.container.clone(), record.destination.clone());
         let mut log = UndoLog {
@@ -320,4 +371,278 @@ pub async fn recover_abandoned(host: &SourceHost<'_>, destination_lost: bool) ->
         });
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every source stage, with the destination owning the container or not, reachable or
+    //! not, and the process dying before and after every step of its resolution; then
+    //! the adopter resolves what is left. At no moment may two copies run, and at the end
+    //! exactly one does, with nothing left over.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Both hosts, as far as the migration is concerned.
+    #[derive(Debug, Clone, Default)]
+    struct World {
+        source_runs: bool,
+        source_copy: bool,
+        archive: bool,
+        blackholed: bool,
+        dest_runs: bool,
+        dest_fenced: bool,
+        dest_settled: bool,
+        switched: bool,
+        reachable: bool,
+        two_copies_seen: bool,
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Crash {
+        /// The process dies as step N starts: it has no effect.
+        Before(usize),
+        /// Step N takes effect, then the process dies before it records that.
+        After(usize),
+    }
+
+    struct Fake {
+        world: Arc<Mutex<World>>,
+        crash: Option<Crash>,
+        steps: AtomicUsize,
+        state_dir: std::path::PathBuf,
+    }
+
+    impl Fake {
+        fn new(world: &Arc<Mutex<World>>, state_dir: &Path, crash: Option<Crash>) -> Self {
+            Self {
+                world: world.clone(),
+                crash,
+                steps: AtomicUsize::new(0),
+                state_dir: state_dir.to_path_buf(),
+            }
+        }
+
+        /// Runs one step's `effect` on the world, unless the process dies around it.
+        async fn step<T>(&self, effect: impl FnOnce(&mut World) -> Result<T>) -> Result<T> {
+            let n = self.steps.fetch_add(1, Ordering::SeqCst) + 1;
+            if matches!(self.crash, Some(Crash::Before(at)) if at == n) {
+                std::future::pending::<()>().await;
+            }
+            let result = effect(&mut self.world.lock().unwrap());
+            if matches!(self.crash, Some(Crash::After(at)) if at == n) {
+                std::future::pending::<()>().await;
+            }
+            result
+        }
+    }
+
+    impl SourceActions for Fake {
+        fn state_dir(&self) -> &Path {
+            &self.state_dir
+        }
+
+        async fn ask(&self, _: &JournalRecord, _: Duration) -> Result<Verdict> {
+            self.step(|w| {
+                anyhow::ensure!(w.reachable, "unreachable");
+                if w.dest_runs {
+                    Ok(Verdict::DestinationOwns)
+                } else {
+                    w.dest_fenced = true;
+                    Ok(Verdict::Fenced)
+                }
+            })
+            .await
+        }
+
+        async fn undo(&self, step: &Undo) -> Result<()> {
+            let step = step.clone();
+            self.step(move |w| {
+                match step {
+                    Undo::RestartOnSource { .. } => {
+                        anyhow::ensure!(w.source_copy || w.archive, "no copy to start");
+                        w.two_copies_seen |= w.dest_runs;
+                        w.source_runs = true;
+                        w.source_copy = true;
+                    }
+                    Undo::RemoveFile(_) => w.archive = false,
+                    Undo::RemoveContainerRoute(_) => w.blackholed = false,
+                }
+                Ok(())
+            })
+            .await
+        }
+
+        async fn switch_traffic(&self, _: &SwitchPlan) -> Result<()> {
+            self.step(|w| {
+                w.switched = true;
+                Ok(())
+            })
+            .await
+        }
+
+        async fn remove_source_copy(&self, _: &str) -> Result<()> {
+            self.step(|w| {
+                w.source_copy = false;
+                w.source_runs = false;
+                Ok(())
+            })
+            .await
+        }
+
+        async fn settle_destination(&self, _: &JournalRecord) -> Result<()> {
+            self.step(|w| {
+                anyhow::ensure!(w.reachable, "unreachable");
+                w.dest_settled = true;
+                Ok(())
+            })
+            .await
+        }
+    }
+
+    fn plan() -> SwitchPlan {
+        SwitchPlan {
+            container_id: "c".repeat(64),
+            container_name: "web".into(),
+            container_ip: "10.88.1.2".parse().unwrap(),
+            interface: "lmwg-0".into(),
+            next_agent: "100.127.0.1:7878".parse().unwrap(),
+            ports: Vec::new(),
+        }
+    }
+
+    /// A migration journaled at `stage`, and the world it left.
+    fn journaled(state_dir: &Path, stage: SourceStage, dest_runs: bool) -> (UndoLog, World) {
+        let frozen = stage >= SourceStage::Frozen;
+        let steps = if frozen {
+            vec![
+                Undo::RemoveFile("/tmp/lm-test.tar".into()),
+                Undo::RemoveContainerRoute("10.88.1.2".parse().unwrap()),
+                Undo::RestartOnSource {
+                    container: "web".into(),
+                    archive: "/tmp/lm-test.tar".into(),
+                },
+            ]
+        } else {
+            Vec::new()
+        };
+        let log = UndoLog::create(
+            state_dir,
+            JournalRecord {
+                migration_id: "0".repeat(32),
+                container: "web".into(),
+                container_id: "c".repeat(64),
+                destination: "h2:7878".into(),
+                stage,
+                steps,
+                switch: Some(plan()),
+            },
+        )
+        .unwrap();
+        let world = World {
+            source_runs: !frozen,
+            source_copy: true,
+            archive: frozen,
+            blackholed: frozen,
+            dest_runs,
+            reachable: true,
+            ..World::default()
+        };
+        (log, world)
+    }
+
+    /// Resolves, dying at `crash`; then the adopter resolves what is left (the destination
+    /// reachable again). Returns the world at the end.
+    async fn resolve_with(
+        stage: SourceStage,
+        dest_runs: bool,
+        reachable_at_first: bool,
+        crash: Option<Crash>,
+    ) -> (World, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, mut start) = journaled(dir.path(), stage, dest_runs);
+        start.reachable = reachable_at_first;
+        let world = Arc::new(Mutex::new(start));
+        let first = Fake::new(&world, dir.path(), crash);
+        // Long enough for every step that does not die; the one that does never returns.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(20),
+            settle(&mut log, &first, Duration::ZERO, &|_| {}),
+        )
+        .await;
+        drop(log); // the process is gone, or done: its lock goes
+        world.lock().unwrap().reachable = true;
+        let adopter = Fake::new(&world, dir.path(), None);
+        for _ in 0..3 {
+            recover_abandoned(&adopter, false).await;
+        }
+        assert!(
+            journal::list(dir.path()).is_empty(),
+            "a journal is left: {stage:?} {crash:?}"
+        );
+        let end = world.lock().unwrap().clone();
+        (end, first.steps.load(Ordering::SeqCst))
+    }
+
+    fn assert_resolved(end: &World, case: &str) {
+        assert!(!end.two_copies_seen, "two copies ran: {case}: {end:?}");
+        assert!(
+            end.source_runs != end.dest_runs,
+            "not exactly one copy: {case}: {end:?}"
+        );
+        if end.dest_runs {
+            assert!(
+                !end.source_copy && end.switched && end.dest_settled && !end.archive,
+                "rolled forward only in part: {case}: {end:?}"
+            );
+        } else {
+            assert!(
+                !end.blackholed && !end.archive,
+                "rolled back only in part: {case}: {end:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_or_after_any_step_leaves_exactly_one_copy() {
+        let cases = [
+            (SourceStage::Running, false),
+            (SourceStage::Frozen, false),
+            (SourceStage::RestoreRequested, false),
+            (SourceStage::RestoreRequested, true),
+            (SourceStage::DestinationOwns, true),
+        ];
+        for (stage, dest_runs) in cases {
+            for reachable in [true, false] {
+                let (end, steps) = resolve_with(stage, dest_runs, reachable, None).await;
+                assert_resolved(&end, &format!("{stage:?} dest_runs={dest_runs}"));
+                for at in 1..=steps {
+                    for crash in [Crash::Before(at), Crash::After(at)] {
+                        let (end, _) = resolve_with(stage, dest_runs, reachable, Some(crash)).await;
+                        let case = format!(
+                            "{stage:?} dest_runs={dest_runs} reachable={reachable} {crash:?}"
+                        );
+                        assert_resolved(&end, &case);
+                    }
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_destination_keeps_the_container_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, mut start) = journaled(dir.path(), SourceStage::RestoreRequested, true);
+        start.reachable = false;
+        let world = Arc::new(Mutex::new(start));
+        let host = Fake::new(&world, dir.path(), None);
+        let outcome = settle(&mut log, &host, Duration::ZERO, &|_| {}).await;
+        assert!(matches!(outcome, Resolution::InDoubt { .. }), "{outcome:?}");
+        let now = world.lock().unwrap().clone();
+        assert!(!now.source_runs && now.blackholed && now.archive, "{now:?}");
+        drop(log);
+        assert_eq!(journal::list(dir.path()).len(), 1, "the journal stays");
+    }
 }

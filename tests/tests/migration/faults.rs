@@ -87,25 +87,55 @@ impl Point {
 pub fn fault_matrix(lab: &Lab) -> Result<()> {
     let mut rows = Vec::new();
     let mut failures = Vec::new();
+    // `LM_FAULT_CELLS=Restore/KillDestination,...` runs only those cells (to debug one).
+    let only = std::env::var("LM_FAULT_CELLS").unwrap_or_default();
+    let chosen = |cell: &str| only.is_empty() || only.split(',').any(|c| c == cell);
     let mut index = 0;
     for point in POINTS {
         for fault in FAULTS {
             index += 1;
+            if !chosen(&format!("{point:?}/{fault:?}")) {
+                continue;
+            }
             let outcome = run_cell(lab, index, point, Some(fault));
-            report(&mut rows, &mut failures, format!("{point:?} / {fault:?}"), outcome);
+            report(
+                &mut rows,
+                &mut failures,
+                format!("{point:?} / {fault:?}"),
+                outcome,
+            );
         }
     }
     index += 1;
-    let outcome = run_cell(lab, index, Point::Restore, None);
-    report(&mut rows, &mut failures, "Restore / restore fails on h2".into(), outcome);
+    if chosen("Restore/RestoreFails") {
+        let outcome = run_cell(lab, index, Point::Restore, None);
+        report(
+            &mut rows,
+            &mut failures,
+            "Restore / restore fails on h2".into(),
+            outcome,
+        );
+    }
     eprintln!("fault matrix:\n{}", rows.join("\n"));
-    ensure!(failures.is_empty(), "cells failed:\n{}", failures.join("\n"));
+    ensure!(
+        failures.is_empty(),
+        "cells failed:\n{}",
+        failures.join("\n")
+    );
     Ok(())
 }
 
-fn report(rows: &mut Vec<String>, failures: &mut Vec<String>, cell: String, outcome: Result<Duration>) {
+fn report(
+    rows: &mut Vec<String>,
+    failures: &mut Vec<String>,
+    cell: String,
+    outcome: Result<Duration>,
+) {
     match outcome {
-        Ok(took) => rows.push(format!("  {cell:<36} passed, resolved in {:.1} s", took.as_secs_f64())),
+        Ok(took) => rows.push(format!(
+            "  {cell:<36} passed, resolved in {:.1} s",
+            took.as_secs_f64()
+        )),
         Err(e) => {
             rows.push(format!("  {cell:<36} FAILED: {e:#}"));
             failures.push(format!("{cell}: {e:#}"));
@@ -170,10 +200,14 @@ fn cell(
             Some(_) => client.pid,
             None => destination_pid(lab)?,
         };
-        wait_for(&format!("the fault point of {point:?}"), Duration::from_secs(60), || {
-            Ok(lab::cleanup::is_stopped(stopped_pid))
-        })?;
-        if matches!(point, Point::Restore) && matches!(fault, Fault::KillDestination | Fault::CutLink) {
+        wait_for(
+            &format!("the fault point of {point:?}"),
+            Duration::from_secs(60),
+            || Ok(lab::cleanup::is_stopped(stopped_pid)),
+        )?;
+        if matches!(point, Point::Restore)
+            && matches!(fault, Fault::KillDestination | Fault::CutLink)
+        {
             // Let the restore under way finish first, so the cell is the same every run.
             wait_for("h2 to run the container", Duration::from_secs(30), || {
                 is_running(lab, "h2", name)
@@ -185,11 +219,20 @@ fn cell(
     let other = if owner == "h1" { "h2" } else { "h1" };
     // Never two copies; within the bound, one copy where the model says, and both hosts
     // done with the migration.
-    let deadline = hit + RESOLVED_WITHIN + if matches!(fault, Some(Fault::CutLink)) { CUT_FOR } else { Duration::ZERO };
+    let deadline = hit
+        + RESOLVED_WITHIN
+        + if matches!(fault, Some(Fault::CutLink)) {
+            CUT_FOR
+        } else {
+            Duration::ZERO
+        };
     let mut cut_restored = !matches!(fault, Some(Fault::CutLink));
     let took = loop {
         let (here, there) = (is_running(lab, owner, name)?, is_running(lab, other, name)?);
-        ensure!(!(here && there), "two copies run: on {owner} and on {other}");
+        ensure!(
+            !(here && there),
+            "two copies run: on {owner} and on {other}"
+        );
         if !cut_restored && hit.elapsed() >= CUT_FOR {
             lab.join_link()?;
             cut_restored = true;
@@ -198,16 +241,24 @@ fn cell(
             break hit.elapsed();
         }
         if Instant::now() > deadline {
+            let left = leftovers(lab)?;
             let seen = client.finish()?;
             bail!(
-                "not resolved after {:.0} s: {owner} runs it: {here}, {other} runs it: {there}\n{seen}",
+                "not resolved after {:.0} s: {owner} runs it: {here}, {other} runs it: {there}; left: {left}\n{seen}",
                 hit.elapsed().as_secs_f64(),
             );
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     let client_log = client.finish()?;
-    if took > RESOLVED_WITHIN + if matches!(fault, Some(Fault::CutLink)) { CUT_FOR } else { Duration::ZERO } {
+    if took
+        > RESOLVED_WITHIN
+            + if matches!(fault, Some(Fault::CutLink)) {
+                CUT_FOR
+            } else {
+                Duration::ZERO
+            }
+    {
         bail!("resolved only after {:.1} s", took.as_secs_f64());
     }
     let after = counted(lab, owner, name)?;
@@ -230,7 +281,8 @@ fn cell(
 }
 
 fn destination_pid(lab: &Lab) -> Result<u32> {
-    lab.agent_pid("h2")?.context("agent-server on h2 is not running")
+    lab.agent_pid("h2")?
+        .context("agent-server on h2 is not running")
 }
 
 /// Applies `fault` while the process `stopped` waits at the fault point.
@@ -259,16 +311,26 @@ fn apply(lab: &Lab, fault: Fault, stopped: u32, client: u32) -> Result<()> {
     Ok(())
 }
 
-/// Neither host has a journal, session, archive or armed fault of the migration left.
+/// Neither host has a journal, session or archive of the migration left.
 fn migration_settled(lab: &Lab) -> Result<bool> {
-    for (host, dirs) in [("h1", ["journals", "outgoing"]), ("h2", ["sessions", "incoming"])] {
+    Ok(leftovers(lab)?.is_empty())
+}
+
+/// What either host keeps of a migration: `host/dir: entries`, one per line.
+fn leftovers(lab: &Lab) -> Result<String> {
+    let mut left = String::new();
+    for (host, dirs) in [
+        ("h1", ["journals", "outgoing"]),
+        ("h2", ["sessions", "incoming"]),
+    ] {
         for dir in dirs {
-            if !lab.agent_state(host, dir)?.is_empty() {
-                return Ok(false);
+            let entries = lab.agent_state(host, dir)?;
+            if !entries.is_empty() {
+                left.push_str(&format!("{host}/{dir}: {}\n", entries.replace('\n', " ")));
             }
         }
     }
-    Ok(true)
+    Ok(left)
 }
 
 /// Once the container is gone: no journal, session, archive, forward record, route, port
@@ -279,14 +341,22 @@ fn nothing_left(lab: &Lab, ip: &str, port: u16, flow_closed: bool) -> Result<()>
     wait_for("h1 to drop its forwarding", Duration::from_secs(20), || {
         Ok(lab.agent_state("h1", "forwards")?.is_empty())
     })?;
-    ensure!(migration_settled(lab)?, "journals, sessions or archives left");
+    ensure!(
+        migration_settled(lab)?,
+        "journals, sessions or archives left"
+    );
     for host in ["h1", "h2"] {
         let routes = lab.exec_stdout(host, &["ip", "route", "show", "table", "main"])?;
         ensure!(
-            !routes.lines().any(|r| r.split_whitespace().any(|w| w == ip)),
+            !routes
+                .lines()
+                .any(|r| r.split_whitespace().any(|w| w == ip)),
             "{host} keeps a route of {ip}: {routes}"
         );
-        let tracked = lab.exec_stdout(host, &["conntrack", "-L", "-p", "tcp", "--state", "ESTABLISHED"])?;
+        let tracked = lab.exec_stdout(
+            host,
+            &["conntrack", "-L", "-p", "tcp", "--state", "ESTABLISHED"],
+        )?;
         ensure!(
             !flow_closed || !tracked.lines().any(|l| l.contains(&format!("={ip} "))),
             "{host} keeps established conntrack entries of {ip}: {tracked}"
@@ -311,15 +381,19 @@ fn nothing_left(lab: &Lab, ip: &str, port: u16, flow_closed: bool) -> Result<()>
 /// The `count N` lines of the container's log: one run, no gap, no repeat.
 fn counted(lab: &Lab, host: &str, name: &str) -> Result<Vec<u64>> {
     let mut values = Vec::new();
-    wait_for(&format!("{name} on {host} to count"), Duration::from_secs(10), || {
-        values = lab
-            .podman(host, &["logs", name])?
-            .lines()
-            .filter_map(|l| l.strip_prefix("count "))
-            .map(|n| n.trim().parse().context("count line"))
-            .collect::<Result<Vec<u64>>>()?;
-        Ok(values.len() >= 3)
-    })?;
+    wait_for(
+        &format!("{name} on {host} to count"),
+        Duration::from_secs(10),
+        || {
+            values = lab
+                .podman(host, &["logs", name])?
+                .lines()
+                .filter_map(|l| l.strip_prefix("count "))
+                .map(|n| n.trim().parse().context("count line"))
+                .collect::<Result<Vec<u64>>>()?;
+            Ok(values.len() >= 3)
+        },
+    )?;
     for (i, n) in values.iter().enumerate() {
         ensure!(
             *n == i as u64 + 1,
@@ -338,11 +412,15 @@ struct Client {
 
 impl Client {
     fn start(lab: &Lab, name: &str, fault: Option<&str>) -> Result<Self> {
-        let mut command = lab.command("h1", &["agent-client", "--container", name, "--dest", "h2"])?;
+        let mut command =
+            lab.command("h1", &["agent-client", "--container", name, "--dest", "h2"])?;
         if let Some(fault) = fault {
             command.env("LM_FAULT", fault);
         }
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = command.spawn().context("start agent-client")?;
         let pipe = child.stderr.take().expect("piped");
         let stderr = std::thread::spawn(move || {
@@ -371,4 +449,48 @@ impl Client {
         eprintln!("agent-client ({status}):\n{seen}");
         Ok(seen)
     }
+}
+
+/// Two migrations of one container at once: the second is refused at once, the first
+/// goes on.
+pub fn second_migration_is_refused(lab: &Lab) -> Result<()> {
+    let name = "twice";
+    lab.run_container(
+        "h1",
+        name,
+        &["-e", "COUNT_MS=50"],
+        "localhost/tcp-echo",
+        &[],
+    )?;
+    let first = Client::start(lab, name, Some("checkpointed:stop"))?;
+    let outcome = (|| {
+        wait_for(
+            "the first migration to freeze",
+            Duration::from_secs(60),
+            || Ok(lab::cleanup::is_stopped(first.pid)),
+        )?;
+        let started = Instant::now();
+        let (ok, _, stderr) = agent_client(lab, "h1", &["--container", name, "--dest", "h3"])?;
+        ensure!(!ok, "a second migration of {name} ran");
+        ensure!(
+            stderr.contains("is migrating now"),
+            "the second migration was not refused for the first: {stderr}"
+        );
+        eprintln!(
+            "refused after {:.0} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        anyhow::Ok(())
+    })();
+    lab::cleanup::kill(first.pid, libc::SIGCONT);
+    let seen = first.finish()?;
+    outcome?;
+    ensure!(
+        is_running(lab, "h2", name)?,
+        "the first migration did not finish: {seen}"
+    );
+    ensure!(!is_running(lab, "h3", name)?, "h3 runs {name} too");
+    counted(lab, "h2", name)?;
+    lab.podman("h2", &["rm", "-f", "-t", "0", name])?;
+    Ok(())
 }
