@@ -270,14 +270,24 @@ async fn handle(
                     .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
                     .await?;
             }
+            // Journaled once per batch, not per entry (a batch is up to 2000): a crash
+            // within a batch leaves its entries unrecorded; they carry the tunnel's mark
+            // and time out.
+            let mut created = Ok(());
             for flow in flows {
                 let flow = flow.with_mark(end.mark);
                 // An entry that existed already is not ours: undo must leave it.
-                if conntrack::create(&flow).await? {
-                    migration.flows.push(flow);
-                    migration.save()?;
+                match conntrack::create(&flow).await {
+                    Ok(true) => migration.flows.push(flow),
+                    Ok(false) => {}
+                    Err(e) => {
+                        created = Err(e);
+                        break;
+                    }
                 }
             }
+            migration.save()?;
+            created?;
             tracing::info!(flows = migration.flows.len(), %container_ip, "flows prepared");
             Ok(ServerMessage::TrafficPrepared {
                 flows: migration.flows.len(),
@@ -471,7 +481,7 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
     }
     // The decision point: journaled before the source hears of it.
     migration.enter(DestinationStage::Owns)?;
-    migration.release_held_ip().await?;
+    migration.release_held_ip(podman).await?;
     migration.save()?;
     common::fault::at(&context.state_dir, "restored")?;
     let restore_ms = started.elapsed().as_millis() as u64;

@@ -12,6 +12,24 @@ pub fn remove_if_present(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Prefix of [`write_atomic`]'s temporary files.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Removes the temporary files [`write_atomic`] left in `dir` when its process died
+/// mid-write; the file it was replacing is intact. Only for a directory no live process
+/// writes to (its owner holds a lock on it).
+pub fn remove_torn_writes(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            remove_if_present(&entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Replaces `path` with `bytes` atomically and durably: a temporary file beside it is
 /// written, synced and renamed over it, and the directory is synced, so a crash leaves
 /// either the old content or the new one, and a record is on disk before the step it
@@ -20,7 +38,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
+        .prefix(TMP_PREFIX)
         .permissions(std::fs::Permissions::from_mode(0o600))
         .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
@@ -54,6 +72,17 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // No temporary file is left beside it.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn torn_writes_are_removed_and_the_record_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("record.json");
+        write_atomic(&path, b"kept").unwrap();
+        std::fs::write(dir.path().join(".tmp-abc123"), b"half a reco").unwrap();
+        assert_eq!(remove_torn_writes(dir.path()).unwrap(), 1);
+        assert_eq!(std::fs::read(&path).unwrap(), b"kept");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -13,12 +13,12 @@ use lab::flow::FlowClient;
 use lab::{Lab, LabOptions};
 use libtest_mimic::{Arguments, Failed, Trial};
 
-#[path = "migration/bad_input.rs"]
-mod bad_input;
 #[path = "migration/faults.rs"]
 mod faults;
 #[path = "migration/operator.rs"]
 mod operator;
+#[path = "migration/peer_input.rs"]
+mod peer_input;
 
 type Scenario = fn(&Lab) -> Result<()>;
 
@@ -43,7 +43,11 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("garbage_frames_do_not_hurt_the_daemon", garbage_frames),
     (
         "bad_peer_input_is_refused",
-        bad_input::peer_input_is_refused,
+        peer_input::peer_input_is_refused,
+    ),
+    (
+        "twenty_thousand_flows_migrate",
+        peer_input::twenty_thousand_flows_migrate,
     ),
     ("tcp_and_udp_flows_survive_h1_h2_h3_h1", flows_survive_hops),
     ("new_connections_reach_the_moved_container", new_connections),

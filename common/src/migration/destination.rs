@@ -67,6 +67,40 @@ pub fn archive_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("incoming")
 }
 
+/// What carrying out the model does to this host, one call per step: the real host
+/// ([`PodmanClient`] with the kernel's conntrack and routes), or in the unit tests below
+/// a fake that can crash at any step.
+#[allow(async_fn_in_trait)] // used with concrete types only, never as `dyn`
+pub trait DestinationActions {
+    /// Whether a container with `id` exists here (`Some`), and whether it runs.
+    async fn container(&self, id: &str) -> Result<Option<bool>>;
+    async fn remove_container(&self, id: &str) -> Result<()>;
+    async fn delete_flow(&self, flow: &Flow) -> Result<()>;
+    /// Ends the hold (blackhole) on `ip`: it is routed locally again.
+    async fn release_ip(&self, ip: Ipv4Addr) -> Result<()>;
+}
+
+impl DestinationActions for PodmanClient {
+    async fn container(&self, id: &str) -> Result<Option<bool>> {
+        Ok(self.find(id).await?.map(|c| c.running))
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<()> {
+        Ok(self.remove(id).await?)
+    }
+
+    async fn delete_flow(&self, flow: &Flow) -> Result<()> {
+        conntrack::delete(flow).await
+    }
+
+    async fn release_ip(&self, ip: Ipv4Addr) -> Result<()> {
+        Routing::new()?
+            .delete_route(IpAddr::V4(ip), 32, MAIN_TABLE)
+            .await?;
+        Ok(())
+    }
+}
+
 /// A journal found in the state directory.
 #[derive(Debug)]
 pub enum Journaled {
@@ -185,20 +219,20 @@ impl IncomingMigration {
     /// Removes everything the migration made here, its copy of the container included,
     /// and fences it: once this returns Ok, this host holds no copy and starts none. On an
     /// error the migration stays journaled (and unfenced), to be tried again.
-    pub async fn discard(&mut self, podman: &PodmanClient) -> Result<()> {
+    pub async fn discard(&mut self, host: &impl DestinationActions) -> Result<()> {
         if matches!(
             self.stage,
             DestinationStage::Restoring | DestinationStage::Owns
-        ) && podman.find(&self.container.id).await?.is_some()
+        ) && host.container(&self.container.id).await?.is_some()
         {
             tracing::info!(container = %self.container.name, "removing this host's copy");
-            podman.remove(&self.container.id).await?;
+            host.remove_container(&self.container.id).await?;
         }
         while let Some(flow) = self.flows.last() {
-            conntrack::delete(flow).await?;
+            host.delete_flow(flow).await?;
             self.flows.pop();
         }
-        self.release_held_ip().await?;
+        self.release_held_ip(host).await?;
         self.discard_archive();
         self.stage = DestinationStage::Fenced;
         self.done = true;
@@ -216,11 +250,9 @@ impl IncomingMigration {
     }
 
     /// The container's address is routed locally again (its sockets exist, or it is not coming).
-    pub async fn release_held_ip(&mut self) -> Result<()> {
+    pub async fn release_held_ip(&mut self, host: &impl DestinationActions) -> Result<()> {
         if let Some(ip) = self.held_ip {
-            Routing::new()?
-                .delete_route(IpAddr::V4(ip), 32, MAIN_TABLE)
-                .await?;
+            host.release_ip(ip).await?;
             self.held_ip = None;
         }
         Ok(())
@@ -238,7 +270,7 @@ impl IncomingMigration {
     pub async fn apply(
         &mut self,
         action: DestinationAction,
-        podman: &PodmanClient,
+        host: &impl DestinationActions,
     ) -> Result<bool> {
         if self.done {
             return Ok(false);
@@ -246,22 +278,22 @@ impl IncomingMigration {
         match action {
             DestinationAction::Keep => {
                 // It runs: its sockets exist and the archive is of no use any more.
-                self.release_held_ip().await?;
+                self.release_held_ip(host).await?;
                 self.discard_archive();
                 self.save()?;
                 Ok(true)
             }
             DestinationAction::Discard => {
-                self.discard(podman).await?;
+                self.discard(host).await?;
                 Ok(false)
             }
             DestinationAction::Reconcile => {
-                if self.restore_finished_without_us(podman).await? {
+                if self.restore_finished_without_us(host).await? {
                     tracing::info!(container = %self.container.name, "a restore finished while the agent was down: this host owns it");
                     self.stage = DestinationStage::Owns;
-                    Box::pin(self.apply(DestinationAction::Keep, podman)).await
+                    Box::pin(self.apply(DestinationAction::Keep, host)).await
                 } else {
-                    self.discard(podman).await?;
+                    self.discard(host).await?;
                     Ok(false)
                 }
             }
@@ -270,7 +302,7 @@ impl IncomingMigration {
 
     /// Whether podman runs the container although the agent never saw the restore end.
     /// A restore that podman is still working on is waited for a little.
-    async fn restore_finished_without_us(&self, podman: &PodmanClient) -> Result<bool> {
+    async fn restore_finished_without_us(&self, host: &impl DestinationActions) -> Result<bool> {
         let archive_bytes = self
             .archive
             .as_ref()
@@ -279,10 +311,8 @@ impl IncomingMigration {
         let reading = Duration::from_secs(archive_bytes / LATE_RESTORE_RATE);
         let deadline = tokio::time::Instant::now() + LATE_RESTORE_WAIT + reading;
         loop {
-            if let Some(found) = podman.find(&self.container.id).await? {
-                if found.running {
-                    return Ok(true);
-                }
+            if host.container(&self.container.id).await? == Some(true) {
+                return Ok(true);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(false);
@@ -334,7 +364,11 @@ impl Registry {
     }
 
     /// Answers `Resolve`: the owner says so; anything else is fenced first.
-    pub async fn resolve(&self, migration_id: &str, podman: &PodmanClient) -> Result<Verdict> {
+    pub async fn resolve(
+        &self,
+        migration_id: &str,
+        host: &impl DestinationActions,
+    ) -> Result<Verdict> {
         let Some(shared) = self.get(migration_id) else {
             // Never known, or discarded already: no copy here, and none can start (a
             // restore needs the migration's own connection and archive).
@@ -342,7 +376,7 @@ impl Registry {
         };
         let mut migration = shared.lock().await;
         let (action, verdict) = ownership::resolve(migration.stage);
-        if !migration.apply(action, podman).await? {
+        if !migration.apply(action, host).await? {
             self.remove(migration_id);
         }
         Ok(verdict)
@@ -359,10 +393,16 @@ pub struct Busy(pub Box<IncomingMigration>);
 /// migration it handled.
 pub async fn recover(
     state_dir: &Path,
-    podman: &PodmanClient,
+    host: &impl DestinationActions,
     registry: &Registry,
 ) -> Result<Vec<String>> {
     let mut report = Vec::new();
+    match crate::files::remove_torn_writes(&journal_dir(state_dir)) {
+        Ok(0) => {}
+        Ok(n) => report.push(format!("{n} journal write(s) cut short by a crash removed")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => report.push(format!("could not look for torn journal writes: {e}")),
+    }
     for journaled in list(state_dir) {
         let mut migration = match journaled {
             Journaled::Readable(m) => *m,
@@ -377,7 +417,7 @@ pub async fn recover(
         };
         let stage = migration.stage;
         let name = migration.container.name.clone();
-        let kept = match migration.apply(ownership::on_restart(stage), podman).await {
+        let kept = match migration.apply(ownership::on_restart(stage), host).await {
             Ok(true) => {
                 report.push(format!(
                     "{name}: runs here; kept until its source settles the migration"
@@ -409,4 +449,182 @@ pub async fn recover(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every destination stage, with podman running the container or not, and the agent
+    //! dying before and after every step of winding the migration down; then the agent
+    //! starts again and recovers. It keeps the container exactly when it owns it (or a
+    //! restore podman finished without it made it the owner), and removes everything
+    //! else.
+
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::migration::crash::{Crash, CrashPoint};
+
+    #[derive(Debug, Clone, Default)]
+    struct World {
+        /// podman's container: `Some(running)`.
+        container: Option<bool>,
+        flows: usize,
+        held: bool,
+        removed_an_owned_copy: bool,
+    }
+
+    struct Fake {
+        world: Arc<Mutex<World>>,
+        owned: bool,
+        crash: CrashPoint,
+    }
+
+    impl Fake {
+        async fn step<T>(&self, effect: impl FnOnce(&mut World) -> T) -> Result<T> {
+            Ok(self.crash.step(&self.world, effect).await)
+        }
+    }
+
+    impl DestinationActions for Fake {
+        async fn container(&self, _: &str) -> Result<Option<bool>> {
+            self.step(|w| w.container).await
+        }
+
+        async fn remove_container(&self, _: &str) -> Result<()> {
+            let owned = self.owned;
+            self.step(move |w| {
+                w.removed_an_owned_copy |= owned;
+                w.container = None;
+            })
+            .await
+        }
+
+        async fn delete_flow(&self, _: &Flow) -> Result<()> {
+            // A flow already gone is fine, as for conntrack (ENOENT).
+            self.step(|w| w.flows = w.flows.saturating_sub(1)).await
+        }
+
+        async fn release_ip(&self, _: Ipv4Addr) -> Result<()> {
+            self.step(|w| w.held = false).await
+        }
+    }
+
+    fn container() -> ContainerRef {
+        ContainerRef {
+            id: "a".repeat(64),
+            name: "web".into(),
+            image_id: "b".repeat(64),
+            image_name: String::new(),
+            address: Some(Ipv4Addr::new(10, 88, 1, 2)),
+            published_ports: Vec::new(),
+        }
+    }
+
+    /// A migration journaled at `stage` with two flows and a held address; podman has
+    /// `container`. Returns the state directory and the world.
+    fn journaled(stage: DestinationStage, container: Option<bool>) -> (tempfile::TempDir, World) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut migration = IncomingMigration::new(
+            dir.path(),
+            &"0".repeat(32),
+            super::tests::container(),
+            "h1".into(),
+        )
+        .unwrap();
+        let flow = Flow::tcp(
+            "10.77.0.100:40000".parse().unwrap(),
+            "10.88.1.2:5000".parse().unwrap(),
+        );
+        migration.flows = vec![flow.clone(), flow];
+        migration.held_ip = Some(Ipv4Addr::new(10, 88, 1, 2));
+        migration.stage = stage;
+        migration.save().unwrap();
+        let world = World {
+            container,
+            flows: 2,
+            held: true,
+            ..World::default()
+        };
+        (dir, world)
+    }
+
+    /// The connection is lost (the agent dying at `crash`), then the agent starts again.
+    async fn lose_then_restart(
+        stage: DestinationStage,
+        container: Option<bool>,
+        crash: Option<Crash>,
+    ) -> (World, bool, usize) {
+        let (dir, start) = journaled(stage, container);
+        let owned = stage == DestinationStage::Owns;
+        let world = Arc::new(Mutex::new(start));
+        let dying = Fake {
+            world: world.clone(),
+            owned,
+            crash: CrashPoint::new(crash),
+        };
+        let mut migration = match list(dir.path()).pop() {
+            Some(Journaled::Readable(m)) => *m,
+            other => panic!("{other:?}"),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_millis(20),
+            migration.apply(ownership::on_connection_lost(stage), &dying),
+        )
+        .await;
+        let restarted = Fake {
+            world: world.clone(),
+            // What it owns now: podman runs the container and it was owned, or a restore
+            // finished without the agent.
+            owned: owned || (stage == DestinationStage::Restoring && container == Some(true)),
+            crash: CrashPoint::new(None),
+        };
+        let registry = Registry::default();
+        recover(dir.path(), &restarted, &registry).await.unwrap();
+        let kept = registry.get(&"0".repeat(32)).is_some();
+        let end = world.lock().unwrap().clone();
+        assert_eq!(
+            kept,
+            dir.path()
+                .join("sessions")
+                .join(format!("{}.json", "0".repeat(32)))
+                .exists(),
+            "the registry and the journal disagree"
+        );
+        (end, kept, dying.crash.taken())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_before_or_after_any_step_keeps_exactly_what_it_owns() {
+        let cases = [
+            (DestinationStage::Receiving, None),
+            (DestinationStage::Restoring, None),
+            (DestinationStage::Restoring, Some(false)),
+            (DestinationStage::Restoring, Some(true)),
+            (DestinationStage::Owns, Some(true)),
+        ];
+        for (stage, container) in cases {
+            let (_, _, steps) = lose_then_restart(stage, container, None).await;
+            for crash in Crash::all(steps) {
+                let (end, kept, _) = lose_then_restart(stage, container, crash).await;
+                let case = format!("{stage:?} podman={container:?} {crash:?}: {end:?}");
+                assert!(!end.removed_an_owned_copy, "removed what it owns: {case}");
+                assert!(!end.held, "the address is still held: {case}");
+                // Kept exactly when a copy runs, and then with its flows; otherwise nothing
+                // is left. Owned stays owned; a restore podman finished without the agent
+                // may be kept (if the agent died before removing it) or not.
+                if kept {
+                    assert!(end.container == Some(true), "kept without a copy: {case}");
+                    assert_eq!(end.flows, 2, "the running copy's flows went: {case}");
+                } else {
+                    assert!(end.container.is_none(), "a copy runs unowned: {case}");
+                    assert_eq!(end.flows, 0, "flows left: {case}");
+                }
+                match stage {
+                    DestinationStage::Owns => assert!(kept, "gave up what it owns: {case}"),
+                    DestinationStage::Receiving => assert!(!kept, "kept nothing it had: {case}"),
+                    _ => {}
+                }
+            }
+        }
+    }
 }

@@ -117,10 +117,23 @@ impl Journal {
         crate::files::remove_if_present(&self.path)
             .with_context(|| format!("remove {}", self.path.display()))
     }
+}
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
+/// Removes journals whose process died before it put them in place (see
+/// [`Journal::create`]): no migration had started. Returns how many.
+pub fn remove_unborn(state_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(journals_dir(state_dir)) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "new"))
+        .filter(|p| {
+            // Locked: its migration is being created right now.
+            File::open(p).is_ok_and(|f| f.try_lock().is_ok())
+                && crate::files::remove_if_present(p).is_ok()
+        })
+        .count()
 }
 
 /// A migration that has a journal on this host.
@@ -226,6 +239,21 @@ mod tests {
         drop(first); // abandoned, not resolved: still refused
         let refused = Journal::create(dir.path(), &record("b")).unwrap_err();
         assert!(format!("{refused:#}").contains("unresolved"), "{refused:#}");
+    }
+
+    #[test]
+    fn a_journal_its_process_never_put_in_place_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let journals = journals_dir(dir.path());
+        std::fs::create_dir_all(&journals).unwrap();
+        let unborn = journals.join(".a.new");
+        std::fs::write(&unborn, b"{}").unwrap();
+        let held = File::open(&unborn).unwrap();
+        held.lock().unwrap();
+        assert_eq!(remove_unborn(dir.path()), 0, "its creator still holds it");
+        drop(held);
+        assert_eq!(remove_unborn(dir.path()), 1);
+        assert!(!unborn.exists());
     }
 
     #[test]

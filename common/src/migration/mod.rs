@@ -9,6 +9,8 @@
 //! owns it), or keeps it stopped while the destination's answer is outstanding. The
 //! destination's state is [`destination`].
 
+#[cfg(test)]
+mod crash;
 pub mod destination;
 pub mod journal;
 pub mod ownership;

@@ -320,6 +320,12 @@ pub async fn release_source(
 /// a migration in doubt is rolled back without its answer.
 pub async fn recover_abandoned(host: &impl SourceActions, destination_lost: bool) -> Vec<String> {
     let mut report = Vec::new();
+    let unborn = journal::remove_unborn(host.state_dir());
+    if unborn > 0 {
+        report.push(format!(
+            "{unborn} journal(s) of migrations that never started removed"
+        ));
+    }
     for entry in journal::list(host.state_dir())
         .into_iter()
         .filter(|e| !e.running)
@@ -380,10 +386,10 @@ mod tests {
     //! the adopter resolves what is left. At no moment may two copies run, and at the end
     //! exactly one does, with nothing left over.
 
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
     use super::*;
+    use crate::migration::crash::{Crash, CrashPoint};
 
     /// Both hosts, as far as the migration is concerned.
     #[derive(Debug, Clone, Default)]
@@ -400,18 +406,9 @@ mod tests {
         two_copies_seen: bool,
     }
 
-    #[derive(Clone, Copy, Debug)]
-    enum Crash {
-        /// The process dies as step N starts: it has no effect.
-        Before(usize),
-        /// Step N takes effect, then the process dies before it records that.
-        After(usize),
-    }
-
     struct Fake {
         world: Arc<Mutex<World>>,
-        crash: Option<Crash>,
-        steps: AtomicUsize,
+        crash: CrashPoint,
         state_dir: std::path::PathBuf,
     }
 
@@ -419,23 +416,13 @@ mod tests {
         fn new(world: &Arc<Mutex<World>>, state_dir: &Path, crash: Option<Crash>) -> Self {
             Self {
                 world: world.clone(),
-                crash,
-                steps: AtomicUsize::new(0),
+                crash: CrashPoint::new(crash),
                 state_dir: state_dir.to_path_buf(),
             }
         }
 
-        /// Runs one step's `effect` on the world, unless the process dies around it.
         async fn step<T>(&self, effect: impl FnOnce(&mut World) -> Result<T>) -> Result<T> {
-            let n = self.steps.fetch_add(1, Ordering::SeqCst) + 1;
-            if matches!(self.crash, Some(Crash::Before(at)) if at == n) {
-                std::future::pending::<()>().await;
-            }
-            let result = effect(&mut self.world.lock().unwrap());
-            if matches!(self.crash, Some(Crash::After(at)) if at == n) {
-                std::future::pending::<()>().await;
-            }
-            result
+            self.crash.step(&self.world, effect).await
         }
     }
 
@@ -583,7 +570,7 @@ mod tests {
             "a journal is left: {stage:?} {crash:?}"
         );
         let end = world.lock().unwrap().clone();
-        (end, first.steps.load(Ordering::SeqCst))
+        (end, first.crash.taken())
     }
 
     fn assert_resolved(end: &World, case: &str) {
@@ -616,16 +603,12 @@ mod tests {
         ];
         for (stage, dest_runs) in cases {
             for reachable in [true, false] {
-                let (end, steps) = resolve_with(stage, dest_runs, reachable, None).await;
-                assert_resolved(&end, &format!("{stage:?} dest_runs={dest_runs}"));
-                for at in 1..=steps {
-                    for crash in [Crash::Before(at), Crash::After(at)] {
-                        let (end, _) = resolve_with(stage, dest_runs, reachable, Some(crash)).await;
-                        let case = format!(
-                            "{stage:?} dest_runs={dest_runs} reachable={reachable} {crash:?}"
-                        );
-                        assert_resolved(&end, &case);
-                    }
+                let (_, steps) = resolve_with(stage, dest_runs, reachable, None).await;
+                for crash in Crash::all(steps) {
+                    let (end, _) = resolve_with(stage, dest_runs, reachable, crash).await;
+                    let case =
+                        format!("{stage:?} dest_runs={dest_runs} reachable={reachable} {crash:?}");
+                    assert_resolved(&end, &case);
                 }
             }
         }

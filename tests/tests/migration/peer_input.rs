@@ -1,5 +1,6 @@
-//! Authenticated but hostile: crafted protocol messages to a real agent-server. Each is
-//! refused with its error code and a message, and nothing on the host changes.
+//! What a peer may send a real agent-server. Authenticated but hostile: crafted protocol
+//! messages, each refused with its error code and a message, nothing on the host changed.
+//! Large: a container with 20,000 tracked flows.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -268,4 +269,67 @@ async fn refused(
         }
         other => bail!("{what} was not refused with {code:?}: {other:?}"),
     }
+}
+
+/// A container with 20,000 tracked flows migrates: they go in bounded batches, and the
+/// destination tracks every one of them.
+pub fn twenty_thousand_flows_migrate(lab: &Lab) -> Result<()> {
+    const FLOWS: u16 = 20_000;
+    lab.run_container("h1", "busy", &[], "localhost/tcp-echo", &[])?;
+    let ip: Ipv4Addr = lab.container_ip("h1", "busy")?.parse()?;
+    let client = Ipv4Addr::new(10, 77, 0, 100);
+    // Entries as the kernel would have them for that many clients, made through netlink
+    // in h1's network namespace.
+    lab.in_netns("h1", || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            for port in 0..FLOWS {
+                let flow = Flow::udp(
+                    SocketAddr::from((client, 20_000 + port)),
+                    SocketAddr::from((ip, 5000)),
+                );
+                common::conntrack::create(&flow).await?;
+            }
+            anyhow::Ok(())
+        })
+    })??;
+    let outcome = super::migrate(lab, "h1", "busy", "h2");
+    let tracked = |host| -> Result<usize> {
+        let out = lab.exec_unchecked(
+            host,
+            &[
+                "conntrack",
+                "-L",
+                "-p",
+                "udp",
+                "--orig-dst",
+                &ip.to_string(),
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+    };
+    let on_h2 = tracked("h2");
+    for host in ["h1", "h2"] {
+        let _ = lab.podman(host, &["rm", "-f", "-t", "0", "busy"]);
+        let _ = lab.exec_unchecked(
+            host,
+            &[
+                "conntrack",
+                "-D",
+                "-p",
+                "udp",
+                "--orig-dst",
+                &ip.to_string(),
+            ],
+        );
+    }
+    outcome?;
+    let on_h2 = on_h2?;
+    ensure!(
+        on_h2 >= usize::from(FLOWS),
+        "h2 tracks {on_h2} of the {FLOWS} flows"
+    );
+    Ok(())
 }
