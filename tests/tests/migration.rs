@@ -57,6 +57,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ),
     ("outbound_connection_survives_h1_h2", outbound_connection),
     (
+        "forwarding_yields_to_a_new_local_container",
+        forwarding_yields_to_a_new_local_container,
+    ),
+    (
         "forwarding_is_removed_once_nothing_needs_it",
         forwarding_removed,
     ),
@@ -590,6 +594,59 @@ fn new_connections(lab: &Lab) -> Result<()> {
     answers(lab, "tcp", "10.77.0.12:5100")?;
     lab.podman("h2", &["rm", "-f", "-t", "0", "newconn"])?;
     Ok(())
+}
+
+/// A new container on the old host that publishes the departed one's port gets that
+/// port's new connections: the forwarding into the tunnel yields to it.
+fn forwarding_yields_to_a_new_local_container(lab: &Lab) -> Result<()> {
+    lab.run_container(
+        "h1",
+        "leaver",
+        &["-p", "5110:5000"],
+        "localhost/tcp-echo",
+        &[],
+    )?;
+    lab.wait_tcp(
+        "client",
+        "10.77.0.11:5110".parse()?,
+        Duration::from_secs(10),
+    )?;
+    migrate(lab, "h1", "leaver", "h2")?;
+    let forwarded = |lab: &Lab| -> Result<bool> {
+        let out = lab.exec_unchecked("h1", &["nft", "list", "table", "inet", "live_migrate"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains("dport 5110 "))
+    };
+    let outcome = (|| {
+        ensure!(
+            forwarded(lab)?,
+            "h1 does not forward port 5110 after the move"
+        );
+        lab.run_container(
+            "h1",
+            "newcomer",
+            &["-p", "5110:5000"],
+            "localhost/tcp-echo",
+            &[],
+        )?;
+        wait_for(
+            "h1's forwarding to yield port 5110",
+            Duration::from_secs(20),
+            || Ok(!forwarded(lab)?),
+        )?;
+        // The departed container is still forwarded to (its address), not its old port.
+        let (_, stdout, _) = agent_client(lab, "h1", &["status", "--json"])?;
+        let status: serde_json::Value = serde_json::from_str(&stdout)?;
+        ensure!(
+            status["forwards"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f["container"] == "leaver")),
+            "the departed container's forwarding went altogether: {status}"
+        );
+        answers(lab, "tcp", "10.77.0.11:5110")
+    })();
+    let _ = lab.podman("h1", &["rm", "-f", "-t", "0", "newcomer"]);
+    lab.podman("h2", &["rm", "-f", "-t", "0", "leaver"])?;
+    outcome
 }
 
 fn outbound_connection(lab: &Lab) -> Result<()> {
