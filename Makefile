@@ -1,7 +1,7 @@
 # The two commands of the README. Both install and verify what the host needs first.
 CARGO ?= cargo
 
-.PHONY: setup build demo test lint bench
+.PHONY: setup build release demo test lint bench
 
 setup:
 	bash scripts/setup-host.sh
@@ -9,9 +9,13 @@ setup:
 build: setup
 	$(CARGO) build --workspace
 
+# What users run, and what the demo and the benchmarks measure.
+release: setup
+	$(CARGO) build --workspace --release
+
 # Brings up a lab, migrates a running container between simulated hosts, tears down.
-demo: build
-	target/debug/demo
+demo: release
+	target/release/demo
 
 lint:
 	$(CARGO) fmt --all --check
@@ -25,6 +29,6 @@ test: build lint
 # Measurements, not tests (README, Performance): iperf3 TCP and UDP with live-migrate and
 # with plain podman checkpoint/restore, the memhog sweep and 10 echo migrations. Results in
 # target/harness/bench/ (report.json, summary.md, throughput.png, sensitivity.png).
-bench: build
-	target/debug/lab gc
-	target/debug/harness --mode tcp,udp --baseline --sensitivity --with-2g --dirty 0,20,100 --echo 10 --out target/harness/bench
+bench: release
+	target/release/lab gc
+	target/release/harness --mode tcp,udp --baseline --sensitivity --with-2g --dirty 0,20,100 --echo 10 --out target/harness/bench
