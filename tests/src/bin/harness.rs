@@ -16,7 +16,6 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use lab::{Lab, LabOptions};
 
-use harness::analysis::median_max;
 use harness::runs::{self, IperfPlan, Method};
 use harness::summary::{markdown, Report};
 
@@ -53,8 +52,9 @@ struct Args {
     /// Dirty rates of the sweep, percent of the pages rewritten per second.
     #[arg(long, default_value = "0,20", value_delimiter = ',')]
     dirty: Vec<u64>,
-    /// Migrate the small TCP echo workload N times (h1 <-> h2) and report the median and
-    /// worst client-observed pause.
+    /// Migrate the small TCP echo workload N times (h1 <-> h2) and report the p50, p95 and
+    /// worst of the client-observed pause, the freeze, and the pause beyond the freeze,
+    /// with a plot of pause against freeze (outage_vs_freeze.png).
     #[arg(long, default_value_t = 0)]
     echo: usize,
     /// Quick check for `make test`: TCP, 12 s, one migration at 2 s, two hosts (the
@@ -202,11 +202,7 @@ fn write(out: &std::path::Path, report: &mut Report) -> Result<()> {
         .sum::<usize>()
         + report.sensitivity.len()
         + report.echo.len();
-    let pauses: Vec<f64> = report.echo.iter().map(|h| h.max_pause_ms).collect();
-    if let Some((median, worst)) = median_max(&pauses) {
-        report.echo_median_pause_ms = Some(median);
-        report.echo_worst_pause_ms = Some(worst);
-    }
+    report.summarize_echo();
     std::fs::write(
         out.join("report.json"),
         serde_json::to_string_pretty(report)?,
@@ -217,6 +213,9 @@ fn write(out: &std::path::Path, report: &mut Report) -> Result<()> {
     }
     if !report.sensitivity.is_empty() {
         harness::plot::sensitivity(&out.join("sensitivity.png"), &report.sensitivity)?;
+    }
+    if !report.echo.is_empty() {
+        harness::plot::outage_vs_freeze(&out.join("outage_vs_freeze.png"), &report.echo)?;
     }
     Ok(())
 }

@@ -258,20 +258,36 @@ pub fn direction_stats(
     st
 }
 
-/// Median and maximum of a list (None when empty).
-pub fn median_max(v: &[f64]) -> Option<(f64, f64)> {
+/// Median, 95th percentile and maximum of repeated measurements, ms.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Spread {
+    pub p50: f64,
+    pub p95: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+/// The [`Spread`] of `v` (None when empty). The median of an even count is the mean of the
+/// middle two; the 95th percentile is the nearest rank (the value at rank ceil(0.95 n)).
+pub fn spread(v: &[f64]) -> Option<Spread> {
     if v.is_empty() {
         return None;
     }
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
-    let median = if n % 2 == 1 {
+    let p50 = if n % 2 == 1 {
         s[n / 2]
     } else {
         (s[n / 2 - 1] + s[n / 2]) / 2.0
     };
-    Some((median, s[n - 1]))
+    let rank = (0.95 * n as f64).ceil() as usize;
+    Some(Spread {
+        p50,
+        p95: s[rank.clamp(1, n) - 1],
+        max: s[n - 1],
+        n,
+    })
 }
 
 #[cfg(test)]
@@ -307,7 +323,12 @@ mod tests {
         assert!((st.outage_ms - 800.0).abs() < 1.0, "{st:?}");
         assert!(st.resumed);
         assert!(st.retransmits.unwrap() > 0);
-        assert_eq!(median_max(&[3.0, 1.0, 2.0]), Some((2.0, 3.0)));
+        let three = spread(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((three.p50, three.p95, three.max), (2.0, 3.0, 3.0));
+        let twenty: Vec<f64> = (1..=20).map(f64::from).collect();
+        let twenty = spread(&twenty).unwrap();
+        assert_eq!((twenty.p50, twenty.p95, twenty.max), (10.5, 19.0, 20.0));
+        assert_eq!(spread(&[]), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::runs::{IperfRun, SensitivityPoint};
+use super::runs::{EchoHop, IperfRun, SensitivityPoint};
 
 const FONT_PATHS: &[&str] = &[
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -200,6 +200,74 @@ pub fn sensitivity(path: &Path, points: &[SensitivityPoint]) -> Result<()> {
                 .map_err(err)?;
         }
     }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(err)?;
+    root.present()
+        .map_err(err)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Each echo migration as a point: the client's longest pause against the freeze, with the
+/// line where they are equal (a client that waited no longer than the container was
+/// frozen) and the target line, 100 ms above it.
+pub fn outage_vs_freeze(path: &Path, hops: &[EchoHop]) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (800, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let points: Vec<(f64, f64)> = hops
+        .iter()
+        .filter_map(|h| Some((h.freeze_to_resume_ms?, h.max_pause_ms)))
+        .filter(|(_, pause)| pause.is_finite())
+        .collect();
+    let top = points
+        .iter()
+        .map(|&(f, p)| f.max(p))
+        .fold(500.0f64, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "echo migrations: client-observed outage vs. freeze",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..top, 0f64..top)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("freeze-to-resume, ms")
+        .y_desc("longest pause the client saw, ms")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    for (label, offset, color) in [
+        ("outage = freeze", 0.0, BLACK.mix(0.6)),
+        (
+            "outage = freeze + 100 ms (target)",
+            100.0,
+            RGBColor(0, 150, 60).mix(0.9),
+        ),
+    ] {
+        let style = color.stroke_width(2);
+        chart
+            .draw_series(LineSeries::new([(0.0, offset), (top - offset, top)], style))
+            .map_err(err)?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], style));
+    }
+    let blue = RGBColor(0, 90, 200);
+    chart
+        .draw_series(points.iter().map(|&p| Circle::new(p, 5, blue.filled())))
+        .map_err(err)?
+        .label("one migration")
+        .legend(move |(x, y)| Circle::new((x + 7, y), 5, blue.filled()));
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))

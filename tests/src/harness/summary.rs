@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use super::analysis::{median_max, DirectionStats};
+use super::analysis::{spread, DirectionStats, Spread};
 use super::runs::{EchoHop, IperfRun, SensitivityPoint};
 
 /// Everything one harness invocation measured (written as report.json).
@@ -15,9 +15,11 @@ pub struct Report {
     pub runs: Vec<IperfRun>,
     pub sensitivity: Vec<SensitivityPoint>,
     pub echo: Vec<EchoHop>,
-    /// Median and worst client-observed pause over the echo hops, ms.
-    pub echo_median_pause_ms: Option<f64>,
-    pub echo_worst_pause_ms: Option<f64>,
+    /// Over the echo hops: the client-observed pause, the freeze-to-resume time, and how
+    /// much longer the client paused than the container was frozen.
+    pub echo_pause: Option<Spread>,
+    pub echo_freeze: Option<Spread>,
+    pub echo_pause_beyond_freeze: Option<Spread>,
     /// Number of migrations (all runs), for quick checks.
     pub migrations: usize,
 }
@@ -124,27 +126,48 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "\nPlot: `sensitivity.png`.\n");
     }
     if !r.echo.is_empty() {
-        let pauses: Vec<f64> = r.echo.iter().map(|h| h.max_pause_ms).collect();
-        let freezes: Vec<f64> = r
-            .echo
-            .iter()
-            .filter_map(|h| h.freeze_to_resume_ms)
-            .collect();
         let intact = r.echo.iter().filter(|h| h.ok && h.flow_ok).count();
         let _ = writeln!(
             s,
             "## Small TCP echo workload: {} migrations alternating h1 <-> h2\n\nClient connected to h1:5000 (flowcheck, a message every 20 ms); outage = longest pause between replies.\n",
             r.echo.len()
         );
+        let row = |what: &str, v: &Option<Spread>| {
+            format!(
+                "| {what} | {} | {} | {} |",
+                opt(v.map(|v| v.p50)),
+                opt(v.map(|v| v.p95)),
+                opt(v.map(|v| v.max))
+            )
+        };
         let _ = writeln!(
             s,
-            "| | median ms | worst ms |\n|---|---|---|\n| client-observed outage | {} | {} |\n| freeze-to-resume (agent) | {} | {} |\n\nConnections intact: {intact}/{}.",
-            opt(median_max(&pauses).map(|x| x.0)),
-            opt(median_max(&pauses).map(|x| x.1)),
-            opt(median_max(&freezes).map(|x| x.0)),
-            opt(median_max(&freezes).map(|x| x.1)),
+            "| | p50 ms | p95 ms | worst ms |\n|---|---|---|---|\n{}\n{}\n{}\n\nConnections intact: {intact}/{}. Plot: `outage_vs_freeze.png`.",
+            row("client-observed outage", &r.echo_pause),
+            row("freeze-to-resume (agent)", &r.echo_freeze),
+            row("outage beyond the freeze", &r.echo_pause_beyond_freeze),
             r.echo.len()
         );
     }
     s
+}
+
+impl Report {
+    /// Fills the echo spreads from the hops.
+    pub fn summarize_echo(&mut self) {
+        let pauses: Vec<f64> = self.echo.iter().map(|h| h.max_pause_ms).collect();
+        let freezes: Vec<f64> = self
+            .echo
+            .iter()
+            .filter_map(|h| h.freeze_to_resume_ms)
+            .collect();
+        let beyond: Vec<f64> = self
+            .echo
+            .iter()
+            .filter_map(|h| Some(h.max_pause_ms - h.freeze_to_resume_ms?))
+            .collect();
+        self.echo_pause = spread(&pauses);
+        self.echo_freeze = spread(&freezes);
+        self.echo_pause_beyond_freeze = spread(&beyond);
+    }
 }
