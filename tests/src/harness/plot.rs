@@ -244,6 +244,8 @@ pub fn outage_vs_freeze(path: &Path, hops: &[EchoHop]) -> Result<()> {
         .configure_mesh()
         .x_desc("freeze-to-resume, ms")
         .y_desc("longest pause the client saw, ms")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(err)?;
@@ -273,7 +275,7 @@ pub fn outage_vs_freeze(path: &Path, hops: &[EchoHop]) -> Result<()> {
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .draw()
         .map_err(err)?;
     root.present()
