@@ -1,5 +1,5 @@
 //! Runs a migration with a progress display, and Ctrl-C (or SIGTERM, SIGHUP) as a clean
-//! abort until the traffic is switched.
+//! abort until the destination is asked to restore the container.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -124,7 +124,7 @@ async fn wind_down(context: &ServerContext, shared: &Shared, result: &anyhow::Re
     if !owned {
         entry.error = Some(match result {
             Err(e) => format!("{e:#}"),
-            Ok(()) => "the source aborted or went away".to_string(),
+            Ok(()) => "the source gave up or went away".to_string(),
         });
     }
     if let Err(e) = history::record(&context.state_dir, &entry) {
@@ -474,15 +474,16 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
     }
     .await;
     if let Err(e) = outcome {
-        // Leave no half-restored copy behind; the migration may be retried or aborted.
+        // Leave no half-restored copy behind: the migration is fenced, and the source's
+        // Resolve hears so.
         migration.discard(podman).await?;
         context.migrations.remove(&migration.migration_id);
         return Err(e.into());
     }
-    // The decision point: journaled before the source hears of it.
-    migration.enter(DestinationStage::Owns)?;
+    // The decision point: journaled (with the address released, in one write inside the
+    // freeze) before the source hears of it.
     migration.release_held_ip(podman).await?;
-    migration.save()?;
+    migration.enter(DestinationStage::Owns)?;
     common::fault::at(&context.state_dir, "restored")?;
     let restore_ms = started.elapsed().as_millis() as u64;
     tracing::info!(container = %migration.container.name, restore_ms, "container restored; this host owns it");

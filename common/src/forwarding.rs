@@ -35,11 +35,7 @@ pub async fn sweep(state_dir: &Path, podman: &PodmanClient, token: &Token) -> Re
     for mut record in records {
         // Running, not merely there: the stopped source copy stays until the migration that
         // wrote this record has removed it.
-        if podman
-            .find(&record.container_id)
-            .await?
-            .is_some_and(|c| c.running)
-        {
+        if local.iter().any(|c| c.id == record.container_id) {
             // It came back: the restore owns its route now, the forwards are stale.
             record.remove(state_dir, true).await?;
             removed.push(format!(

@@ -184,7 +184,8 @@ pub enum ServerMessage {
     },
 }
 
-/// Why a request was refused; the source acts on the code, never on the message.
+/// Why a request was refused. Code may act on it; none matches on the message, which is
+/// for people.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {

@@ -18,7 +18,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Replies that involve podman on the far side (load, restore) may take a while.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// A request the destination agent refused; callers act on `code`.
+/// A request the destination agent refused, with its code (for callers and logs; nothing
+/// matches on the message).
 #[derive(Debug, thiserror::Error)]
 #[error("destination agent {agent}: {message}")]
 pub struct RemoteError {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, TryLockError};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ownership::{self, DestinationAction, DestinationStage, Verdict};
 use crate::conntrack::{self, Flow};
-use crate::overlay::MAIN_TABLE;
 use crate::podman::PodmanClient;
 use crate::protocol::ContainerRef;
-use crate::routing::Routing;
 
 /// How long a restarted agent waits for a restore that podman may still finish on its own
 /// (the agent died after handing podman the archive) before it counts it as not coming:
@@ -94,10 +92,7 @@ impl DestinationActions for PodmanClient {
     }
 
     async fn release_ip(&self, ip: Ipv4Addr) -> Result<()> {
-        Routing::new()?
-            .delete_route(IpAddr::V4(ip), 32, MAIN_TABLE)
-            .await?;
-        Ok(())
+        super::phases::route_container_locally(ip).await
     }
 }
 

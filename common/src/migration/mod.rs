@@ -384,15 +384,7 @@ pub async fn migrate(
             ),
         )
         .await;
-        let bytes = match sent {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                // The stream broke off mid-frame: closing the connection is the abort,
-                // the destination then drops what it received.
-                remote = None;
-                return Err(e);
-            }
-        };
+        let bytes = sent?;
         clock.finish(phase, t);
 
         phase = Phase::Restore;
@@ -401,8 +393,8 @@ pub async fn migrate(
         if let Some(ip) = container_ip {
             phases::prepare_flows(agent, &keys, ip).await?;
         }
-        phases::restore(agent, &prepared.container.to_ref(), log, state_dir).await?;
-        let resumed_at = Instant::now();
+        let resumed_at =
+            phases::restore(agent, &prepared.container.to_ref(), log, state_dir).await?;
         clock.finish(phase, t);
         Ok((prepared, bytes, frozen_at, resumed_at))
     }

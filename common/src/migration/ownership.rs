@@ -10,7 +10,7 @@
 //! connection is never an answer.
 //!
 //! The functions below are the whole policy; the source ([`super::migrate`], the journal's
-//! recovery) and the destination ([`crate::incoming`]) only carry it out.
+//! recovery) and the destination ([`super::destination`]) only carry it out.
 
 use serde::{Deserialize, Serialize};
 

@@ -152,17 +152,17 @@ pub async fn checkpoint(
     crate::files::create_private_dir(work_dir)
         .with_context(|| format!("create work directory {}", work_dir.display()))?;
     let archive = work_dir.join(format!("{}.tar", undo.record.migration_id));
-    undo.push(Undo::RemoveFile(archive.clone()))?;
     let container_ip = container.ipv4();
-    if let Some(ip) = container_ip {
-        undo.push(Undo::RemoveContainerRoute(ip))?;
-    }
     // Registered before the call: a checkpoint that fails halfway may still have stopped it.
-    undo.push(Undo::RestartOnSource {
-        container: container.name.clone(),
-        archive: archive.clone(),
-    })?;
-    undo.enter(SourceStage::Frozen)?;
+    undo.freeze(
+        [Undo::RemoveFile(archive.clone())]
+            .into_iter()
+            .chain(container_ip.map(Undo::RemoveContainerRoute))
+            .chain([Undo::RestartOnSource {
+                container: container.name.clone(),
+                archive: archive.clone(),
+            }]),
+    )?;
     podman.checkpoint_to_file(&container.name, &archive).await?;
     if let Some(ip) = container_ip {
         Routing::new()?
@@ -309,23 +309,25 @@ pub async fn transfer(
 
 /// Restore: the destination creates and starts the container from the archive, and owns
 /// it once it answers. The request is journaled before it is sent: from then on, who owns
-/// the container is in doubt until the destination answers ([`super::ownership`]).
+/// the container is in doubt until the destination answers ([`super::ownership`]). Returns
+/// when the answer came: the container runs again.
 pub async fn restore(
     remote: &mut RemoteAgent,
     container: &ContainerRef,
     undo: &mut UndoLog,
     state_dir: &Path,
-) -> Result<u64> {
+) -> Result<std::time::Instant> {
     undo.enter(SourceStage::RestoreRequested)?;
-    let restore_ms = remote
+    remote
         .restore(container, || {
             if let Err(e) = crate::fault::at(state_dir, "restore-requested") {
                 tracing::error!("{e:#}");
             }
         })
         .await?;
+    let resumed_at = std::time::Instant::now();
     undo.enter(SourceStage::DestinationOwns)?;
-    Ok(restore_ms)
+    Ok(resumed_at)
 }
 
 /// Undo of [`checkpoint`]: bring the container back on the source. The checkpoint kept with

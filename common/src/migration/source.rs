@@ -96,10 +96,11 @@ impl UndoLog {
         })
     }
 
-    /// Records how to undo a change, durably, before the change is made.
-    pub fn push(&mut self, undo: Undo) -> Result<()> {
-        self.record.steps.push(undo);
-        self.save()
+    /// Records how to undo the freeze and enters [`SourceStage::Frozen`], in one durable
+    /// write (it is part of the freeze).
+    pub fn freeze(&mut self, undo: impl IntoIterator<Item = Undo>) -> Result<()> {
+        self.record.steps.extend(undo);
+        self.enter(SourceStage::Frozen)
     }
 
     /// Moves to `stage`, durably, before the step it names.
@@ -344,21 +345,17 @@ pub async fn recover_abandoned(host: &impl SourceActions, destination_lost: bool
             tracing::warn!(container = %record.container, "destination declared lost: restarting the source copy without its answer");
             record.stage = SourceStage::Frozen;
         }
-        if destination_lost && record.stage == SourceStage::DestinationOwns {
-            // Only the lost host's word was missing: the copy here is gone already.
-            report.push(format!(
-                "{}: the lost destination {} ran it; nothing to restart here, migration forgotten",
-                record.container, record.destination
-            ));
-            let _ = journal.delete();
-            continue;
-        }
         let (name, destination) = (record.container.clone(), record.destination.clone());
         let mut log = UndoLog {
             record,
             journal: Some(journal),
         };
         let outcome = settle(&mut log, host, Duration::ZERO, &|_| {}).await;
+        if destination_lost && matches!(outcome, Resolution::RolledForward { .. }) {
+            // The lost destination cannot be told the source copy is gone: nothing waits
+            // for that any more.
+            let _ = log.close();
+        }
         report.push(match outcome {
             Resolution::RolledBack { problems } if problems.is_empty() => {
                 format!("{name}: migration to {destination} was abandoned; rolled back: the container runs here again")
