@@ -38,6 +38,27 @@ fn register_font() -> Result<()> {
     result
 }
 
+/// The series legend every plot here draws, at `position`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(position)
+        .draw()
+        .map_err(err)
+}
+
+fn save(root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>, path: &Path) -> Result<()> {
+    root.present()
+        .map_err(err)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting: {e:?}")
 }
@@ -115,18 +136,9 @@ pub fn throughput(path: &Path, runs: &[IperfRun]) -> Result<()> {
                 .label(name)
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], color));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
-    root.present()
-        .map_err(err)
-        .with_context(|| format!("writing {}", path.display()))
+    save(&root, path)
 }
 
 /// Freeze-to-resume and total migration time against memory size, per dirty rate.
@@ -200,17 +212,8 @@ pub fn sensitivity(path: &Path, points: &[SensitivityPoint]) -> Result<()> {
                 .map_err(err)?;
         }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(err)?;
-    root.present()
-        .map_err(err)
-        .with_context(|| format!("writing {}", path.display()))
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+    save(&root, path)
 }
 
 /// Each echo migration as a point: the client's longest pause against the freeze, with the
@@ -270,15 +273,6 @@ pub fn outage_vs_freeze(path: &Path, hops: &[EchoHop]) -> Result<()> {
         .map_err(err)?
         .label("one migration")
         .legend(move |(x, y)| Circle::new((x + 7, y), 5, blue.filled()));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(err)?;
-    root.present()
-        .map_err(err)
-        .with_context(|| format!("writing {}", path.display()))
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
+    save(&root, path)
 }
