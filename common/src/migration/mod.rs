@@ -307,6 +307,7 @@ pub async fn migrate(
     let mut phase = Phase::Connect;
     let cancel = &request.cancel;
     let state_dir = &request.state_dir;
+    let destination = crate::remote::with_default_port(&request.destination);
 
     let outcome: anyhow::Result<(phases::Prepared, u64, Instant, Instant)> = async {
         // Journaled (and locked against a second migration of it) before anything else; a
@@ -319,7 +320,7 @@ pub async fn migrate(
                 migration_id: crate::validate::new_migration_id(),
                 container: info.name.clone(),
                 container_id: info.id.clone(),
-                destination: crate::remote::with_default_port(&request.destination),
+                destination: destination.clone(),
                 stage: SourceStage::Running,
                 steps: Vec::new(),
                 switch: None,
@@ -405,11 +406,7 @@ pub async fn migrate(
         token: &request.token,
         state_dir,
     };
-    let mut history = HistoryEntry::now(
-        Direction::Outgoing,
-        &request.container,
-        &crate::remote::with_default_port(&request.destination),
-    );
+    let mut history = HistoryEntry::now(Direction::Outgoing, &request.container, &destination);
     let (prepared, checkpoint_bytes, frozen_at, resumed_at) = match outcome {
         Ok(done) => done,
         Err(error) => {
@@ -443,11 +440,7 @@ pub async fn migrate(
     if let Err(e) = crate::fault::at(state_dir, "switching") {
         warnings.push(format!("{e:#}"));
     }
-    if let Some(plan) = &log.record.switch {
-        if let Err(e) = phases::switch_traffic(plan, state_dir).await {
-            warnings.push(format!("could not switch the traffic: {e:#}"));
-        }
-    }
+    warnings.extend(source::switch_traffic(log, &host).await);
     clock.finish(Phase::SwitchTraffic, t);
     let t = clock.start(Phase::CleanUp);
     warnings.extend(source::release_source(log, &host, remote.as_mut()).await);
@@ -460,7 +453,7 @@ pub async fn migrate(
     Ok(MigrationReport {
         container: prepared.container.name.clone(),
         container_id: prepared.container.id.clone(),
-        destination: crate::remote::with_default_port(&request.destination),
+        destination,
         phases: clock.timings,
         freeze_to_resume_ms: freeze_to_resume.as_secs_f64() * 1e3,
         checkpoint_bytes,

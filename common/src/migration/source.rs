@@ -168,13 +168,7 @@ pub async fn settle(
                     reason: format!("{e:#}"),
                 };
             }
-            let mut warnings = match &log.record.switch {
-                Some(plan) => match host.switch_traffic(plan).await {
-                    Ok(()) => Vec::new(),
-                    Err(e) => vec![format!("could not switch the traffic: {e:#}")],
-                },
-                None => Vec::new(),
-            };
+            let mut warnings = switch_traffic(log, host).await;
             warnings.extend(release_source(log, host, None).await);
             Resolution::RolledForward { warnings }
         }
@@ -264,6 +258,18 @@ async fn roll_back(
         let _ = log.save();
     }
     Resolution::RolledBack { problems }
+}
+
+/// The destination runs the container: route its traffic there as the journal's plan says.
+/// Returns warnings: nothing here may undo the migration.
+pub async fn switch_traffic(log: &UndoLog, host: &impl SourceActions) -> Vec<String> {
+    let Some(plan) = &log.record.switch else {
+        return Vec::new();
+    };
+    match host.switch_traffic(plan).await {
+        Ok(()) => Vec::new(),
+        Err(e) => vec![format!("could not switch the traffic: {e:#}")],
+    }
 }
 
 /// The destination runs the container: remove the stopped source copy and the migration's

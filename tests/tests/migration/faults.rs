@@ -219,13 +219,13 @@ fn cell(
     let other = if owner == "h1" { "h2" } else { "h1" };
     // Never two copies; within the bound, one copy where the model says, and both hosts
     // done with the migration.
-    let deadline = hit
-        + RESOLVED_WITHIN
+    let bound = RESOLVED_WITHIN
         + if matches!(fault, Some(Fault::CutLink)) {
             CUT_FOR
         } else {
             Duration::ZERO
         };
+    let deadline = hit + bound;
     let mut cut_restored = !matches!(fault, Some(Fault::CutLink));
     let took = loop {
         let (here, there) = (is_running(lab, owner, name)?, is_running(lab, other, name)?);
@@ -251,14 +251,7 @@ fn cell(
         std::thread::sleep(Duration::from_millis(200));
     };
     let client_log = client.finish()?;
-    if took
-        > RESOLVED_WITHIN
-            + if matches!(fault, Some(Fault::CutLink)) {
-                CUT_FOR
-            } else {
-                Duration::ZERO
-            }
-    {
+    if took > bound {
         bail!("resolved only after {:.1} s", took.as_secs_f64());
     }
     let after = counted(lab, owner, name)?;
