@@ -26,10 +26,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{anyhow, bail, Context, Result};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_netfilter::{
     conntrack::{
         ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
@@ -37,8 +34,9 @@ use netlink_packet_netfilter::{
     },
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
-use netlink_sys::{protocols::NETLINK_NETFILTER, AsyncSocket, AsyncSocketExt, TokioSocket};
 use serde::{Deserialize, Serialize};
+
+use crate::nfnetlink::{self, errno_of, Errno};
 
 /// `TCP_CONNTRACK_ESTABLISHED` (include/uapi/linux/netfilter/nf_conntrack_tcp.h).
 pub const TCP_STATE_ESTABLISHED: u8 = 3;
@@ -283,7 +281,7 @@ pub async fn create(flow: &Flow) -> Result<bool> {
     .await
     {
         Ok(_) => Ok(true),
-        Err(e) if errno_of(&e) == Some(libc_errno::EEXIST) => Ok(false),
+        Err(e) if errno_of(&e) == Some(Errno::EEXIST) => Ok(false),
         Err(e) => Err(e.context(format!("creating conntrack entry {flow}"))),
     }
 }
@@ -295,7 +293,7 @@ pub async fn delete(flow: &Flow) -> Result<()> {
     )?)]);
     match request(family_of(flow)?, msg, NLM_F_REQUEST | NLM_F_ACK).await {
         Ok(_) => Ok(()),
-        Err(e) if errno_of(&e) == Some(libc_errno::ENOENT) => Ok(()),
+        Err(e) if errno_of(&e) == Some(Errno::ENOENT) => Ok(()),
         Err(e) => Err(e.context(format!("deleting conntrack entry {flow}"))),
     }
 }
@@ -318,24 +316,6 @@ pub async fn delete_marked(mark: u32) -> Result<usize> {
         delete(flow).await?;
     }
     Ok(marked.len())
-}
-
-/// errno values used here (kept local: `libc` is not a dependency of this crate).
-mod libc_errno {
-    pub const ENOENT: i32 = 2;
-    pub const EEXIST: i32 = 17;
-}
-
-/// Error carrying the errno of a netlink NACK.
-#[derive(Debug, thiserror::Error)]
-#[error("netlink error: {source}")]
-struct NetlinkNack {
-    errno: i32,
-    source: std::io::Error,
-}
-
-fn errno_of(e: &anyhow::Error) -> Option<i32> {
-    e.downcast_ref::<NetlinkNack>().map(|n| n.errno)
 }
 
 fn family_of(flow: &Flow) -> Result<NetfilterProtoFamily> {
@@ -471,87 +451,27 @@ fn flow_from_attributes(attrs: &[ConntrackAttribute]) -> Option<Flow> {
 }
 
 /// Sends one ctnetlink request and collects the attributes of every conntrack message of
-/// the answer, until the ACK (non-dump) or NLMSG_DONE (dump). A NACK becomes a
-/// [`NetlinkNack`] error.
+/// the answer.
 async fn request(
     family: NetfilterProtoFamily,
     msg: ConntrackMessage,
     flags: u16,
 ) -> Result<Vec<Vec<ConntrackAttribute>>> {
-    let mut socket = TokioSocket::new(NETLINK_NETFILTER).context("opening a netlink socket")?;
-    socket
-        .socket_mut()
-        .bind_auto()
-        .context("binding the netlink socket")?;
-    socket
-        .socket_mut()
-        .connect(&netlink_sys::SocketAddr::new(0, 0))
-        .context("connecting the netlink socket")?;
-
-    let mut header = NetlinkHeader::default();
-    header.flags = flags;
-    header.sequence_number = 1;
-    let mut packet = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(NetfilterMessage::new(
-            NetfilterHeader::new(family, 0, 0),
-            msg,
-        )),
-    );
-    packet.finalize();
-    let mut buf = vec![0; packet.buffer_len()];
-    packet.serialize(&mut buf);
-    socket
-        .send(&buf)
-        .await
-        .context("sending a ctnetlink request")?;
-
-    let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
-    let mut out = Vec::new();
-    loop {
-        let (data, _) = socket
-            .recv_from_full()
-            .await
-            .context("receiving a ctnetlink answer")?;
-        if data.is_empty() {
-            bail!("netlink socket closed before the end of the answer");
-        }
-        let mut offset = 0;
-        while offset < data.len() {
-            let bytes = &data[offset..];
-            let reply = NetlinkMessage::<NetfilterMessage>::deserialize(bytes)
-                .map_err(|e| anyhow!("malformed ctnetlink message: {e}"))?;
-            let len = reply.header.length as usize;
-            match reply.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(err) => match err.code {
-                    None if !dump => return Ok(out),
-                    None => {}
-                    Some(code) => {
-                        return Err(NetlinkNack {
-                            errno: -code.get(),
-                            source: err.to_io(),
-                        }
-                        .into())
-                    }
-                },
-                NetlinkPayload::InnerMessage(NetfilterMessage {
-                    inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
-                    ..
-                }) => out.push(attrs),
-                _ => {}
-            }
-            if len == 0 {
-                break;
-            }
-            offset += (len + 3) & !3;
-        }
-    }
+    let message = NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), msg);
+    Ok(nfnetlink::request(vec![(message, flags)])
+        .await?
+        .into_iter()
+        .filter_map(|reply| match reply.inner {
+            NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) => Some(attrs),
+            _ => None,
+        })
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()

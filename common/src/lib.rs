@@ -11,6 +11,7 @@ pub mod forwarding;
 pub mod history;
 pub mod housekeeping;
 pub mod migration;
+pub mod nfnetlink;
 pub mod nft;
 pub mod overlay;
 pub mod podman;
