@@ -84,6 +84,11 @@ struct MigrateArgs {
     /// after it moved (connections that already exist are kept either way).
     #[arg(long)]
     no_forward_new: bool,
+    /// Packets for the container held on this host while it is frozen, at most; they go
+    /// to it once it runs on the destination. More are dropped (and counted in the report);
+    /// 0 drops them all, as a plain checkpoint would.
+    #[arg(long, value_name = "PACKETS", default_value_t = common::hold::DEFAULT_BOUND)]
+    hold_packets: u32,
 }
 
 #[derive(Args, Debug)]
@@ -124,6 +129,7 @@ impl CommonArgs {
             podman: self.podman(),
             state_dir: self.paths.state_dir.clone(),
             forward_new_connections: true,
+            hold_packets: common::hold::DEFAULT_BOUND,
             cancel: CancellationToken::new(),
         })
     }
@@ -244,6 +250,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 },
             };
             request.forward_new_connections = !cli.migrate.no_forward_new;
+            request.hold_packets = cli.migrate.hold_packets;
             migrate::run(args, request).await
         }
     }

@@ -69,6 +69,20 @@ pub fn print_report(report: &MigrationReport, as_json: bool) -> Result<()> {
             ""
         }
     );
+    for (place, hold) in [
+        ("here", &report.held_packets),
+        ("on the destination", &report.held_at_destination),
+    ] {
+        if let Some(hold) = hold {
+            line!(
+                out,
+                "packets held {place} during the freeze: {}, dropped: {} (bound {})",
+                hold.held,
+                hold.dropped,
+                hold.bound
+            );
+        }
+    }
     for w in &report.warnings {
         line!(out, "warning: {w}");
     }

@@ -13,6 +13,7 @@ use common::forwarding::ForwardRecord;
 use common::history::{self, Direction, HistoryEntry};
 use common::migration::destination::{self, IncomingMigration, Shared};
 use common::migration::ownership::{self, DestinationStage};
+use common::nft::Firewall;
 use common::overlay::{TunnelEnd, MAIN_TABLE};
 use common::protocol::{
     ClientMessage, ContainerRef, ErrorCode, ServerMessage, MAX_FLOWS_PER_BATCH,
@@ -31,6 +32,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// checkpoint a large container between two requests; a dead peer is found sooner, by the
 /// connection's keepalive.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long packets of a returning container that come through a tunnel are untracked
+/// after its restore: the source's held packets arrive within milliseconds of its answer.
+const RETURNING_SECONDS: u32 = 10;
 /// Largest image archive accepted.
 const IMAGE_LIMIT: u64 = 16 << 30;
 /// Largest checkpoint archive accepted.
@@ -255,8 +259,8 @@ async fn handle(
             let end = TunnelEnd::to_peer(&context.keys.public_base64(), &source_public_key).await?;
             if migration.held_ip.is_none() {
                 // Until the restored sockets exist, packets for the container must be
-                // dropped here, not answered with a reset by its half-restored network
-                // namespace. This also replaces a route into a tunnel left from when the
+                // held or dropped here, not answered with a reset by its half-restored
+                // network namespace. This also replaces a route into a tunnel left from when the
                 // container lived here.
                 migration.held_ip = Some(container_ip);
                 migration.save()?;
@@ -269,6 +273,19 @@ async fn handle(
                 Routing::new()?
                     .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
                     .await?;
+                // Packets that reach this host other than through the source's tunnel
+                // (it is where the container is published, or a former host forwards to
+                // it) wait for the restore, and for the source's held packets to go first.
+                let hold = common::hold::start(
+                    container_ip,
+                    common::hold::DEFAULT_BOUND,
+                    Some(&end.interface),
+                );
+                if let Err(e) = hold.await {
+                    tracing::warn!(
+                        "packets for {container_ip} are dropped until the restore: {e:#}"
+                    );
+                }
             }
             // Journaled once per batch, not per entry (a batch is up to 2000): a crash
             // within a batch leaves its entries unrecorded; they carry the tunnel's mark
@@ -276,10 +293,11 @@ async fn handle(
             let mut created = Ok(());
             for flow in flows {
                 let flow = flow.with_mark(end.mark);
-                // An entry that existed already is not ours: undo must leave it.
+                // An entry that existed already is not ours: undo must leave it. It is the
+                // flow's own entry here: the flow enters through this host.
                 match conntrack::create(&flow).await {
                     Ok(true) => migration.flows.push(flow),
-                    Ok(false) => {}
+                    Ok(false) => migration.flows_entered_here = true,
                     Err(e) => {
                         created = Err(e);
                         break;
@@ -297,13 +315,25 @@ async fn handle(
             let shared = current(connection)?.clone();
             restore(&shared, &container, context).await
         }
+        ClientMessage::TrafficSwitched => {
+            let mut migration = current(connection)?.lock().await;
+            if migration.stage != DestinationStage::Owns {
+                return Err(refuse(
+                    ErrorCode::State,
+                    anyhow!("the container of this migration is not restored here"),
+                ));
+            }
+            let held = migration.release_held_ip(podman).await?;
+            migration.save()?;
+            Ok(ServerMessage::HoldReleased { held })
+        }
         ClientMessage::Finish => {
             // An owned migration is settled; anything else winds down as the connection
             // closes (where the history is written, for both).
             if let Some(shared) = &connection.migration {
                 let mut migration = shared.lock().await;
                 if migration.stage == DestinationStage::Owns {
-                    settle(&mut migration, context)?;
+                    settle(&mut migration, context).await?;
                 }
             }
             Ok(ServerMessage::Finished)
@@ -317,7 +347,7 @@ async fn handle(
         ClientMessage::Settle { migration_id } => {
             validate::migration_id(&migration_id).map_err(invalid)?;
             if let Some(shared) = context.migrations.get(&migration_id) {
-                settle(&mut *shared.lock().await, context)?;
+                settle(&mut *shared.lock().await, context).await?;
             }
             Ok(ServerMessage::Settled)
         }
@@ -480,9 +510,25 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
         context.migrations.remove(&migration.migration_id);
         return Err(e.into());
     }
-    // The decision point: journaled (with the address released, in one write inside the
-    // freeze) before the source hears of it.
-    migration.release_held_ip(podman).await?;
+    if let Some(ip) = migration.held_ip.filter(|_| migration.flows_entered_here) {
+        // The source lets its held packets through once it hears of the restore; those of
+        // flows that entered here come back through the tunnel ([`common::nft`]).
+        let untracked = tokio::task::spawn_blocking(move || {
+            Firewall::ensure()?.untrack_returning(ip, RETURNING_SECONDS)
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+        if let Err(e) = untracked {
+            tracing::warn!("packets returning to {ip} may be dropped: {e:#}");
+        }
+    }
+    // Its sockets exist: its address is routed here again. Packets held here wait for the
+    // source's (`TrafficSwitched`).
+    if let Some(ip) = migration.held_ip {
+        common::migration::phases::route_container_locally(ip).await?;
+    }
+    // The decision point: journaled before the source hears of it.
     migration.enter(DestinationStage::Owns)?;
     common::fault::at(&context.state_dir, "restored")?;
     let restore_ms = started.elapsed().as_millis() as u64;
@@ -491,7 +537,7 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
 }
 
 /// The source removed its copy: nothing is left to decide about an owned migration.
-fn settle(migration: &mut IncomingMigration, context: &ServerContext) -> Result<(), Refusal> {
+async fn settle(migration: &mut IncomingMigration, context: &ServerContext) -> Result<(), Refusal> {
     if migration.stage != DestinationStage::Owns {
         return Err(refuse(
             ErrorCode::State,
@@ -502,6 +548,7 @@ fn settle(migration: &mut IncomingMigration, context: &ServerContext) -> Result<
             ),
         ));
     }
+    migration.release_held_ip(&context.podman).await?;
     migration.forget()?;
     context.migrations.remove(&migration.migration_id);
     Ok(())

@@ -9,6 +9,7 @@ pub mod fault;
 pub mod files;
 pub mod forwarding;
 pub mod history;
+pub mod hold;
 pub mod housekeeping;
 pub mod migration;
 pub mod nfnetlink;

@@ -16,6 +16,23 @@
 //!   The restore rule is per tunnel and excludes packets arriving *from* the tunnel on
 //!   purpose: a generic `ct mark != 0 meta mark set ct mark` would also mark the inbound
 //!   packets, and the fwmark rule would route them straight back into the tunnel.
+//! * `postrouting` — `type filter hook postrouting priority srcnat + 10 (110)`: per tunnel,
+//!   `iifname "<tun>" ct state new ct status snat drop`. A packet of a flow that entered
+//!   this host directly, and comes back through a tunnel (the container returned to a
+//!   former host while packets for it were held or on their way through other hosts),
+//!   matches no connection here: its own connection here is the DNATed one. As a new
+//!   connection its reply tuple clashes with that one, so NAT gives it another source
+//!   port, and the container would answer the unknown port with a reset that kills the
+//!   client's connection. Such a packet is dropped instead; the client sends it again on
+//!   its direct path. Connections that legitimately enter through the tunnel get no
+//!   source NAT here (netavark masquerades only what the containers send out).
+//! * `raw_prerouting` — `type filter hook prerouting priority raw (-300)`:
+//!   `iifname "lmwg-*" ip daddr @returning notrack`. The set `returning` holds, for a few
+//!   seconds after its restore, the address of a container that came back to a host
+//!   where some of its flows entered directly. Packets of those flows held elsewhere
+//!   arrive through the tunnel right after the restore; untracked, they are not mistaken
+//!   for new connections (see `postrouting` above) and reach the container unchanged,
+//!   and its answers still find the flow's own connection here.
 //! * `nat_prerouting` — `type nat hook prerouting priority dstnat - 10 (-110)`, i.e. before
 //!   netavark's DNAT: [`Firewall::forward_port`] installs
 //!   `meta nfproto ipv4 fib daddr type local <proto> dport <port> dnat ip to <ctr>:<port>`
@@ -39,11 +56,13 @@ use anyhow::{bail, Context, Result};
 use nftables::{
     batch::Batch,
     expr::{
-        Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
-        CT,
+        Elem, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload,
+        PayloadField, CT,
     },
     helper::{self, NftablesError},
-    schema::{Chain, NfListObject, Nftables, Rule, Table},
+    schema::{
+        Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
+    },
     stmt::{Mangle, Match, NATFamily, Operator, Statement, NAT},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
@@ -59,10 +78,20 @@ pub const FAMILY: NfFamily = NfFamily::INet;
 pub const PREROUTING_CHAIN: &str = "prerouting";
 /// NAT chain at prerouting, before netavark's: port forwards to migrated containers.
 pub const NAT_PREROUTING_CHAIN: &str = "nat_prerouting";
+/// Filter chain at postrouting, after source NAT: drops clashing returns.
+pub const POSTROUTING_CHAIN: &str = "postrouting";
+/// Filter chain at prerouting, before conntrack: untracks returning packets.
+pub const RAW_PREROUTING_CHAIN: &str = "raw_prerouting";
+/// Addresses of containers whose returning packets are untracked, with a timeout.
+pub const RETURNING_SET: &str = "returning";
 /// Priority of [`PREROUTING_CHAIN`] (`mangle`).
 pub const PREROUTING_PRIORITY: i32 = -150;
 /// Priority of [`NAT_PREROUTING_CHAIN`] (`dstnat - 10`).
 pub const NAT_PREROUTING_PRIORITY: i32 = -110;
+/// Priority of [`POSTROUTING_CHAIN`] (`srcnat + 10`).
+pub const POSTROUTING_PRIORITY: i32 = 110;
+/// Priority of [`RAW_PREROUTING_CHAIN`] (`raw`).
+pub const RAW_PREROUTING_PRIORITY: i32 = -300;
 
 const COMMENT_PREFIX: &str = "lm:";
 
@@ -77,6 +106,10 @@ pub enum RuleKind {
     MarkTunnel { ifname: String, mark: u32 },
     /// `iifname != <ifname> ct mark <mark> meta mark set ct mark` (chain `prerouting`).
     RestoreMark { ifname: String, mark: u32 },
+    /// `iifname <ifname> ct state new ct status snat drop` (chain `postrouting`).
+    DropClash { ifname: String },
+    /// `iifname "lmwg-*" ip daddr @returning notrack` (chain `raw_prerouting`).
+    UntrackReturning,
     /// `... <proto> dport <host_port> dnat ip to <container>` (chain `nat_prerouting`).
     ForwardPort {
         proto: Proto,
@@ -97,6 +130,8 @@ impl RuleKind {
             RuleKind::RestoreMark { ifname, mark } => {
                 format!("{COMMENT_PREFIX}restore-mark if={ifname} mark={mark:#x}")
             }
+            RuleKind::DropClash { ifname } => format!("{COMMENT_PREFIX}drop-clash if={ifname}"),
+            RuleKind::UntrackReturning => format!("{COMMENT_PREFIX}untrack-returning"),
             RuleKind::ForwardPort {
                 proto,
                 host_port,
@@ -119,6 +154,8 @@ impl RuleKind {
     pub fn chain(&self) -> &'static str {
         match self {
             RuleKind::ForwardPort { .. } => NAT_PREROUTING_CHAIN,
+            RuleKind::DropClash { .. } => POSTROUTING_CHAIN,
+            RuleKind::UntrackReturning => RAW_PREROUTING_CHAIN,
             _ => PREROUTING_CHAIN,
         }
     }
@@ -141,6 +178,30 @@ impl RuleKind {
                     key: meta(MetaKey::Mark),
                     value: ct("mark"),
                 }),
+            ],
+            RuleKind::DropClash { ifname } => vec![
+                matches(meta(MetaKey::Iifname), Operator::EQ, string(ifname)),
+                matches(ct("state"), Operator::IN, string("new")),
+                matches(ct("status"), Operator::IN, string("snat")),
+                Statement::Drop(None),
+            ],
+            RuleKind::UntrackReturning => vec![
+                matches(
+                    meta(MetaKey::Iifname),
+                    Operator::EQ,
+                    string(&format!("{}*", crate::wireguard::INTERFACE_PREFIX)),
+                ),
+                matches(
+                    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+                        PayloadField {
+                            protocol: "ip".into(),
+                            field: "daddr".into(),
+                        },
+                    ))),
+                    Operator::EQ,
+                    string(&format!("@{RETURNING_SET}")),
+                ),
+                Statement::Notrack,
             ],
             RuleKind::ForwardPort {
                 proto,
@@ -182,9 +243,9 @@ impl RuleKind {
     fn same_key(&self, other: &RuleKind) -> bool {
         match (self, other) {
             (RuleKind::MarkTunnel { ifname: a, .. }, RuleKind::MarkTunnel { ifname: b, .. })
-            | (RuleKind::RestoreMark { ifname: a, .. }, RuleKind::RestoreMark { ifname: b, .. }) => {
-                a == b
-            }
+            | (RuleKind::RestoreMark { ifname: a, .. }, RuleKind::RestoreMark { ifname: b, .. })
+            | (RuleKind::DropClash { ifname: a }, RuleKind::DropClash { ifname: b }) => a == b,
+            (RuleKind::UntrackReturning, RuleKind::UntrackReturning) => true,
             (
                 RuleKind::ForwardPort {
                     proto: p1,
@@ -238,6 +299,10 @@ fn parse_comment(c: &str) -> Option<RuleKind> {
                 RuleKind::RestoreMark { ifname, mark }
             }
         }
+        "drop-clash" => RuleKind::DropClash {
+            ifname: field(words.next(), "if")?,
+        },
+        "untrack-returning" => RuleKind::UntrackReturning,
         "forward" => RuleKind::ForwardPort {
             proto: words.next()?.parse().ok()?,
             host_port: field(words.next(), "port")?.parse().ok()?,
@@ -277,8 +342,8 @@ impl Firewall {
     }
 
     /// Marks connections entering through `ifname` with ct mark `mark` and restores that
-    /// mark on their other packets (see the module doc). Replaces an earlier mark of the
-    /// same interface; no-op if already in place.
+    /// mark on their other packets, and drops returns that clash (see the module doc).
+    /// Replaces an earlier mark of the same interface; no-op if already in place.
     pub fn mark_tunnel(&self, ifname: &str, mark: u32) -> Result<()> {
         check_ifname(ifname)?;
         if mark == 0 {
@@ -293,17 +358,41 @@ impl Firewall {
                 ifname: ifname.to_owned(),
                 mark,
             },
+            RuleKind::DropClash {
+                ifname: ifname.to_owned(),
+            },
         ])
         .with_context(|| format!("marking connections from {ifname}"))
     }
 
-    /// Removes the mark rules of `ifname` (no-op if none).
+    /// Removes the rules of `ifname` (no-op if none).
     pub fn unmark_tunnel(&self, ifname: &str) -> Result<()> {
         self.remove_where(|k| {
             matches!(k, RuleKind::MarkTunnel { ifname: i, .. }
-                | RuleKind::RestoreMark { ifname: i, .. } if i == ifname)
+                | RuleKind::RestoreMark { ifname: i, .. }
+                | RuleKind::DropClash { ifname: i } if i == ifname)
         })
         .with_context(|| format!("unmarking {ifname}"))
+    }
+
+    /// Untracks packets for `ip` that arrive through a tunnel, for `seconds` (see the
+    /// module doc): the container came back to a host where some of its flows entered.
+    pub fn untrack_returning(&self, ip: Ipv4Addr, seconds: u32) -> Result<()> {
+        self.replace(&[RuleKind::UntrackReturning])?;
+        let mut batch = Batch::new();
+        batch.add(NfListObject::Element(Element {
+            family: FAMILY,
+            table: TABLE.into(),
+            name: RETURNING_SET.into(),
+            elem: Cow::Owned(vec![Expression::Named(NamedExpression::Elem(Elem {
+                val: Box::new(string(&ip.to_string())),
+                timeout: Some(seconds),
+                expires: None,
+                comment: None,
+                counter: None,
+            }))]),
+        }));
+        apply(batch.to_nftables()).with_context(|| format!("untracking packets returning to {ip}"))
     }
 
     /// DNATs new connections to local port `host_port`/`proto` to `container_ip:container_port`.
@@ -424,7 +513,7 @@ fn table() -> Table<'static> {
     }
 }
 
-fn base_chain(name: &'static str, kind: NfChainType, prio: i32) -> Chain<'static> {
+fn base_chain(name: &'static str, kind: NfChainType, hook: NfHook, prio: i32) -> Chain<'static> {
     Chain {
         family: FAMILY,
         table: TABLE.into(),
@@ -432,7 +521,7 @@ fn base_chain(name: &'static str, kind: NfChainType, prio: i32) -> Chain<'static
         newname: None,
         handle: None,
         _type: Some(kind),
-        hook: Some(NfHook::Prerouting),
+        hook: Some(hook),
         prio: Some(prio),
         dev: None,
         policy: Some(NfChainPolicy::Accept),
@@ -445,13 +534,41 @@ fn add_skeleton(batch: &mut Batch<'static>) {
     batch.add(NfListObject::Chain(base_chain(
         PREROUTING_CHAIN,
         NfChainType::Filter,
+        NfHook::Prerouting,
         PREROUTING_PRIORITY,
     )));
     batch.add(NfListObject::Chain(base_chain(
         NAT_PREROUTING_CHAIN,
         NfChainType::NAT,
+        NfHook::Prerouting,
         NAT_PREROUTING_PRIORITY,
     )));
+    batch.add(NfListObject::Chain(base_chain(
+        POSTROUTING_CHAIN,
+        NfChainType::Filter,
+        NfHook::Postrouting,
+        POSTROUTING_PRIORITY,
+    )));
+    batch.add(NfListObject::Chain(base_chain(
+        RAW_PREROUTING_CHAIN,
+        NfChainType::Filter,
+        NfHook::Prerouting,
+        RAW_PREROUTING_PRIORITY,
+    )));
+    batch.add(NfListObject::Set(Box::new(Set {
+        family: FAMILY,
+        table: TABLE.into(),
+        name: RETURNING_SET.into(),
+        handle: None,
+        set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+        policy: None,
+        flags: Some(HashSet::from([SetFlag::Timeout])),
+        elem: None,
+        timeout: None,
+        gc_interval: None,
+        size: None,
+        comment: None,
+    })));
 }
 
 fn remove_table() -> Result<()> {
@@ -464,7 +581,30 @@ fn remove_table() -> Result<()> {
 }
 
 fn apply(ruleset: Nftables<'_>) -> Result<()> {
-    helper::apply_ruleset(&ruleset).map_err(nft_error)
+    let mut json = serde_json::to_value(&ruleset)?;
+    untangle_notrack(&mut json);
+    helper::apply_ruleset_raw(&json.to_string(), helper::DEFAULT_NFT, helper::DEFAULT_ARGS)
+        .map(drop)
+        .map_err(nft_error)
+}
+
+/// The crate writes the `notrack` statement as a bare string, which nft rejects ("expected
+/// object"); nft's schema has it as `{"notrack": null}`.
+fn untangle_notrack(json: &mut serde_json::Value) {
+    let commands = json.get_mut("nftables").and_then(|c| c.as_array_mut());
+    for command in commands.into_iter().flatten() {
+        // `get_mut`, not indexing: indexing a missing key inserts it.
+        let statements = command
+            .get_mut("add")
+            .and_then(|c| c.get_mut("rule"))
+            .and_then(|r| r.get_mut("expr"))
+            .and_then(|e| e.as_array_mut());
+        for statement in statements.into_iter().flatten() {
+            if statement == "notrack" {
+                *statement = serde_json::json!({ "notrack": null });
+            }
+        }
+    }
 }
 
 fn nft_error(e: NftablesError) -> anyhow::Error {
@@ -576,6 +716,10 @@ mod tests {
                 host_port: 5353,
                 container: "10.88.0.5:53".parse().unwrap(),
             },
+            RuleKind::DropClash {
+                ifname: "wg-lm0".into(),
+            },
+            RuleKind::UntrackReturning,
         ]
     }
 
@@ -606,7 +750,34 @@ mod tests {
 
     #[test]
     fn rule_json_matches_nft_schema() {
-        let [mark, restore, fwd]: [RuleKind; 3] = kinds().try_into().unwrap();
+        let [mark, restore, fwd, clash, untrack]: [RuleKind; 5] = kinds().try_into().unwrap();
+        let untrack = serde_json::to_value(untrack.to_rule().unwrap()).unwrap();
+        assert_eq!(untrack["chain"], "raw_prerouting");
+        assert_eq!(
+            untrack["expr"],
+            json!([
+                {"match": {"left": {"meta": {"key": "iifname"}}, "right": "lmwg-*", "op": "=="}},
+                {"match": {"left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@returning", "op": "=="}},
+                "notrack"
+            ])
+        );
+        let mut batch = serde_json::json!({"nftables": [{"add": {"rule": untrack}}]});
+        untangle_notrack(&mut batch);
+        assert_eq!(
+            batch["nftables"][0]["add"]["rule"]["expr"][2],
+            json!({"notrack": null})
+        );
+        let clash = serde_json::to_value(clash.to_rule().unwrap()).unwrap();
+        assert_eq!(clash["chain"], "postrouting");
+        assert_eq!(
+            clash["expr"],
+            json!([
+                {"match": {"left": {"meta": {"key": "iifname"}}, "right": "wg-lm0", "op": "=="}},
+                {"match": {"left": {"ct": {"key": "state"}}, "right": "new", "op": "in"}},
+                {"match": {"left": {"ct": {"key": "status"}}, "right": "snat", "op": "in"}},
+                {"drop": null}
+            ])
+        );
         assert_eq!(
             serde_json::to_value(mark.to_rule().unwrap()).unwrap(),
             json!({
@@ -652,6 +823,8 @@ mod tests {
         );
         assert_eq!(v["nftables"][2]["add"]["chain"]["type"], "nat");
         assert_eq!(v["nftables"][2]["add"]["chain"]["prio"], -110);
+        assert_eq!(v["nftables"][3]["add"]["chain"]["hook"], "postrouting");
+        assert_eq!(v["nftables"][3]["add"]["chain"]["prio"], 110);
     }
 
     #[test]
@@ -669,14 +842,14 @@ mod tests {
         assert!(wanted.same_key(&stale.kind));
         let v = serde_json::to_value(replace_batch(&[&stale], &[wanted]).unwrap()).unwrap();
         let cmds = v["nftables"].as_array().unwrap();
-        assert_eq!(cmds.len(), 5);
+        assert_eq!(cmds.len(), 8);
         assert_eq!(
-            cmds[3]["delete"]["rule"],
+            cmds[6]["delete"]["rule"],
             json!({"family": "inet", "table": "live_migrate", "chain": "nat_prerouting",
                    "expr": [], "handle": 42})
         );
         assert_eq!(
-            cmds[4]["add"]["rule"]["comment"],
+            cmds[7]["add"]["rule"]["comment"],
             "lm:forward udp port=5353 to=10.88.0.5:53"
         );
     }

@@ -39,6 +39,12 @@
 //!    - `Restore` -> `Restored`: restores the archive of this connection's migration, and
 //!      only the container declared with it. The destination records that it owns the
 //!      container before it answers (the decision point, [`crate::migration::ownership`]);
+//!    - `TrafficSwitched` -> `HoldReleased`, after `Restored`: the source has routed the
+//!      container's address into the tunnel and let through the packets it held. Packets
+//!      the destination held meanwhile (those that reach it directly, not through the
+//!      source's tunnel) are newer: only now are they let through, so that the
+//!      container gets them after the source's, in order ([`crate::hold`]). They are let
+//!      through too if the connection closes first;
 //!    - `Finish` -> `Finished` (the source is gone; forget the session);
 //!    - `Resolve` -> `Resolved`, on any connection: who owns the container of migration
 //!      `migration_id`. Unless the destination owns it, it is fenced first: any copy is
@@ -61,11 +67,12 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::Flow;
+pub use crate::hold::HoldReport;
 pub use crate::migration::ownership::Verdict;
 use crate::podman::PublishedPort;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Default TCP port of `agent-server`.
 pub const DEFAULT_PORT: u16 = 7878;
@@ -128,6 +135,7 @@ pub enum ClientMessage {
     Restore {
         container: ContainerRef,
     },
+    TrafficSwitched,
     Finish,
     Resolve {
         migration_id: String,
@@ -168,6 +176,10 @@ pub enum ServerMessage {
     Restored {
         /// Time podman took to restore, in milliseconds.
         restore_ms: u64,
+    },
+    HoldReleased {
+        /// What the destination's hold did (`None`: it held nothing).
+        held: Option<HoldReport>,
     },
     Finished,
     Resolved {

@@ -9,7 +9,8 @@ use tokio::net::TcpStream;
 
 use crate::auth::{authenticate_to_server, Token};
 use crate::protocol::{
-    ClientMessage, ContainerRef, ErrorCode, HostReport, ServerMessage, Verdict, DEFAULT_PORT,
+    ClientMessage, ContainerRef, ErrorCode, HoldReport, HostReport, ServerMessage, Verdict,
+    DEFAULT_PORT,
 };
 use crate::transfer::{send_file, send_stream};
 use crate::wire::FramedStream;
@@ -234,6 +235,15 @@ impl RemoteAgent {
         {
             ServerMessage::ContainerStatus { alive } => Ok(alive),
             other => bail!("unexpected reply to query: {other:?}"),
+        }
+    }
+
+    /// Tells the destination that the source's held packets are through; returns what the
+    /// destination's own hold did.
+    pub async fn traffic_switched(&mut self) -> Result<Option<HoldReport>> {
+        match self.request(&ClientMessage::TrafficSwitched).await? {
+            ServerMessage::HoldReleased { held } => Ok(held),
+            other => bail!("unexpected reply to traffic switched: {other:?}"),
         }
     }
 

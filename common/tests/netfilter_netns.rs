@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use common::conntrack::{self, Flow, Proto, TCP_STATE_ESTABLISHED};
-use common::nft::{Firewall, RuleKind, NAT_PREROUTING_CHAIN, PREROUTING_CHAIN};
+use common::nft::{Firewall, RuleKind, NAT_PREROUTING_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN};
 
 fn skip() -> bool {
     if std::env::var_os("LM_LAB_SKIP").is_some() {
@@ -144,8 +144,13 @@ fn firewall_rules_lifecycle() {
         fw2.mark_tunnel("wg-lm0", 0x7801).unwrap(); // no duplicate
         fw.mark_tunnel("wg-lm1", 0x7802).unwrap();
         let rules = fw.rules().unwrap();
-        assert_eq!(rules.len(), 4, "{rules:?}");
-        assert!(rules.iter().all(|r| r.chain == PREROUTING_CHAIN));
+        assert_eq!(rules.len(), 6, "{rules:?}");
+        assert!(rules.iter().all(|r| r.chain
+            == if matches!(r.kind, RuleKind::DropClash { .. }) {
+                POSTROUTING_CHAIN
+            } else {
+                PREROUTING_CHAIN
+            }));
         let k = kinds(&fw);
         assert!(k.contains(&RuleKind::MarkTunnel {
             ifname: "wg-lm0".into(),
@@ -159,7 +164,7 @@ fn firewall_rules_lifecycle() {
         // Changing the mark of a tunnel replaces its rules.
         fw.mark_tunnel("wg-lm0", 0x7803).unwrap();
         let k = kinds(&fw);
-        assert_eq!(k.len(), 4, "{k:?}");
+        assert_eq!(k.len(), 6, "{k:?}");
         assert!(k.contains(&RuleKind::MarkTunnel {
             ifname: "wg-lm0".into(),
             mark: 0x7803
@@ -210,16 +215,34 @@ fn firewall_rules_lifecycle() {
         assert!(text.contains("dnat ip to 10.88.0.5:80"), "{text}");
         assert!(text.contains("ct mark set 0x00007803"), "{text}");
         assert!(text.contains("meta mark set ct mark"), "{text}");
+        assert!(text.contains("ct state new ct status snat drop"), "{text}");
+
+        fw.untrack_returning(Ipv4Addr::new(10, 88, 0, 5), 30)
+            .unwrap();
+        fw.untrack_returning(Ipv4Addr::new(10, 88, 0, 6), 30)
+            .unwrap(); // one rule
+        let out = Command::new("nft")
+            .args(["list", "table", "inet", "live_migrate"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{text}");
+        assert!(
+            text.contains(r#"iifname "lmwg-*" ip daddr @returning notrack"#),
+            "{text}"
+        );
+        assert!(text.contains("10.88.0.5 timeout 30s"), "{text}");
+        assert_eq!(text.matches("@returning").count(), 1, "{text}");
 
         fw.unforward_port(Proto::Tcp, 8080).unwrap();
         fw.unforward_port(Proto::Tcp, 8080).unwrap(); // no-op
         fw.unmark_tunnel("wg-lm0").unwrap();
         fw.unmark_tunnel("wg-lm0").unwrap(); // no-op
         let k = kinds(&fw);
-        assert_eq!(k.len(), 3, "{k:?}");
+        assert_eq!(k.len(), 5, "{k:?}");
         assert!(k.iter().all(|k| !matches!(k,
             RuleKind::MarkTunnel { ifname, .. } | RuleKind::RestoreMark { ifname, .. }
-                if ifname == "wg-lm0")));
+                | RuleKind::DropClash { ifname } if ifname == "wg-lm0")));
 
         fw.remove_all().unwrap();
         fw.remove_all().unwrap(); // idempotent

@@ -412,6 +412,18 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// The packet-hold rules left in `host` (the agent's table `ip live_migrate_hold`), one
+    /// per line; empty when there are none.
+    pub fn hold_rules(&self, host: &str) -> Result<String> {
+        let out =
+            self.exec_unchecked(host, &["nft", "list", "table", "ip", "live_migrate_hold"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("lm:hold"))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
     /// Starts a long-running command in `node` (stdin null, stdout/stderr piped). The
     /// caller must kill/wait it; teardown kills whatever is still in the lab anyway.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(&self, node: &str, args: &[S]) -> Result<Child> {

@@ -50,6 +50,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         peer_input::twenty_thousand_flows_migrate,
     ),
     ("tcp_and_udp_flows_survive_h1_h2_h3_h1", flows_survive_hops),
+    (
+        "udp_packets_beyond_the_hold_are_counted",
+        hold_overflow_is_counted,
+    ),
     ("new_connections_reach_the_moved_container", new_connections),
     (
         "failure_after_checkpoint_keeps_flows_on_source",
@@ -139,11 +143,20 @@ fn agent_client(lab: &Lab, host: &str, args: &[&str]) -> Result<(bool, String, S
 
 /// Migrates and returns the JSON report; fails if the migration fails.
 fn migrate(lab: &Lab, from: &str, container: &str, to: &str) -> Result<serde_json::Value> {
-    let (ok, stdout, stderr) = agent_client(
-        lab,
-        from,
-        &["--container", container, "--dest", to, "--json"],
-    )?;
+    migrate_with(lab, from, container, to, &[])
+}
+
+/// [`migrate`] with more options for `agent-client`.
+fn migrate_with(
+    lab: &Lab,
+    from: &str,
+    container: &str,
+    to: &str,
+    options: &[&str],
+) -> Result<serde_json::Value> {
+    let mut args = vec!["--container", container, "--dest", to, "--json"];
+    args.extend_from_slice(options);
+    let (ok, stdout, stderr) = agent_client(lab, from, &args)?;
     ensure!(ok, "migration {from} -> {to} failed: {stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).context("report is JSON")?;
     eprintln!(
@@ -561,9 +574,14 @@ fn flows_survive_hops(lab: &Lab) -> Result<()> {
     let tcp = FlowClient::start(lab, "tcp", "10.77.0.11:5000", None)?;
     let udp = FlowClient::start(lab, "udp", "10.77.0.11:5001", None)?;
     std::thread::sleep(Duration::from_secs(1));
+    let mut held = Ok(());
     for (from, to) in [("h1", "h2"), ("h2", "h3"), ("h3", "h1")] {
-        migrate(lab, from, "tcpecho", to)?;
-        migrate(lab, from, "udpecho", to)?;
+        for container in ["tcpecho", "udpecho"] {
+            let report = migrate(lab, from, container, to)?;
+            held = held.and(nothing_dropped_at_the_source(&report));
+        }
+        let rules = lab.hold_rules(from)?;
+        ensure!(rules.is_empty(), "{from} still holds packets: {rules}");
         std::thread::sleep(Duration::from_secs(2));
     }
     let tcp = flow_survived(tcp);
@@ -571,7 +589,65 @@ fn flows_survive_hops(lab: &Lab) -> Result<()> {
     lab.podman("h1", &["rm", "-f", "-t", "0", "tcpecho", "udpecho"])?;
     tcp?;
     let udp = udp?;
-    eprintln!("udp datagrams lost over three hops: {}", udp["lost"]);
+    held?;
+    // 50 datagrams/s, none dropped at the source: none may be lost.
+    ensure!(
+        udp["lost"] == 0,
+        "udp datagrams lost over three hops: {}",
+        udp["lost"]
+    );
+    Ok(())
+}
+
+/// The client's packets that reached the source during the freeze were held, not dropped.
+fn nothing_dropped_at_the_source(report: &serde_json::Value) -> Result<()> {
+    let hold = &report["held_packets"];
+    let (held, dropped) = (hold["held"].as_u64(), hold["dropped"].as_u64());
+    ensure!(
+        held.is_some_and(|n| n > 0) && dropped == Some(0),
+        "{}: packets not held during the freeze: {hold} ({})",
+        report["container"],
+        report["warnings"]
+    );
+    let at_destination = &report["held_at_destination"];
+    ensure!(
+        at_destination.is_null() || at_destination["dropped"] == 0,
+        "{}: the destination dropped held packets: {at_destination}",
+        report["container"]
+    );
+    Ok(())
+}
+
+/// A hold smaller than the traffic of the freeze: what overflows is dropped and counted,
+/// and the migration goes on.
+fn hold_overflow_is_counted(lab: &Lab) -> Result<()> {
+    lab.run_container(
+        "h1",
+        "udpburst",
+        &["-p", "5002:5001/udp"],
+        "localhost/udp-echo",
+        &[],
+    )?;
+    let udp = FlowClient::start(lab, "udp", "10.77.0.11:5002", None)?;
+    std::thread::sleep(Duration::from_secs(1));
+    // 50 datagrams/s over a freeze of at least a few hundred ms: more than 3.
+    let report = migrate_with(lab, "h1", "udpburst", "h2", &["--hold-packets", "3"]);
+    let udp = flow_survived(udp);
+    lab.podman("h2", &["rm", "-f", "-t", "0", "udpburst"])?;
+    let report = report?;
+    let udp = udp?;
+    let hold = &report["held_packets"];
+    ensure!(
+        hold["held"] == 3 && hold["bound"] == 3 && hold["dropped"].as_u64() > Some(0),
+        "the overflow is not counted: {hold}"
+    );
+    ensure!(
+        udp["lost"].as_u64() >= hold["dropped"].as_u64(),
+        "the client lost fewer datagrams ({}) than the hold dropped: {hold}",
+        udp["lost"]
+    );
+    let rules = lab.hold_rules("h1")?;
+    ensure!(rules.is_empty(), "h1 still holds packets: {rules}");
     Ok(())
 }
 
@@ -725,6 +801,8 @@ fn no_agent_state(lab: &Lab, host: &str, ip: &str, port: u16) -> Result<()> {
         !rules.contains(&format!("port={port} ")),
         "{host} still forwards port {port}: {rules}"
     );
+    let held = lab.hold_rules(host)?;
+    ensure!(held.is_empty(), "{host} still holds packets: {held}");
     let marked = lab.exec_stdout(
         host,
         &[

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ownership::{self, DestinationAction, DestinationStage, Verdict};
 use crate::conntrack::{self, Flow};
+use crate::hold::HoldReport;
 use crate::podman::PodmanClient;
 use crate::protocol::ContainerRef;
 
@@ -74,8 +75,9 @@ pub trait DestinationActions {
     async fn container(&self, id: &str) -> Result<Option<bool>>;
     async fn remove_container(&self, id: &str) -> Result<()>;
     async fn delete_flow(&self, flow: &Flow) -> Result<()>;
-    /// Ends the hold (blackhole) on `ip`: it is routed locally again.
-    async fn release_ip(&self, ip: Ipv4Addr) -> Result<()>;
+    /// Ends the hold on `ip` (its blackhole, and its held packets): it is routed locally
+    /// again. Says what the packet hold did, if this process held packets.
+    async fn release_ip(&self, ip: Ipv4Addr) -> Result<Option<HoldReport>>;
 }
 
 impl DestinationActions for PodmanClient {
@@ -91,8 +93,9 @@ impl DestinationActions for PodmanClient {
         conntrack::delete(flow).await
     }
 
-    async fn release_ip(&self, ip: Ipv4Addr) -> Result<()> {
-        super::phases::route_container_locally(ip).await
+    async fn release_ip(&self, ip: Ipv4Addr) -> Result<Option<HoldReport>> {
+        super::phases::route_container_locally(ip).await?;
+        crate::hold::release(ip).await
     }
 }
 
@@ -155,11 +158,16 @@ pub struct IncomingMigration {
     pub archive: Option<PathBuf>,
     /// Conntrack entries this migration created (entries that existed before are not ours).
     pub flows: Vec<Flow>,
-    /// The incoming container's address, held (blackholed) until it runs.
+    /// The incoming container's address, held: blackholed until the container runs, and
+    /// its packets held until the source has let its own held packets through.
     pub held_ip: Option<Ipv4Addr>,
     /// The whole archive arrived and matched its SHA-256: only then may it be restored.
     #[serde(default)]
     pub archive_verified: bool,
+    /// Some of its flows entered this host directly (their conntrack entries were here
+    /// already): the container comes back to a former host.
+    #[serde(default)]
+    pub flows_entered_here: bool,
     /// Settled or discarded: nothing of it may be journaled again.
     #[serde(skip)]
     done: bool,
@@ -188,6 +196,7 @@ impl IncomingMigration {
             flows: Vec::new(),
             held_ip: None,
             archive_verified: false,
+            flows_entered_here: false,
             done: false,
         };
         Ok(migration)
@@ -244,13 +253,18 @@ impl IncomingMigration {
             .with_context(|| format!("remove {}", self.journal.display()))
     }
 
-    /// The container's address is routed locally again (its sockets exist, or it is not coming).
-    pub async fn release_held_ip(&mut self, host: &impl DestinationActions) -> Result<()> {
-        if let Some(ip) = self.held_ip {
-            host.release_ip(ip).await?;
-            self.held_ip = None;
-        }
-        Ok(())
+    /// The container's address is routed locally again and its held packets go to it (its
+    /// sockets exist, or it is not coming). Says what the packet hold did.
+    pub async fn release_held_ip(
+        &mut self,
+        host: &impl DestinationActions,
+    ) -> Result<Option<HoldReport>> {
+        let Some(ip) = self.held_ip else {
+            return Ok(None);
+        };
+        let held = host.release_ip(ip).await?;
+        self.held_ip = None;
+        Ok(held)
     }
 
     pub fn discard_archive(&mut self) {
@@ -499,8 +513,9 @@ mod tests {
             self.step(|w| w.flows = w.flows.saturating_sub(1)).await
         }
 
-        async fn release_ip(&self, _: Ipv4Addr) -> Result<()> {
-            self.step(|w| w.held = false).await
+        async fn release_ip(&self, _: Ipv4Addr) -> Result<Option<HoldReport>> {
+            self.step(|w| w.held = false).await?;
+            Ok(None)
         }
     }
 

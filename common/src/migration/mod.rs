@@ -102,6 +102,9 @@ pub struct MigrationRequest {
     pub state_dir: PathBuf,
     /// Also forward new connections to the container's published ports on this host.
     pub forward_new_connections: bool,
+    /// Packets for the container held here during the freeze, at most ([`crate::hold`]);
+    /// 0: dropped instead.
+    pub hold_packets: u32,
     /// Cancelled by the operator: the migration stops at the next safe point before the
     /// restore request and rolls back. Later it is ignored: from then on only the
     /// destination decides.
@@ -125,6 +128,12 @@ pub struct MigrationReport {
     /// the time the workload could not run.
     pub freeze_to_resume_ms: f64,
     pub checkpoint_bytes: u64,
+    /// Packets for the container held here during the freeze and then let through, and
+    /// those dropped because the hold was full; `None` if none were held.
+    pub held_packets: Option<crate::hold::HoldReport>,
+    /// The same on the destination: packets that reached it directly (not through this
+    /// host) before the container ran there.
+    pub held_at_destination: Option<crate::hold::HoldReport>,
     pub image_transferred: bool,
     pub total_ms: f64,
     /// Non-fatal problems after the destination took over.
@@ -181,6 +190,9 @@ pub enum Undo {
     RemoveFile(PathBuf),
     /// The container's address was blackholed here while it is frozen.
     RemoveContainerRoute(std::net::Ipv4Addr),
+    /// Packets for the container's address are held here while it is frozen
+    /// ([`crate::hold`]): let them through (to wherever it is routed by then).
+    ReleaseHold(std::net::Ipv4Addr),
 }
 
 impl std::fmt::Display for Undo {
@@ -191,6 +203,7 @@ impl std::fmt::Display for Undo {
             }
             Undo::RemoveFile(path) => write!(f, "remove {}", path.display()),
             Undo::RemoveContainerRoute(ip) => write!(f, "route {ip} to this host again"),
+            Undo::ReleaseHold(ip) => write!(f, "let the held packets for {ip} through"),
         }
     }
 }
@@ -305,6 +318,7 @@ pub async fn migrate(
     let mut undo: Option<UndoLog> = None;
     let mut remote: Option<RemoteAgent> = None;
     let mut phase = Phase::Connect;
+    let mut warnings = Vec::new();
     let cancel = &request.cancel;
     let state_dir = &request.state_dir;
     let destination = crate::remote::with_default_port(&request.destination);
@@ -366,8 +380,16 @@ pub async fn migrate(
         // Not cancellable halfway: podman would finish the checkpoint anyway. A cancel
         // is seen right after it, and the container restarted.
         let work_dir = state_dir.join("outgoing");
-        let archive =
-            phases::checkpoint(&request.podman, &prepared.container, &work_dir, log).await?;
+        let checkpoint = phases::checkpoint(
+            &request.podman,
+            &prepared.container,
+            &work_dir,
+            request.hold_packets,
+            log,
+        )
+        .await?;
+        warnings.extend(checkpoint.hold_problem);
+        let archive = checkpoint.archive;
         crate::fault::at(state_dir, "checkpointed")?;
         clock.finish(phase, frozen_at);
 
@@ -436,11 +458,21 @@ pub async fn migrate(
     // The destination owns the container now: from here on nothing is rolled back, and
     // problems are only reported.
     let t = clock.start(Phase::SwitchTraffic);
-    let mut warnings = Vec::new();
     if let Err(e) = crate::fault::at(state_dir, "switching") {
         warnings.push(format!("{e:#}"));
     }
-    warnings.extend(source::switch_traffic(log, &host).await);
+    let (held_packets, switch_warnings) = source::switch_traffic(log, &host).await;
+    warnings.extend(switch_warnings);
+    // The packets held here are through: now the destination's go.
+    let held_at_destination = match remote.as_mut().map(RemoteAgent::traffic_switched) {
+        Some(told) => told.await.unwrap_or_else(|e| {
+            warnings.push(format!(
+                "destination not told that the traffic is switched: {e:#}"
+            ));
+            None
+        }),
+        None => None,
+    };
     clock.finish(Phase::SwitchTraffic, t);
     let t = clock.start(Phase::CleanUp);
     warnings.extend(source::release_source(log, &host, remote.as_mut()).await);
@@ -457,6 +489,8 @@ pub async fn migrate(
         phases: clock.timings,
         freeze_to_resume_ms: freeze_to_resume.as_secs_f64() * 1e3,
         checkpoint_bytes,
+        held_packets,
+        held_at_destination,
         image_transferred: prepared.image_transferred,
         total_ms: started.elapsed().as_secs_f64() * 1e3,
         warnings,

@@ -15,6 +15,7 @@ use super::{Progress, Undo};
 use crate::auth::Token;
 use crate::conntrack::{self, Proto};
 use crate::forwarding::ForwardRecord;
+use crate::hold::HoldReport;
 use crate::nft::Firewall;
 use crate::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::podman::{ContainerInfo, PodmanClient};
@@ -137,18 +138,28 @@ pub async fn prepare(
     })
 }
 
+/// What the checkpoint phase hands on.
+pub struct Checkpoint {
+    pub archive: PathBuf,
+    /// Why packets for the container are dropped, not held, during the freeze.
+    pub hold_problem: Option<String>,
+}
+
 /// Checkpoint: freeze the container (with its established TCP connections), export the
-/// checkpoint to `work_dir`, and hold its traffic: packets for it are dropped here until the
-/// destination runs it. Answering them, or letting them reach a network namespace whose
-/// sockets are not restored yet, would reset the client's connections; dropped ones are
-/// retransmitted. Undo: start it again on the source, then route its address locally again
-/// (in that order, for the same reason).
+/// checkpoint to `work_dir`, and keep its traffic here until the destination runs it.
+/// Packets for it are held, at most `hold_packets` ([`crate::hold`]), and the address is
+/// blackholed, so that whatever is not held is dropped. Answering them, or letting them
+/// reach a network namespace whose sockets are not restored yet, would reset the client's
+/// connections; dropped ones are retransmitted. Undo: start it again on the source, route
+/// its address locally again, then let the held packets through (in that order, for the
+/// same reason).
 pub async fn checkpoint(
     podman: &PodmanClient,
     container: &ContainerInfo,
     work_dir: &Path,
+    hold_packets: u32,
     undo: &mut UndoLog,
-) -> Result<PathBuf> {
+) -> Result<Checkpoint> {
     crate::files::create_private_dir(work_dir)
         .with_context(|| format!("create work directory {}", work_dir.display()))?;
     let archive = work_dir.join(format!("{}.tar", undo.record.migration_id));
@@ -157,19 +168,37 @@ pub async fn checkpoint(
     undo.freeze(
         [Undo::RemoveFile(archive.clone())]
             .into_iter()
-            .chain(container_ip.map(Undo::RemoveContainerRoute))
+            .chain(
+                container_ip
+                    .into_iter()
+                    .flat_map(|ip| [Undo::ReleaseHold(ip), Undo::RemoveContainerRoute(ip)]),
+            )
             .chain([Undo::RestartOnSource {
                 container: container.name.clone(),
                 archive: archive.clone(),
             }]),
     )?;
+    let mut hold_problem = None;
+    if let Some(ip) = container_ip.filter(|_| hold_packets > 0) {
+        // Before the freeze: packets that arrive while CRIU stops the container would be
+        // dropped by its network lock.
+        if let Err(e) = crate::hold::start(ip, hold_packets, None).await {
+            tracing::warn!("packets for {ip} are dropped during the freeze: {e:#}");
+            hold_problem = Some(format!(
+                "packets for {ip} were dropped during the freeze, not held: {e:#}"
+            ));
+        }
+    }
     podman.checkpoint_to_file(&container.name, &archive).await?;
     if let Some(ip) = container_ip {
         Routing::new()?
             .replace_route(&Route::blackhole_v4(ip, 32, MAIN_TABLE))
             .await?;
     }
-    Ok(archive)
+    Ok(Checkpoint {
+        archive,
+        hold_problem,
+    })
 }
 
 /// Part of the restore phase: tell the destination about the container's flows, as it will
@@ -242,11 +271,12 @@ impl SwitchPlan {
 }
 
 /// Switch traffic: flows that still arrive here for the container go through the tunnel,
-/// and so do new connections to its published ports in the plan. A forward record tells
-/// `agent-server` to remove all this once nothing needs it ([`crate::forwarding`]). Runs
-/// after the destination owns the container, so it is never undone; every step is
-/// idempotent, so it can be run again after a crash.
-pub async fn switch_traffic(plan: &SwitchPlan, state_dir: &Path) -> Result<()> {
+/// and so do new connections to its published ports in the plan; the packets held during
+/// the freeze go first. A forward record tells `agent-server` to remove all this once
+/// nothing needs it ([`crate::forwarding`]). Runs after the destination owns the
+/// container, so it is never undone; every step is idempotent, so it can be run again
+/// after a crash. Returns what the hold did, if this process held the packets.
+pub async fn switch_traffic(plan: &SwitchPlan, state_dir: &Path) -> Result<Option<HoldReport>> {
     Routing::new()?
         .replace_route(&Route::device_v4(
             plan.container_ip,
@@ -255,6 +285,8 @@ pub async fn switch_traffic(plan: &SwitchPlan, state_dir: &Path) -> Result<()> {
             plan.interface.clone(),
         ))
         .await?;
+    // Reported once the rest is done: new connections and the record do not wait on it.
+    let held = crate::hold::release(plan.container_ip).await;
     for &(protocol, host_port, container_port) in &plan.ports {
         let container_ip = plan.container_ip;
         tokio::task::spawn_blocking(move || {
@@ -271,7 +303,7 @@ pub async fn switch_traffic(plan: &SwitchPlan, state_dir: &Path) -> Result<()> {
         downstream_alive: true,
     }
     .save(state_dir)?;
-    Ok(())
+    held
 }
 
 /// Undo of the blackhole route [`checkpoint`] makes for the container.

@@ -16,6 +16,7 @@ use super::ownership::{self, SourceAction, SourceStage, Verdict};
 use super::phases::{self, SwitchPlan};
 use super::{Progress, Undo};
 use crate::auth::Token;
+use crate::hold::HoldReport;
 use crate::podman::PodmanClient;
 use crate::remote::RemoteAgent;
 
@@ -28,7 +29,9 @@ pub trait SourceActions {
     /// The destination's answer to `Resolve`, asked for up to `patience`.
     async fn ask(&self, record: &JournalRecord, patience: Duration) -> Result<Verdict>;
     async fn undo(&self, step: &Undo) -> Result<()>;
-    async fn switch_traffic(&self, plan: &SwitchPlan) -> Result<()>;
+    /// Also lets the held packets through; says what the hold did, if this process held
+    /// them.
+    async fn switch_traffic(&self, plan: &SwitchPlan) -> Result<Option<HoldReport>>;
     /// Removes the stopped source copy (none is fine).
     async fn remove_source_copy(&self, container_id: &str) -> Result<()>;
     /// Tells the destination, on a connection of its own, that the source copy is gone.
@@ -58,10 +61,11 @@ impl SourceActions for SourceHost<'_> {
             }
             Undo::RemoveFile(path) => Ok(crate::files::remove_if_present(path)?),
             Undo::RemoveContainerRoute(ip) => phases::route_container_locally(*ip).await,
+            Undo::ReleaseHold(ip) => crate::hold::release(*ip).await.map(drop),
         }
     }
 
-    async fn switch_traffic(&self, plan: &SwitchPlan) -> Result<()> {
+    async fn switch_traffic(&self, plan: &SwitchPlan) -> Result<Option<HoldReport>> {
         phases::switch_traffic(plan, self.state_dir).await
     }
 
@@ -168,7 +172,7 @@ pub async fn settle(
                     reason: format!("{e:#}"),
                 };
             }
-            let mut warnings = switch_traffic(log, host).await;
+            let (_, mut warnings) = switch_traffic(log, host).await;
             warnings.extend(release_source(log, host, None).await);
             Resolution::RolledForward { warnings }
         }
@@ -261,14 +265,17 @@ async fn roll_back(
 }
 
 /// The destination runs the container: route its traffic there as the journal's plan says.
-/// Returns warnings: nothing here may undo the migration.
-pub async fn switch_traffic(log: &UndoLog, host: &impl SourceActions) -> Vec<String> {
+/// Returns what the packet hold did, and warnings: nothing here may undo the migration.
+pub async fn switch_traffic(
+    log: &UndoLog,
+    host: &impl SourceActions,
+) -> (Option<HoldReport>, Vec<String>) {
     let Some(plan) = &log.record.switch else {
-        return Vec::new();
+        return (None, Vec::new());
     };
     match host.switch_traffic(plan).await {
-        Ok(()) => Vec::new(),
-        Err(e) => vec![format!("could not switch the traffic: {e:#}")],
+        Ok(held) => (held, Vec::new()),
+        Err(e) => (None, vec![format!("could not switch the traffic: {e:#}")]),
     }
 }
 
@@ -289,16 +296,17 @@ pub async fn release_source(
             log.record.container
         ));
     }
-    let files: Vec<Undo> = log
+    // Its files, and the hold if switching the traffic did not end it.
+    let leftovers: Vec<Undo> = log
         .record
         .steps
         .iter()
-        .filter(|s| matches!(s, Undo::RemoveFile(_)))
+        .filter(|s| matches!(s, Undo::RemoveFile(_) | Undo::ReleaseHold(_)))
         .cloned()
         .collect();
-    for file in files {
-        if let Err(e) = host.undo(&file).await {
-            warnings.push(format!("could not {file}: {e:#}"));
+    for step in leftovers {
+        if let Err(e) = host.undo(&step).await {
+            warnings.push(format!("could not {step}: {e:#}"));
         }
     }
     log.record.steps.clear();
@@ -401,6 +409,7 @@ mod tests {
         source_copy: bool,
         archive: bool,
         blackholed: bool,
+        held: bool,
         dest_runs: bool,
         dest_fenced: bool,
         dest_settled: bool,
@@ -459,16 +468,18 @@ mod tests {
                     }
                     Undo::RemoveFile(_) => w.archive = false,
                     Undo::RemoveContainerRoute(_) => w.blackholed = false,
+                    Undo::ReleaseHold(_) => w.held = false,
                 }
                 Ok(())
             })
             .await
         }
 
-        async fn switch_traffic(&self, _: &SwitchPlan) -> Result<()> {
+        async fn switch_traffic(&self, _: &SwitchPlan) -> Result<Option<HoldReport>> {
             self.step(|w| {
                 w.switched = true;
-                Ok(())
+                w.held = false;
+                Ok(None)
             })
             .await
         }
@@ -509,6 +520,7 @@ mod tests {
         let steps = if frozen {
             vec![
                 Undo::RemoveFile("/tmp/lm-test.tar".into()),
+                Undo::ReleaseHold("10.88.1.2".parse().unwrap()),
                 Undo::RemoveContainerRoute("10.88.1.2".parse().unwrap()),
                 Undo::RestartOnSource {
                     container: "web".into(),
@@ -536,6 +548,7 @@ mod tests {
             source_copy: true,
             archive: frozen,
             blackholed: frozen,
+            held: frozen,
             dest_runs,
             reachable: true,
             ..World::default()
@@ -584,12 +597,12 @@ mod tests {
         );
         if end.dest_runs {
             assert!(
-                !end.source_copy && end.switched && end.dest_settled && !end.archive,
+                !end.source_copy && end.switched && end.dest_settled && !end.archive && !end.held,
                 "rolled forward only in part: {case}: {end:?}"
             );
         } else {
             assert!(
-                !end.blackholed && !end.archive,
+                !end.blackholed && !end.archive && !end.held,
                 "rolled back only in part: {case}: {end:?}"
             );
         }

@@ -360,6 +360,8 @@ fn nothing_left(lab: &Lab, ip: &str, port: u16, flow_closed: bool) -> Result<()>
             !nft.contains(&format!("dport {port} ")),
             "{host} still forwards port {port}: {nft}"
         );
+        let held = lab.hold_rules(host)?;
+        ensure!(held.is_empty(), "{host} still holds packets: {held}");
         let (_, stdout, _) = agent_client(lab, host, &["status", "--json"])?;
         let status: serde_json::Value = serde_json::from_str(&stdout)?;
         ensure!(
