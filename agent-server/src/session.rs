@@ -16,7 +16,7 @@ use common::migration::ownership::{self, DestinationStage};
 use common::nft::Firewall;
 use common::overlay::{TunnelEnd, MAIN_TABLE};
 use common::protocol::{
-    ClientMessage, ContainerRef, ErrorCode, ServerMessage, MAX_FLOWS_PER_BATCH,
+    ClientMessage, ContainerRef, ErrorCode, RestoreTimes, ServerMessage, MAX_FLOWS_PER_BATCH,
 };
 use common::routing::{Route, Routing};
 use common::transfer::receive_stream;
@@ -32,9 +32,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// checkpoint a large container between two requests; a dead peer is found sooner, by the
 /// connection's keepalive.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long packets of a returning container that come through a tunnel are untracked
-/// after its restore: the source's held packets arrive within milliseconds of its answer.
-const RETURNING_SECONDS: u32 = 10;
+/// How long packets of a returning container that come through a tunnel stay untracked
+/// after its restore may have ended: the source's held packets arrive within milliseconds
+/// of its answer.
+const RETURNING_MARGIN: Duration = Duration::from_secs(5);
 /// Largest image archive accepted.
 const IMAGE_LIMIT: u64 = 16 << 30;
 /// Largest checkpoint archive accepted.
@@ -264,12 +265,17 @@ async fn handle(
                 // container lived here.
                 migration.held_ip = Some(container_ip);
                 migration.save()?;
-                // Coming back to a former host: it no longer forwards the container elsewhere.
-                for record in ForwardRecord::load_all(&context.state_dir) {
-                    if record.container_ip == container_ip {
-                        record.remove(&context.state_dir, true).await?;
+                // Coming back to a former host: it no longer forwards the container
+                // elsewhere (the route goes with the blackhole below; the rest waits).
+                let state_dir = context.state_dir.clone();
+                migration.ahead_of_restore.push(tokio::spawn(async move {
+                    for record in ForwardRecord::load_all(&state_dir) {
+                        if record.container_ip == container_ip {
+                            record.remove(&state_dir, true).await?;
+                        }
                     }
-                }
+                    Ok(())
+                }));
                 Routing::new()?
                     .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
                     .await?;
@@ -291,13 +297,14 @@ async fn handle(
             // within a batch leaves its entries unrecorded; they carry the tunnel's mark
             // and time out.
             let mut created = Ok(());
+            let mut entered_here = false;
             for flow in flows {
                 let flow = flow.with_mark(end.mark);
                 // An entry that existed already is not ours: undo must leave it. It is the
                 // flow's own entry here: the flow enters through this host.
                 match conntrack::create(&flow).await {
                     Ok(true) => migration.flows.push(flow),
-                    Ok(false) => migration.flows_entered_here = true,
+                    Ok(false) => entered_here = true,
                     Err(e) => {
                         created = Err(e);
                         break;
@@ -306,6 +313,18 @@ async fn handle(
             }
             migration.save()?;
             created?;
+            if entered_here && !migration.flows_entered_here {
+                migration.flows_entered_here = true;
+                // The source lets its held packets through once it hears of the restore;
+                // those of flows that entered here come back through the tunnel
+                // ([`common::nft`]), until well after the restore.
+                let seconds = (migration.restore_window() + RETURNING_MARGIN).as_secs() as u32;
+                migration
+                    .ahead_of_restore
+                    .push(tokio::task::spawn_blocking(move || {
+                        Firewall::ensure()?.untrack_returning(container_ip, seconds)
+                    }));
+            }
             tracing::info!(flows = migration.flows.len(), %container_ip, "flows prepared");
             Ok(ServerMessage::TrafficPrepared {
                 flows: migration.flows.len(),
@@ -485,11 +504,13 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
         Ok(()) => podman.restore_import(&archive).await.map_err(Into::into),
         Err(e) => Err(e),
     };
+    let podman_took = started.elapsed();
     let outcome = async {
-        let ids = restored?;
-        if ids != [migration.container.id.clone()] {
+        let restored = restored?;
+        let ids = &restored.ids;
+        if *ids != [migration.container.id.clone()] {
             // Not what the source declared: whatever it was goes again.
-            for id in &ids {
+            for id in ids {
                 let _ = podman.remove(id).await;
             }
             anyhow::bail!("the archive held {ids:?}, not the declared container");
@@ -500,27 +521,24 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
                 migration.container.name
             );
         }
-        anyhow::Ok(())
+        anyhow::Ok(restored)
     }
     .await;
-    if let Err(e) = outcome {
-        // Leave no half-restored copy behind: the migration is fenced, and the source's
-        // Resolve hears so.
-        migration.discard(podman).await?;
-        context.migrations.remove(&migration.migration_id);
-        return Err(e.into());
-    }
-    if let Some(ip) = migration.held_ip.filter(|_| migration.flows_entered_here) {
-        // The source lets its held packets through once it hears of the restore; those of
-        // flows that entered here come back through the tunnel ([`common::nft`]).
-        let untracked = tokio::task::spawn_blocking(move || {
-            Firewall::ensure()?.untrack_returning(ip, RETURNING_SECONDS)
-        })
-        .await
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r);
-        if let Err(e) = untracked {
-            tracing::warn!("packets returning to {ip} may be dropped: {e:#}");
+    let restored = match outcome {
+        Ok(restored) => restored,
+        Err(e) => {
+            // Leave no half-restored copy behind: the migration is fenced, and the source's
+            // Resolve hears so.
+            migration.discard(podman).await?;
+            context.migrations.remove(&migration.migration_id);
+            return Err(e.into());
+        }
+    };
+    for work in std::mem::take(&mut migration.ahead_of_restore) {
+        match work.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("preparing for the restore: {e:#}"),
+            Err(e) => tracing::warn!("preparing for the restore: {e}"),
         }
     }
     // Its sockets exist: its address is routed here again. Packets held here wait for the
@@ -531,9 +549,13 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
     // The decision point: journaled before the source hears of it.
     migration.enter(DestinationStage::Owns)?;
     common::fault::at(&context.state_dir, "restored")?;
-    let restore_ms = started.elapsed().as_millis() as u64;
-    tracing::info!(container = %migration.container.name, restore_ms, "container restored; this host owns it");
-    Ok(ServerMessage::Restored { restore_ms })
+    let times = RestoreTimes {
+        podman_us: podman_took.as_micros() as u64,
+        runtime_us: restored.runtime_us,
+        criu_us: restored.criu_us,
+    };
+    tracing::info!(container = %migration.container.name, ?times, "container restored; this host owns it");
+    Ok(ServerMessage::Restored { times })
 }
 
 /// The source removed its copy: nothing is left to decide about an owned migration.

@@ -1,5 +1,7 @@
-//! CRIU facts for preflight checks. CRIU has no library interface for its version or its
-//! self-check, so this runs `criu --version` and `criu check` (fixed arguments, no shell).
+//! CRIU facts: for preflight checks, and what a checkpoint cost. CRIU has no library
+//! interface for its version or its self-check, so this runs `criu --version` and `criu
+//! check` (fixed arguments, no shell). Its statistics are the `stats-dump` image it writes
+//! beside a checkpoint (protobuf, `images/stats.proto` in CRIU).
 
 /// Oldest CRIU that can dump TCP sockets on Linux >= 6.16 (criu issue #2705).
 pub const MIN_VERSION: (u32, u32) = (4, 2);
@@ -62,9 +64,104 @@ pub fn is_supported(version: &str) -> bool {
     (major, minor) >= MIN_VERSION
 }
 
+/// How long CRIU kept a checkpointed container's processes from running, from its
+/// `stats-dump` (microseconds there).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DumpTimes {
+    /// From asking the processes to freeze until all were frozen.
+    pub freezing_ms: f64,
+    /// From then until the dump was written.
+    pub frozen_ms: f64,
+    /// Of the frozen time: collecting, then writing, the memory pages.
+    pub memdump_ms: f64,
+    pub memwrite_ms: f64,
+}
+
+/// `StatsEntry` of CRIU's `stats.proto`; only the dump's part is read.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StatsEntry {
+    #[prost(message, optional, tag = "1")]
+    dump: Option<DumpStatsEntry>,
+}
+
+/// `DumpStatsEntry` of CRIU's `stats.proto`: the times, in microseconds.
+#[derive(Clone, PartialEq, prost::Message)]
+struct DumpStatsEntry {
+    #[prost(uint32, required, tag = "1")]
+    freezing_time: u32,
+    #[prost(uint32, required, tag = "2")]
+    frozen_time: u32,
+    #[prost(uint32, required, tag = "3")]
+    memdump_time: u32,
+    #[prost(uint32, required, tag = "4")]
+    memwrite_time: u32,
+}
+
+/// CRIU image files start with magic numbers: a common or service one, then the image's.
+const IMG_COMMON_MAGIC: u32 = 0x5476_4319;
+const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
+
+/// Decodes a `stats-dump` image: magic numbers, then one entry (u32 length, protobuf).
+pub fn dump_times(image: &[u8]) -> Option<DumpTimes> {
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?))
+    };
+    let mut at = 4;
+    if matches!(word(0)?, IMG_COMMON_MAGIC | IMG_SERVICE_MAGIC) {
+        at += 4;
+    }
+    let len = word(at)? as usize;
+    let entry = image.get(at + 4..at + 4 + len)?;
+    let dump = <StatsEntry as prost::Message>::decode(entry).ok()?.dump?;
+    let ms = |us: u32| f64::from(us) / 1e3;
+    Some(DumpTimes {
+        freezing_ms: ms(dump.freezing_time),
+        frozen_ms: ms(dump.frozen_time),
+        memdump_ms: ms(dump.memdump_time),
+        memwrite_ms: ms(dump.memwrite_time),
+    })
+}
+
+/// The dump times in a checkpoint archive exported by podman (its `stats-dump`), if any.
+/// Reads the archive's headers only, up to that file.
+pub fn dump_times_in_archive(archive: &std::path::Path) -> Option<DumpTimes> {
+    use std::io::Read;
+    let mut archive = tar::Archive::new(std::fs::File::open(archive).ok()?);
+    for entry in archive.entries_with_seek().ok()? {
+        let mut entry = entry.ok()?;
+        if entry.path().ok()?.file_name() == Some(std::ffi::OsStr::new("stats-dump")) {
+            let mut image = Vec::new();
+            entry.read_to_end(&mut image).ok()?;
+            return dump_times(&image);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_supported;
+    use super::*;
+
+    #[test]
+    fn dump_times_are_read_from_a_stats_image() {
+        let entry = StatsEntry {
+            dump: Some(DumpStatsEntry {
+                freezing_time: 100_250,
+                frozen_time: 46_000,
+                memdump_time: 3_000,
+                memwrite_time: 2_000,
+            }),
+        };
+        let body = prost::Message::encode_to_vec(&entry);
+        let mut image = Vec::new();
+        image.extend(IMG_SERVICE_MAGIC.to_le_bytes());
+        image.extend(0x5709_3306u32.to_le_bytes()); // STATS_MAGIC
+        image.extend((body.len() as u32).to_le_bytes());
+        image.extend(body);
+        let times = dump_times(&image).unwrap();
+        assert_eq!((times.freezing_ms, times.frozen_ms), (100.25, 46.0));
+        assert_eq!(dump_times(&image[..10]), None);
+    }
 
     #[test]
     fn version_gate() {

@@ -8,6 +8,7 @@ pub mod criu;
 pub mod fault;
 pub mod files;
 pub mod forwarding;
+pub mod freezer;
 pub mod history;
 pub mod hold;
 pub mod housekeeping;

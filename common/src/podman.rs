@@ -39,6 +39,8 @@ pub struct ContainerInfo {
     pub image_id: String,
     pub image_name: String,
     pub running: bool,
+    /// Its cgroup, as podman reports it (e.g. `/libpod_parent/libpod-<id>`).
+    pub cgroup_path: Option<String>,
     /// Addresses on each container network, by network name.
     pub addresses: BTreeMap<String, String>,
     /// Published ports as `host_port -> container_port/proto`.
@@ -159,7 +161,11 @@ impl PodmanClient {
             name: data.name.unwrap_or_default(),
             image_id: data.image.unwrap_or_default(),
             image_name: data.image_name.unwrap_or_default(),
-            running: data.state.and_then(|s| s.running).unwrap_or(false),
+            running: data.state.as_ref().and_then(|s| s.running).unwrap_or(false),
+            cgroup_path: data
+                .state
+                .and_then(|s| s.cgroup_path)
+                .filter(|p| !p.is_empty()),
             addresses,
             published_ports,
         })
@@ -297,16 +303,16 @@ impl PodmanClient {
     }
 
     /// Creates and starts a container from an exported checkpoint archive; returns the IDs
-    /// of what podman restored from it.
-    pub async fn restore_import(&self, archive: &Path) -> Result<Vec<String>, PodmanError> {
+    /// of what podman restored from it, and what runc and CRIU took.
+    pub async fn restore_import(&self, archive: &Path) -> Result<Restored, PodmanError> {
         let report = self
             .post_archive(
                 "restore from archive",
-                "/v4.0.0/libpod/containers/import/restore?import=true&tcpEstablished=true",
+                "/v4.0.0/libpod/containers/import/restore?import=true&tcpEstablished=true&printStats=true",
                 archive,
             )
             .await?;
-        Ok(restored_ids(&report))
+        Ok(Restored::from_report(&report))
     }
 
     /// POSTs the file `archive` as a tar body to `path_and_query`, streamed; returns the
@@ -383,17 +389,35 @@ fn file_chunks(
     })
 }
 
-/// The container IDs in podman's restore report: one report, or a list of them.
-fn restored_ids(report: &[u8]) -> Vec<String> {
-    let report: serde_json::Value = serde_json::from_slice(report).unwrap_or_default();
-    let reports = match report {
-        serde_json::Value::Array(all) => all,
-        one => vec![one],
-    };
-    reports
-        .iter()
-        .filter_map(|r| r.get("Id").and_then(|id| id.as_str()).map(String::from))
-        .collect()
+/// What a restore from an archive brought back, and what it cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restored {
+    /// The IDs of the containers restored.
+    pub ids: Vec<String>,
+    /// runc's restore, CRIU's included (µs).
+    pub runtime_us: Option<u64>,
+    /// CRIU's restore of the processes (µs).
+    pub criu_us: Option<u64>,
+}
+
+impl Restored {
+    /// Reads podman's restore report: one report, or a list of them (times in µs).
+    fn from_report(report: &[u8]) -> Self {
+        let report: serde_json::Value = serde_json::from_slice(report).unwrap_or_default();
+        let reports = match report {
+            serde_json::Value::Array(all) => all,
+            one => vec![one],
+        };
+        let first = reports.first();
+        Self {
+            ids: reports
+                .iter()
+                .filter_map(|r| r.get("Id").and_then(|id| id.as_str()).map(String::from))
+                .collect(),
+            runtime_us: first.and_then(|r| r["runtime_restore_duration"].as_u64()),
+            criu_us: first.and_then(|r| r["criu_statistics"]["restore_time"].as_u64()),
+        }
+    }
 }
 
 fn is_not_found(e: &podman_api::Error) -> bool {

@@ -148,6 +148,15 @@ pub enum ClientMessage {
     },
 }
 
+/// What the destination's restore took, in microseconds: podman's call, of which runc's
+/// restore, of which CRIU's (the last two as podman reports them, if it does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreTimes {
+    pub podman_us: u64,
+    pub runtime_us: Option<u64>,
+    pub criu_us: Option<u64>,
+}
+
 /// What the destination agent sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -174,8 +183,7 @@ pub enum ServerMessage {
         flows: usize,
     },
     Restored {
-        /// Time podman took to restore, in milliseconds.
-        restore_ms: u64,
+        times: RestoreTimes,
     },
     HoldReleased {
         /// What the destination's hold did (`None`: it held nothing).

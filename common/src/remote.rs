@@ -9,8 +9,8 @@ use tokio::net::TcpStream;
 
 use crate::auth::{authenticate_to_server, Token};
 use crate::protocol::{
-    ClientMessage, ContainerRef, ErrorCode, HoldReport, HostReport, ServerMessage, Verdict,
-    DEFAULT_PORT,
+    ClientMessage, ContainerRef, ErrorCode, HoldReport, HostReport, RestoreTimes, ServerMessage,
+    Verdict, DEFAULT_PORT,
 };
 use crate::transfer::{send_file, send_stream};
 use crate::wire::FramedStream;
@@ -187,7 +187,11 @@ impl RemoteAgent {
 
     /// Restores the uploaded checkpoint; returns podman's restore time in milliseconds.
     /// `sent` runs once the request is on its way, before the answer.
-    pub async fn restore(&mut self, container: &ContainerRef, sent: impl FnOnce()) -> Result<u64> {
+    pub async fn restore(
+        &mut self,
+        container: &ContainerRef,
+        sent: impl FnOnce(),
+    ) -> Result<RestoreTimes> {
         self.stream
             .send(&ClientMessage::Restore {
                 container: container.clone(),
@@ -195,7 +199,7 @@ impl RemoteAgent {
             .await?;
         sent();
         match self.reply().await? {
-            ServerMessage::Restored { restore_ms } => Ok(restore_ms),
+            ServerMessage::Restored { times } => Ok(times),
             other => bail!("unexpected reply to restore: {other:?}"),
         }
     }

@@ -854,6 +854,13 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
         Duration::from_secs(60),
         || Ok(lab::cleanup::is_stopped(pid)),
     )?;
+    // The archive's first bytes are sent; the destination journals the session as it
+    // takes them.
+    wait_for(
+        "h2 to journal the incoming migration",
+        Duration::from_secs(30),
+        || Ok(!lab.agent_state("h2", "sessions")?.is_empty()),
+    )?;
     lab.kill_agent("h2")?;
     lab::cleanup::kill(pid, libc::SIGCONT);
     let mut seen = String::new();

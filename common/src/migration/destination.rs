@@ -168,6 +168,10 @@ pub struct IncomingMigration {
     /// already): the container comes back to a former host.
     #[serde(default)]
     pub flows_entered_here: bool,
+    /// Work for the restore started ahead of it, off the freeze's critical path; the
+    /// restore waits for it before it answers.
+    #[serde(skip)]
+    pub ahead_of_restore: Vec<tokio::task::JoinHandle<Result<()>>>,
     /// Settled or discarded: nothing of it may be journaled again.
     #[serde(skip)]
     done: bool,
@@ -197,6 +201,7 @@ impl IncomingMigration {
             held_ip: None,
             archive_verified: false,
             flows_entered_here: false,
+            ahead_of_restore: Vec::new(),
             done: false,
         };
         Ok(migration)
@@ -309,16 +314,20 @@ impl IncomingMigration {
         }
     }
 
-    /// Whether podman runs the container although the agent never saw the restore end.
-    /// A restore that podman is still working on is waited for a little.
-    async fn restore_finished_without_us(&self, host: &impl DestinationActions) -> Result<bool> {
+    /// How long a restore of this migration's archive may take, at most.
+    pub fn restore_window(&self) -> Duration {
         let archive_bytes = self
             .archive
             .as_ref()
             .and_then(|a| std::fs::metadata(a).ok())
             .map_or(0, |m| m.len());
-        let reading = Duration::from_secs(archive_bytes / LATE_RESTORE_RATE);
-        let deadline = tokio::time::Instant::now() + LATE_RESTORE_WAIT + reading;
+        LATE_RESTORE_WAIT + Duration::from_secs(archive_bytes / LATE_RESTORE_RATE)
+    }
+
+    /// Whether podman runs the container although the agent never saw the restore end.
+    /// A restore that podman is still working on is waited for a little.
+    async fn restore_finished_without_us(&self, host: &impl DestinationActions) -> Result<bool> {
+        let deadline = tokio::time::Instant::now() + self.restore_window();
         loop {
             if host.container(&self.container.id).await? == Some(true) {
                 return Ok(true);

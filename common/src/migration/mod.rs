@@ -127,6 +127,8 @@ pub struct MigrationReport {
     /// From the start of the checkpoint until the destination reported the container running:
     /// the time the workload could not run.
     pub freeze_to_resume_ms: f64,
+    /// Where that time went.
+    pub freeze_steps: FreezeSteps,
     pub checkpoint_bytes: u64,
     /// Packets for the container held here during the freeze and then let through, and
     /// those dropped because the hold was full; `None` if none were held.
@@ -138,6 +140,43 @@ pub struct MigrationReport {
     pub total_ms: f64,
     /// Non-fatal problems after the destination took over.
     pub warnings: Vec<String>,
+}
+
+/// Where the freeze went, step by step (milliseconds), and inside podman's calls, what
+/// CRIU and runc took.
+#[derive(Debug, Clone, Serialize)]
+pub struct FreezeSteps {
+    /// Checkpoint here: podman's checkpoint and export (runc, CRIU), with the packet hold,
+    /// the cgroup freeze and the route around it.
+    pub checkpoint_ms: f64,
+    /// Of that: freezing the container's cgroup before podman's call.
+    pub cgroup_freeze_ms: Option<f64>,
+    /// CRIU's part of it, from its statistics in the archive (`None` if unreadable).
+    pub criu_dump: Option<crate::criu::DumpTimes>,
+    /// Sending the archive.
+    pub transfer_ms: f64,
+    /// Reading the container's flows here and installing them on the destination.
+    pub flows_ms: f64,
+    /// The restore request, from sending it to the answer: the destination's restore.
+    pub restore_ms: f64,
+    /// Of that: podman's restore there, runc's part of it, and CRIU's part of runc's.
+    pub destination_podman_ms: f64,
+    pub destination_runtime_ms: Option<f64>,
+    pub destination_criu_ms: Option<f64>,
+}
+
+/// What a migration that got through the freeze hands on.
+struct Frozen {
+    prepared: phases::Prepared,
+    checkpoint_bytes: u64,
+    archive: PathBuf,
+    frozen_at: Instant,
+    resumed_at: Instant,
+    steps: FreezeSteps,
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Why a migration failed, and what became of the container.
@@ -193,6 +232,8 @@ pub enum Undo {
     /// Packets for the container's address are held here while it is frozen
     /// ([`crate::hold`]): let them through (to wherever it is routed by then).
     ReleaseHold(std::net::Ipv4Addr),
+    /// The container's cgroup was frozen here ([`crate::freezer`]): thaw it.
+    Thaw(String),
 }
 
 impl std::fmt::Display for Undo {
@@ -204,6 +245,7 @@ impl std::fmt::Display for Undo {
             Undo::RemoveFile(path) => write!(f, "remove {}", path.display()),
             Undo::RemoveContainerRoute(ip) => write!(f, "route {ip} to this host again"),
             Undo::ReleaseHold(ip) => write!(f, "let the held packets for {ip} through"),
+            Undo::Thaw(cgroup) => write!(f, "thaw cgroup {cgroup}"),
         }
     }
 }
@@ -235,15 +277,11 @@ impl PhaseClock<'_> {
 
     fn finish(&mut self, phase: Phase, started: Instant) {
         let elapsed = started.elapsed();
-        tracing::info!(
-            phase = phase.label(),
-            ms = elapsed.as_secs_f64() * 1e3,
-            "phase done"
-        );
+        tracing::info!(phase = phase.label(), ms = millis(elapsed), "phase done");
         (self.progress)(Progress::PhaseFinished(phase, elapsed));
         self.timings.push(PhaseTiming {
             phase,
-            ms: elapsed.as_secs_f64() * 1e3,
+            ms: millis(elapsed),
         });
     }
 }
@@ -323,7 +361,7 @@ pub async fn migrate(
     let state_dir = &request.state_dir;
     let destination = crate::remote::with_default_port(&request.destination);
 
-    let outcome: anyhow::Result<(phases::Prepared, u64, Instant, Instant)> = async {
+    let outcome: anyhow::Result<Frozen> = async {
         // Journaled (and locked against a second migration of it) before anything else; a
         // container that is not running is refused by the prepare phase, after this check,
         // so that a second migration of a frozen one hears why.
@@ -388,9 +426,11 @@ pub async fn migrate(
             log,
         )
         .await?;
-        warnings.extend(checkpoint.hold_problem);
+        warnings.extend(checkpoint.problems);
+        let cgroup_freeze_ms = checkpoint.cgroup_frozen_in.map(millis);
         let archive = checkpoint.archive;
         crate::fault::at(state_dir, "checkpointed")?;
+        let checkpoint_ms = millis(frozen_at.elapsed());
         clock.finish(phase, frozen_at);
 
         phase = Phase::Transfer;
@@ -408,6 +448,7 @@ pub async fn migrate(
         )
         .await;
         let bytes = sent?;
+        let transfer_ms = millis(t.elapsed());
         clock.finish(phase, t);
 
         phase = Phase::Restore;
@@ -416,10 +457,30 @@ pub async fn migrate(
         if let Some(ip) = container_ip {
             phases::prepare_flows(agent, &keys, ip).await?;
         }
-        let resumed_at =
+        let flows_ms = millis(t.elapsed());
+        let requested = Instant::now();
+        let (resumed_at, destination) =
             phases::restore(agent, &prepared.container.to_ref(), log, state_dir).await?;
+        let restore_ms = millis(requested.elapsed());
         clock.finish(phase, t);
-        Ok((prepared, bytes, frozen_at, resumed_at))
+        Ok(Frozen {
+            prepared,
+            checkpoint_bytes: bytes,
+            archive,
+            frozen_at,
+            resumed_at,
+            steps: FreezeSteps {
+                checkpoint_ms,
+                cgroup_freeze_ms,
+                criu_dump: None,
+                transfer_ms,
+                flows_ms,
+                restore_ms,
+                destination_podman_ms: destination.podman_us as f64 / 1e3,
+                destination_runtime_ms: destination.runtime_us.map(|us| us as f64 / 1e3),
+                destination_criu_ms: destination.criu_us.map(|us| us as f64 / 1e3),
+            },
+        })
     }
     .await;
 
@@ -429,7 +490,14 @@ pub async fn migrate(
         state_dir,
     };
     let mut history = HistoryEntry::now(Direction::Outgoing, &request.container, &destination);
-    let (prepared, checkpoint_bytes, frozen_at, resumed_at) = match outcome {
+    let Frozen {
+        prepared,
+        checkpoint_bytes,
+        archive,
+        frozen_at,
+        resumed_at,
+        mut steps,
+    } = match outcome {
         Ok(done) => done,
         Err(error) => {
             tracing::error!(phase = phase.label(), "migration failed: {error:#}");
@@ -475,24 +543,31 @@ pub async fn migrate(
     };
     clock.finish(Phase::SwitchTraffic, t);
     let t = clock.start(Phase::CleanUp);
+    // Before the archive goes with the source copy.
+    steps.criu_dump =
+        tokio::task::spawn_blocking(move || crate::criu::dump_times_in_archive(&archive))
+            .await
+            .ok()
+            .flatten();
     warnings.extend(source::release_source(log, &host, remote.as_mut()).await);
     clock.finish(Phase::CleanUp, t);
 
     history.succeeded = true;
-    history.freeze_to_resume_ms = Some(freeze_to_resume.as_secs_f64() * 1e3);
-    history.total_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+    history.freeze_to_resume_ms = Some(millis(freeze_to_resume));
+    history.total_ms = Some(millis(started.elapsed()));
     record_history(state_dir, &history);
     Ok(MigrationReport {
         container: prepared.container.name.clone(),
         container_id: prepared.container.id.clone(),
         destination,
         phases: clock.timings,
-        freeze_to_resume_ms: freeze_to_resume.as_secs_f64() * 1e3,
+        freeze_to_resume_ms: millis(freeze_to_resume),
+        freeze_steps: steps,
         checkpoint_bytes,
         held_packets,
         held_at_destination,
         image_transferred: prepared.image_transferred,
-        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        total_ms: millis(started.elapsed()),
         warnings,
     })
 }

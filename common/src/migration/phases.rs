@@ -20,7 +20,7 @@ use crate::nft::Firewall;
 use crate::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::podman::{ContainerInfo, PodmanClient};
 use crate::preflight::{self, Finding};
-use crate::protocol::{ContainerRef, HostReport, MAX_FLOWS_PER_BATCH};
+use crate::protocol::{ContainerRef, HostReport, RestoreTimes, MAX_FLOWS_PER_BATCH};
 use crate::remote::RemoteAgent;
 use crate::routing::{Route, Routing};
 use crate::wireguard::KeyPair;
@@ -141,8 +141,11 @@ pub async fn prepare(
 /// What the checkpoint phase hands on.
 pub struct Checkpoint {
     pub archive: PathBuf,
-    /// Why packets for the container are dropped, not held, during the freeze.
-    pub hold_problem: Option<String>,
+    /// How long freezing the container's cgroup took, if it was frozen before podman's call.
+    pub cgroup_frozen_in: Option<std::time::Duration>,
+    /// What did not go as it should and made the freeze worse (packets dropped, not held;
+    /// CRIU left to freeze the container).
+    pub problems: Vec<String>,
 }
 
 /// Checkpoint: freeze the container (with its established TCP connections), export the
@@ -150,9 +153,10 @@ pub struct Checkpoint {
 /// Packets for it are held, at most `hold_packets` ([`crate::hold`]), and the address is
 /// blackholed, so that whatever is not held is dropped. Answering them, or letting them
 /// reach a network namespace whose sockets are not restored yet, would reset the client's
-/// connections; dropped ones are retransmitted. Undo: start it again on the source, route
-/// its address locally again, then let the held packets through (in that order, for the
-/// same reason).
+/// connections; dropped ones are retransmitted. Its cgroup is frozen just before podman's
+/// call ([`crate::freezer`]). Undo: start it again on the source (and thaw it), route its
+/// address locally again, then let the held packets through (in that order, for the same
+/// reason).
 pub async fn checkpoint(
     podman: &PodmanClient,
     container: &ContainerInfo,
@@ -173,20 +177,28 @@ pub async fn checkpoint(
                     .into_iter()
                     .flat_map(|ip| [Undo::ReleaseHold(ip), Undo::RemoveContainerRoute(ip)]),
             )
+            .chain(container.cgroup_path.clone().map(Undo::Thaw))
             .chain([Undo::RestartOnSource {
                 container: container.name.clone(),
                 archive: archive.clone(),
             }]),
     )?;
-    let mut hold_problem = None;
+    let mut problems = Vec::new();
     if let Some(ip) = container_ip.filter(|_| hold_packets > 0) {
         // Before the freeze: packets that arrive while CRIU stops the container would be
         // dropped by its network lock.
         if let Err(e) = crate::hold::start(ip, hold_packets, None).await {
             tracing::warn!("packets for {ip} are dropped during the freeze: {e:#}");
-            hold_problem = Some(format!(
+            problems.push(format!(
                 "packets for {ip} were dropped during the freeze, not held: {e:#}"
             ));
+        }
+    }
+    let mut cgroup_frozen_in = None;
+    if let Some(cgroup) = container.cgroup_path.clone() {
+        match tokio::task::spawn_blocking(move || crate::freezer::freeze(&cgroup)).await? {
+            Ok(took) => cgroup_frozen_in = Some(took),
+            Err(e) => problems.push(format!("CRIU froze the container itself (slower): {e:#}")),
         }
     }
     podman.checkpoint_to_file(&container.name, &archive).await?;
@@ -197,7 +209,8 @@ pub async fn checkpoint(
     }
     Ok(Checkpoint {
         archive,
-        hold_problem,
+        cgroup_frozen_in,
+        problems,
     })
 }
 
@@ -342,15 +355,15 @@ pub async fn transfer(
 /// Restore: the destination creates and starts the container from the archive, and owns
 /// it once it answers. The request is journaled before it is sent: from then on, who owns
 /// the container is in doubt until the destination answers ([`super::ownership`]). Returns
-/// when the answer came: the container runs again.
+/// when the answer came (the container runs again), and what the restore took there.
 pub async fn restore(
     remote: &mut RemoteAgent,
     container: &ContainerRef,
     undo: &mut UndoLog,
     state_dir: &Path,
-) -> Result<std::time::Instant> {
+) -> Result<(std::time::Instant, RestoreTimes)> {
     undo.enter(SourceStage::RestoreRequested)?;
-    remote
+    let times = remote
         .restore(container, || {
             if let Err(e) = crate::fault::at(state_dir, "restore-requested") {
                 tracing::error!("{e:#}");
@@ -359,7 +372,7 @@ pub async fn restore(
         .await?;
     let resumed_at = std::time::Instant::now();
     undo.enter(SourceStage::DestinationOwns)?;
-    Ok(resumed_at)
+    Ok((resumed_at, times))
 }
 
 /// Undo of [`checkpoint`]: bring the container back on the source. The checkpoint kept with

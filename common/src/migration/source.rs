@@ -62,6 +62,10 @@ impl SourceActions for SourceHost<'_> {
             Undo::RemoveFile(path) => Ok(crate::files::remove_if_present(path)?),
             Undo::RemoveContainerRoute(ip) => phases::route_container_locally(*ip).await,
             Undo::ReleaseHold(ip) => crate::hold::release(*ip).await.map(drop),
+            Undo::Thaw(cgroup) => {
+                let cgroup = cgroup.clone();
+                tokio::task::spawn_blocking(move || crate::freezer::thaw(&cgroup)).await?
+            }
         }
     }
 
@@ -469,6 +473,7 @@ mod tests {
                     Undo::RemoveFile(_) => w.archive = false,
                     Undo::RemoveContainerRoute(_) => w.blackholed = false,
                     Undo::ReleaseHold(_) => w.held = false,
+                    Undo::Thaw(_) => {}
                 }
                 Ok(())
             })
