@@ -22,6 +22,12 @@ impl FlowClient {
         Self::spawn(lab, proto, addr, live, &[])
     }
 
+    /// Starts a UDP flow to `addr` at `rate` datagrams per second.
+    pub fn start_udp_at(lab: &Lab, addr: &str, rate: f64) -> Result<Self> {
+        let rate = rate.to_string();
+        Self::spawn(lab, "udp", addr, None, &["--rate", &rate])
+    }
+
     /// Waits on `addr` in the client namespace for one TCP connection from an echoing
     /// container (a flow the container opened), then checks it like [`Self::start`].
     pub fn listen(lab: &Lab, addr: &str) -> Result<Self> {
@@ -35,10 +41,13 @@ impl FlowClient {
         live: Option<u64>,
         extra: &[&str],
     ) -> Result<Self> {
+        // One file per client: two clients of the same address stop separately.
+        static CLIENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let stop_file = format!(
-            "/tmp/lm-flow-stop-{}-{proto}-{}",
+            "/tmp/lm-flow-stop-{}-{}-{proto}-{}",
             std::process::id(),
-            addr.replace(':', "-")
+            CLIENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            addr.replace(':', "-"),
         );
         let _ = std::fs::remove_file(&stop_file);
         let mut args = vec!["flowcheck", proto, addr, "--stop-file", &stop_file];

@@ -637,8 +637,11 @@ fn hold_overflow_is_counted(lab: &Lab) -> Result<()> {
     let report = report?;
     let udp = udp?;
     let hold = &report["held_packets"];
+    // The queue was full (3), and what came while the held ones were let through joined
+    // the queue behind them (one or two at 50/s).
+    let held = hold["held"].as_u64().unwrap_or(0);
     ensure!(
-        hold["held"] == 3 && hold["bound"] == 3 && hold["dropped"].as_u64() > Some(0),
+        (3..=5).contains(&held) && hold["bound"] == 3 && hold["dropped"].as_u64() > Some(0),
         "the overflow is not counted: {hold}"
     );
     ensure!(

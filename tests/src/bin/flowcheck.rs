@@ -35,6 +35,9 @@ struct Args {
     /// Time between messages, in milliseconds.
     #[arg(long, default_value_t = 20)]
     interval_ms: u64,
+    /// UDP only: datagrams per second (instead of --interval-ms), e.g. 6250.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Print every Nth reply and every pause over 200 ms to stderr, as they happen.
     #[arg(long)]
     live: Option<u64>,
@@ -144,41 +147,60 @@ fn tcp(args: &Args, summary: &mut Summary) -> Result<()> {
 
 fn udp(args: &Args, summary: &mut Summary) -> Result<()> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
+    // Room for the replies to a burst of datagrams let through at once after a freeze:
+    // datagrams lost in this client's own buffer are not the migration's.
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &(32 << 20))
+        .context("sizing the receive buffer")?;
     socket.connect(args.addr)?;
-    socket.set_read_timeout(Some(Duration::from_millis(args.interval_ms.max(10))))?;
+    let period = match args.rate {
+        Some(rate) if rate > 0.0 => Duration::from_secs_f64(1.0 / rate),
+        _ => Duration::from_millis(args.interval_ms),
+    };
     let started = Instant::now();
     let mut meter = PauseMeter::new(args.live);
     let mut next_expected = 0u64;
+    let mut next_send = started;
     let mut buf = [0u8; 64];
     while !should_stop(args, started) {
-        socket.send(&summary.sent.to_be_bytes()).context("send")?;
-        summary.sent += 1;
-        // Drain every reply that has arrived; a late one is fine, a reordered one is not.
-        loop {
-            match socket.recv(&mut buf) {
-                Ok(8) => {
-                    let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
-                    if seq < next_expected {
-                        bail!("datagram {seq} arrived after {}", next_expected - 1);
-                    }
-                    summary.lost += seq - next_expected;
-                    next_expected = seq + 1;
-                    summary.received += 1;
-                    meter.reply(summary, &seq.to_string());
+        if Instant::now() >= next_send {
+            socket.send(&summary.sent.to_be_bytes()).context("send")?;
+            summary.sent += 1;
+            next_send += period;
+        }
+        // Replies until the next send is due; a late one is fine, a reordered one is not.
+        let wait = next_send.saturating_duration_since(Instant::now());
+        socket.set_read_timeout(Some(wait.max(Duration::from_micros(20))))?;
+        match socket.recv(&mut buf) {
+            Ok(8) => {
+                let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+                if seq < next_expected {
+                    bail!("datagram {seq} arrived after {}", next_expected - 1);
                 }
-                Ok(n) => bail!("reply of {n} bytes"),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break
-                }
-                Err(e) => return Err(e).context("receive"),
+                summary.lost += seq - next_expected;
+                next_expected = seq + 1;
+                summary.received += 1;
+                meter.reply(summary, &seq.to_string());
             }
+            Ok(n) => bail!("reply of {n} bytes"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e).context("receive"),
         }
     }
+    // Replies still on their way count as received, not lost.
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    while let Ok(8) = socket.recv(&mut buf) {
+        let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+        if seq >= next_expected {
+            summary.lost += seq - next_expected;
+            next_expected = seq + 1;
+            summary.received += 1;
+        }
+    }
+    summary.lost += summary.sent - next_expected;
     if summary.received == 0 {
         bail!("no reply at all");
     }

@@ -475,7 +475,8 @@ pub fn sensitivity(
     Ok(points)
 }
 
-/// One hop of the echo series: the longest pause the echo client saw.
+/// One hop of the echo series: the longest pause the echo client saw, where the freeze
+/// went, and the UDP datagrams lost at two rates when the UDP echo server took the same hop.
 #[derive(Clone, Debug, Serialize)]
 pub struct EchoHop {
     pub from: String,
@@ -485,15 +486,48 @@ pub struct EchoHop {
     pub max_pause_ms: f64,
     pub freeze_to_resume_ms: Option<f64>,
     pub total_ms: Option<f64>,
+    /// The agent's `freeze_steps` for the TCP hop.
+    pub freeze_steps: Option<Value>,
+    /// Packets held at the source during the TCP hop.
+    pub held_packets: Option<Value>,
+    /// The UDP echo server's hop, watched at 50 and 6,250 datagrams/s.
+    pub udp: Vec<UdpHop>,
 }
 
-/// `tcp-echo` on h1 published as h1:5000; `n` migrations alternating h1 -> h2 -> h1 ...,
-/// each watched by a fresh `flowcheck` connection to h1:5000 (20 ms between messages).
-pub fn echo_series(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<Vec<EchoHop>> {
+/// A UDP flow through one migration of the UDP echo server.
+#[derive(Clone, Debug, Serialize)]
+pub struct UdpHop {
+    pub rate_per_s: f64,
+    pub ok: bool,
+    pub sent: u64,
+    pub lost: u64,
+    /// That hop's freeze-to-resume.
+    pub freeze_to_resume_ms: Option<f64>,
+    /// Lost, as a share of the datagrams sent during the freeze (percent).
+    pub lost_of_freeze_percent: Option<f64>,
+}
+
+/// Rates of the UDP flows of the echo series: 50/s (one every 20 ms), and 6,250/s.
+pub const UDP_RATES: [f64; 2] = [50.0, 6250.0];
+
+/// `tcp-echo` on h1 published as h1:5000 and `udp-echo` as h1:5001; `n` hops alternating
+/// h1 -> h2 -> h1 ... Each TCP hop is watched by a fresh `flowcheck` connection to h1:5000
+/// (20 ms between messages), and all of them by one long-lived connection; then the UDP
+/// server takes the same hop, watched by one UDP flow per rate of [`UDP_RATES`]. Returns
+/// the hops and the long-lived connection's summary.
+pub fn echo_series(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<(Vec<EchoHop>, Value)> {
     wait_swept(lab, pb)?;
     lab.publish_tcp("h1", "echo", "localhost/tcp-echo", 5000)?;
+    lab.run_container(
+        "h1",
+        "uecho",
+        &["-p", "5001:5001/udp"],
+        "localhost/udp-echo",
+        &[],
+    )?;
+    let long_lived = FlowClient::start(lab, "tcp", "10.77.0.11:5000", None)?;
     let mut hops = Vec::new();
-    let mut on = "h1";
+    let (mut on, mut udp_on) = ("h1", "h1");
     for i in 0..n {
         let to = if on == "h1" { "h2" } else { "h1" };
         pb.set_message(format!("echo hop {}/{n}: {on} -> {to}", i + 1));
@@ -502,6 +536,16 @@ pub fn echo_series(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<Vec<EchoHop>
         let m = migrate(lab, Method::LiveMigrate, "echo", on, to);
         std::thread::sleep(Duration::from_millis(1500));
         let summary = flow.finish()?;
+        let udp = if udp_on == on {
+            let (moved, udp) = udp_hop(lab, on, to)?;
+            if moved {
+                udp_on = to;
+            }
+            udp
+        } else {
+            Vec::new()
+        };
+        let report = m.agent_report.as_ref();
         let hop = EchoHop {
             from: on.into(),
             to: to.into(),
@@ -510,13 +554,21 @@ pub fn echo_series(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<Vec<EchoHop>
             max_pause_ms: summary["max_pause_ms"].as_f64().unwrap_or(f64::NAN),
             freeze_to_resume_ms: m.freeze_to_resume_ms,
             total_ms: m.total_ms,
+            freeze_steps: report.map(|r| r["freeze_steps"].clone()),
+            held_packets: report.map(|r| r["held_packets"].clone()),
+            udp,
         };
         pb.suspend(|| {
             eprintln!(
-                "  echo {on} -> {to}: migration {}, flow {}, longest pause {:.0} ms",
+                "  echo {on} -> {to}: migration {}, flow {}, longest pause {:.0} ms; udp lost {}",
                 if hop.ok { "ok" } else { "FAILED" },
                 if hop.flow_ok { "intact" } else { "BROKEN" },
-                hop.max_pause_ms
+                hop.max_pause_ms,
+                hop.udp
+                    .iter()
+                    .map(|u| format!("{} at {}/s", u.lost, u.rate_per_s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         });
         if m.ok {
@@ -525,6 +577,56 @@ pub fn echo_series(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<Vec<EchoHop>
         hops.push(hop);
         pb.inc(1);
     }
+    let long_lived = long_lived.finish()?;
     let _ = lab.exec_unchecked(on, &["podman", "rm", "-f", "-t", "0", "echo"]);
-    Ok(hops)
+    let _ = lab.exec_unchecked(udp_on, &["podman", "rm", "-f", "-t", "0", "uecho"]);
+    Ok((hops, long_lived))
+}
+
+/// Migrates the UDP echo server `from` -> `to` under one flow per rate of [`UDP_RATES`];
+/// returns whether it moved, and the flows.
+fn udp_hop(lab: &Lab, from: &str, to: &str) -> Result<(bool, Vec<UdpHop>)> {
+    let flows = UDP_RATES
+        .iter()
+        .map(|&rate| FlowClient::start_udp_at(lab, "10.77.0.11:5001", rate))
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let m = migrate(lab, Method::LiveMigrate, "uecho", from, to);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut hops = Vec::new();
+    for (flow, rate) in flows.into_iter().zip(UDP_RATES) {
+        let summary = flow.finish()?;
+        let lost = summary["lost"].as_u64().unwrap_or(0);
+        hops.push(UdpHop {
+            rate_per_s: rate,
+            ok: summary["ok"] == true,
+            sent: summary["sent"].as_u64().unwrap_or(0),
+            lost,
+            freeze_to_resume_ms: m.freeze_to_resume_ms,
+            lost_of_freeze_percent: m
+                .freeze_to_resume_ms
+                .map(|ms| 100.0 * lost as f64 / (rate * ms / 1e3)),
+        });
+    }
+    Ok((m.ok, hops))
+}
+
+/// Plain podman checkpoint/restore of the TCP echo server, `n` times between h1 and h2:
+/// the baseline freeze (no connection survives it).
+pub fn echo_baseline(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<Vec<Migration>> {
+    lab.run_container("h1", "bare", &[], "localhost/tcp-echo", &[])?;
+    let mut on = "h1";
+    let mut done = Vec::new();
+    for i in 0..n {
+        let to = if on == "h1" { "h2" } else { "h1" };
+        pb.set_message(format!("baseline hop {}/{n}: {on} -> {to}", i + 1));
+        let m = migrate(lab, Method::PodmanCheckpoint, "bare", on, to);
+        if m.ok {
+            on = to;
+        }
+        done.push(m);
+        pb.inc(1);
+    }
+    let _ = lab.exec_unchecked(on, &["podman", "rm", "-f", "-t", "0", "bare"]);
+    Ok(done)
 }

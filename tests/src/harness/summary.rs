@@ -5,7 +5,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use super::analysis::{spread, DirectionStats, Spread};
-use super::runs::{EchoHop, IperfRun, SensitivityPoint};
+use super::runs::{EchoHop, IperfRun, Migration, SensitivityPoint, UDP_RATES};
 
 /// Everything one harness invocation measured (written as report.json).
 #[derive(Debug, Default, Serialize)]
@@ -20,6 +20,15 @@ pub struct Report {
     pub echo_pause: Option<Spread>,
     pub echo_freeze: Option<Spread>,
     pub echo_pause_beyond_freeze: Option<Spread>,
+    /// One TCP connection through all the echo hops (flowcheck's summary).
+    pub echo_long_lived: serde_json::Value,
+    /// Plain podman checkpoint/restore of the same workload (`--baseline`), and its freeze.
+    pub echo_baseline: Vec<Migration>,
+    pub echo_baseline_freeze: Option<Spread>,
+    /// Over the echo hops, each step of the freeze (`freeze_steps` of the report, by key).
+    pub echo_steps: Vec<(String, Spread)>,
+    /// UDP datagrams lost per hop, by rate: count, and percent of those sent in the freeze.
+    pub echo_udp_lost: Vec<(f64, Option<Spread>, Option<Spread>)>,
     /// Number of migrations (all runs), for quick checks.
     pub migrations: usize,
 }
@@ -142,12 +151,59 @@ pub fn markdown(r: &Report) -> String {
         };
         let _ = writeln!(
             s,
-            "| | p50 ms | p95 ms | worst ms |\n|---|---|---|---|\n{}\n{}\n{}\n\nConnections intact: {intact}/{}. Plot: `outage_vs_freeze.png`.",
+            "| | p50 ms | p95 ms | worst ms |\n|---|---|---|---|\n{}\n{}\n{}",
             row("client-observed outage", &r.echo_pause),
             row("freeze-to-resume (agent)", &r.echo_freeze),
             row("outage beyond the freeze", &r.echo_pause_beyond_freeze),
-            r.echo.len()
         );
+        if !r.echo_baseline.is_empty() {
+            let _ = writeln!(
+                s,
+                "{}",
+                row(
+                    "baseline: plain podman checkpoint + restore",
+                    &r.echo_baseline_freeze
+                )
+            );
+        }
+        let long = &r.echo_long_lived;
+        let _ = writeln!(
+            s,
+            "\nConnections intact: {intact}/{}. One connection through all hops: {}, longest pause {} ms. Plot: `outage_vs_freeze.png`.\n",
+            r.echo.len(),
+            if long["ok"] == true { "intact" } else { "**broken**" },
+            opt(long["max_pause_ms"].as_f64())
+        );
+        if !r.echo_steps.is_empty() {
+            let _ = writeln!(
+                s,
+                "Where the freeze went (`freeze_steps` of the reports):\n\n| step | p50 ms | p95 ms | worst ms |\n|---|---|---|---|"
+            );
+            for (step, spread) in &r.echo_steps {
+                let _ = writeln!(s, "{}", row(step, &Some(*spread)));
+            }
+        }
+        if !r.echo_udp_lost.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nUDP echo server through the same hops, one flow per rate:\n\n| datagrams/s | lost per hop p50 | p95 | worst | % of those sent in the freeze, p50 | p95 | worst |\n|---|---|---|---|---|---|---|"
+            );
+            for (rate, lost, percent) in &r.echo_udp_lost {
+                let cell = |v: &Option<Spread>, f: fn(&Spread) -> f64| {
+                    v.as_ref().map_or("-".into(), |v| format!("{:.1}", f(v)))
+                };
+                let _ = writeln!(
+                    s,
+                    "| {rate:.0} | {} | {} | {} | {} | {} | {} |",
+                    cell(lost, |v| v.p50),
+                    cell(lost, |v| v.p95),
+                    cell(lost, |v| v.max),
+                    cell(percent, |v| v.p50),
+                    cell(percent, |v| v.p95),
+                    cell(percent, |v| v.max),
+                );
+            }
+        }
     }
     s
 }
@@ -169,5 +225,73 @@ impl Report {
         self.echo_pause = spread(&pauses);
         self.echo_freeze = spread(&freezes);
         self.echo_pause_beyond_freeze = spread(&beyond);
+        let baseline: Vec<f64> = self
+            .echo_baseline
+            .iter()
+            .filter_map(|m| m.freeze_to_resume_ms)
+            .collect();
+        self.echo_baseline_freeze = spread(&baseline);
+        self.echo_steps = step_spreads(&self.echo);
+        self.echo_udp_lost = UDP_RATES
+            .iter()
+            .map(|&rate| {
+                let hops: Vec<_> = self
+                    .echo
+                    .iter()
+                    .flat_map(|h| &h.udp)
+                    .filter(|u| u.rate_per_s == rate)
+                    .collect();
+                let lost: Vec<f64> = hops.iter().map(|u| u.lost as f64).collect();
+                let percent: Vec<f64> = hops
+                    .iter()
+                    .filter_map(|u| u.lost_of_freeze_percent)
+                    .collect();
+                (rate, spread(&lost), spread(&percent))
+            })
+            .collect();
     }
+}
+
+/// The spread of each numeric step of the hops' `freeze_steps` (nested ones as
+/// `outer.inner`), in the order of the first report.
+fn step_spreads(hops: &[EchoHop]) -> Vec<(String, Spread)> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, f64)>) {
+        match v {
+            serde_json::Value::Number(n) => out.extend(n.as_f64().map(|x| (prefix.to_string(), x))),
+            serde_json::Value::Object(fields) => {
+                for (k, v) in fields {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut keys: Vec<String> = Vec::new();
+    let mut values: Vec<Vec<(String, f64)>> = Vec::new();
+    for hop in hops {
+        let mut steps = Vec::new();
+        if let Some(v) = &hop.freeze_steps {
+            flatten("", v, &mut steps);
+        }
+        for (k, _) in &steps {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+        values.push(steps);
+    }
+    keys.into_iter()
+        .filter_map(|key| {
+            let v: Vec<f64> = values
+                .iter()
+                .filter_map(|steps| steps.iter().find(|(k, _)| *k == key).map(|(_, x)| *x))
+                .collect();
+            Some((key, spread(&v)?))
+        })
+        .collect()
 }
