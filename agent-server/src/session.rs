@@ -297,14 +297,12 @@ async fn handle(
             // within a batch leaves its entries unrecorded; they carry the tunnel's mark
             // and time out.
             let mut created = Ok(());
-            let mut entered_here = false;
+            let mut entered_here = Vec::new();
             for flow in flows {
                 let flow = flow.with_mark(end.mark);
-                // An entry that existed already is not ours: undo must leave it. It is the
-                // flow's own entry here: the flow enters through this host.
-                match conntrack::create(&flow).await {
+                match track_flow(&flow).await {
                     Ok(true) => migration.flows.push(flow),
-                    Ok(false) => entered_here = true,
+                    Ok(false) => entered_here.extend(arriving(&flow, container_ip)),
                     Err(e) => {
                         created = Err(e);
                         break;
@@ -313,16 +311,15 @@ async fn handle(
             }
             migration.save()?;
             created?;
-            if entered_here && !migration.flows_entered_here {
-                migration.flows_entered_here = true;
+            if !entered_here.is_empty() {
                 // The source lets its held packets through once it hears of the restore;
                 // those of flows that entered here come back through the tunnel
-                // ([`common::nft`]), until well after the restore.
+                // ([`common::nft`]); untracked until well after the restore.
                 let seconds = (migration.restore_window() + RETURNING_MARGIN).as_secs() as u32;
                 migration
                     .ahead_of_restore
                     .push(tokio::task::spawn_blocking(move || {
-                        Firewall::ensure()?.untrack_returning(container_ip, seconds)
+                        Firewall::ensure()?.untrack_returning(&entered_here, seconds)
                     }));
             }
             tracing::info!(flows = migration.flows.len(), %container_ip, "flows prepared");
@@ -556,6 +553,35 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
     };
     tracing::info!(container = %migration.container.name, ?times, "container restored; this host owns it");
     Ok(ServerMessage::Restored { times })
+}
+
+/// Creates the conntrack entry of an incoming flow; returns whether it is ours. An entry
+/// with the very same tuples is a leftover of an earlier stay of the container here (its
+/// sequence numbers long out of date, so the container's answers would be invalid): ours
+/// replaces it. One that clashes only on the reply tuple is the flow's own, DNATed entry
+/// here, where it enters: it is not ours, and stays (undo must leave it).
+async fn track_flow(flow: &conntrack::Flow) -> anyhow::Result<bool> {
+    if conntrack::create(flow).await? {
+        return Ok(true);
+    }
+    conntrack::delete(flow).await?;
+    conntrack::create(flow).await
+}
+
+/// How the packets of `flow` addressed to the container arrive: protocol, from, to.
+fn arriving(
+    flow: &conntrack::Flow,
+    container_ip: std::net::Ipv4Addr,
+) -> Option<(
+    conntrack::Proto,
+    std::net::SocketAddrV4,
+    std::net::SocketAddrV4,
+)> {
+    let towards = flow.towards(container_ip.into())?;
+    match (towards.src, towards.dst) {
+        (SocketAddr::V4(from), SocketAddr::V4(to)) => Some((flow.proto, from, to)),
+        _ => None,
+    }
 }
 
 /// The source removed its copy: nothing is left to decide about an owned migration.

@@ -210,6 +210,13 @@ impl Flow {
         }
     }
 
+    /// The direction of the flow whose packets are addressed to `ip`, if any.
+    pub fn towards(&self, ip: IpAddr) -> Option<Tuple> {
+        [self.orig, self.reply]
+            .into_iter()
+            .find(|t| t.dst.ip() == ip)
+    }
+
     /// Whether `ip` is an endpoint of the flow on the original source or the reply
     /// source side (see [`involving`]).
     pub fn involves(&self, ip: IpAddr) -> bool {

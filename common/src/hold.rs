@@ -79,6 +79,9 @@ type Release = oneshot::Sender<Result<HoldReport>>;
 /// Starts holding packets for `ip`, at most `bound` at a time; with `except_from`, not
 /// those that arrive through that interface.
 pub async fn start(ip: Ipv4Addr, bound: u32, except_from: Option<&str>) -> Result<()> {
+    // A rule left by a hold that was never released would come first and, without its
+    // listener, drop the packets.
+    release(ip).await?;
     let (mut socket, queue) = bind_queue(bound).await?;
     let rule = install_rule(ip, queue, except_from)
         .await

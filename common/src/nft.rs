@@ -27,12 +27,14 @@
 //!   its direct path. Connections that legitimately enter through the tunnel get no
 //!   source NAT here (netavark masquerades only what the containers send out).
 //! * `raw_prerouting` — `type filter hook prerouting priority raw (-300)`:
-//!   `iifname "lmwg-*" ip daddr @returning notrack`. The set `returning` holds, for a few
-//!   seconds after its restore, the address of a container that came back to a host
-//!   where some of its flows entered directly. Packets of those flows held elsewhere
-//!   arrive through the tunnel right after the restore; untracked, they are not mistaken
-//!   for new connections (see `postrouting` above) and reach the container unchanged,
-//!   and its answers still find the flow's own connection here.
+//!   `iifname "lmwg-*" meta l4proto . ip saddr . th sport . ip daddr . th dport
+//!   @returning_flows notrack`. The set holds, until shortly after its restore, the flows
+//!   of a container that came back to a host where they entered directly (their own
+//!   connection is here). Their packets held elsewhere arrive through the tunnel right
+//!   after the restore; untracked, they are not mistaken for new connections (see
+//!   `postrouting` above) and reach the container unchanged, and its answers still find
+//!   the flow's own connection here. Only those flows: a new connection that comes through
+//!   the tunnel meanwhile is tracked (and marked) as usual.
 //! * `nat_prerouting` — `type nat hook prerouting priority dstnat - 10 (-110)`, i.e. before
 //!   netavark's DNAT: [`Firewall::forward_port`] installs
 //!   `meta nfproto ipv4 fib daddr type local <proto> dport <port> dnat ip to <ctr>:<port>`
@@ -82,8 +84,8 @@ pub const NAT_PREROUTING_CHAIN: &str = "nat_prerouting";
 pub const POSTROUTING_CHAIN: &str = "postrouting";
 /// Filter chain at prerouting, before conntrack: untracks returning packets.
 pub const RAW_PREROUTING_CHAIN: &str = "raw_prerouting";
-/// Addresses of containers whose returning packets are untracked, with a timeout.
-pub const RETURNING_SET: &str = "returning";
+/// Flows whose returning packets are untracked, with a timeout.
+pub const RETURNING_SET: &str = "returning_flows";
 /// Priority of [`PREROUTING_CHAIN`] (`mangle`).
 pub const PREROUTING_PRIORITY: i32 = -150;
 /// Priority of [`NAT_PREROUTING_CHAIN`] (`dstnat - 10`).
@@ -108,7 +110,8 @@ pub enum RuleKind {
     RestoreMark { ifname: String, mark: u32 },
     /// `iifname <ifname> ct state new ct status snat drop` (chain `postrouting`).
     DropClash { ifname: String },
-    /// `iifname "lmwg-*" ip daddr @returning notrack` (chain `raw_prerouting`).
+    /// `iifname "lmwg-*" meta l4proto . ip saddr . th sport . ip daddr . th dport
+    /// @returning_flows notrack` (chain `raw_prerouting`).
     UntrackReturning,
     /// `... <proto> dport <host_port> dnat ip to <container>` (chain `nat_prerouting`).
     ForwardPort {
@@ -192,12 +195,13 @@ impl RuleKind {
                     string(&format!("{}*", crate::wireguard::INTERFACE_PREFIX)),
                 ),
                 matches(
-                    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-                        PayloadField {
-                            protocol: "ip".into(),
-                            field: "daddr".into(),
-                        },
-                    ))),
+                    Expression::Named(NamedExpression::Concat(vec![
+                        meta(MetaKey::L4proto),
+                        payload("ip", "saddr"),
+                        payload("th", "sport"),
+                        payload("ip", "daddr"),
+                        payload("th", "dport"),
+                    ])),
                     Operator::EQ,
                     string(&format!("@{RETURNING_SET}")),
                 ),
@@ -375,24 +379,44 @@ impl Firewall {
         .with_context(|| format!("unmarking {ifname}"))
     }
 
-    /// Untracks packets for `ip` that arrive through a tunnel, for `seconds` (see the
-    /// module doc): the container came back to a host where some of its flows entered.
-    pub fn untrack_returning(&self, ip: Ipv4Addr, seconds: u32) -> Result<()> {
+    /// Untracks the packets of `flows` (protocol, source, destination, as they arrive)
+    /// that come through a tunnel, for `seconds` (see the module doc): they entered this
+    /// host directly, and their container came back to it.
+    pub fn untrack_returning(
+        &self,
+        flows: &[(Proto, SocketAddrV4, SocketAddrV4)],
+        seconds: u32,
+    ) -> Result<()> {
+        if flows.is_empty() {
+            return Ok(());
+        }
         self.replace(&[RuleKind::UntrackReturning])?;
+        let elements = flows
+            .iter()
+            .map(|(proto, from, to)| {
+                Expression::Named(NamedExpression::Elem(Elem {
+                    val: Box::new(Expression::Named(NamedExpression::Concat(vec![
+                        string(proto.as_str()),
+                        string(&from.ip().to_string()),
+                        Expression::Number(u32::from(from.port())),
+                        string(&to.ip().to_string()),
+                        Expression::Number(u32::from(to.port())),
+                    ]))),
+                    timeout: Some(seconds),
+                    expires: None,
+                    comment: None,
+                    counter: None,
+                }))
+            })
+            .collect();
         let mut batch = Batch::new();
         batch.add(NfListObject::Element(Element {
             family: FAMILY,
             table: TABLE.into(),
             name: RETURNING_SET.into(),
-            elem: Cow::Owned(vec![Expression::Named(NamedExpression::Elem(Elem {
-                val: Box::new(string(&ip.to_string())),
-                timeout: Some(seconds),
-                expires: None,
-                comment: None,
-                counter: None,
-            }))]),
+            elem: Cow::Owned(elements),
         }));
-        apply(batch.to_nftables()).with_context(|| format!("untracking packets returning to {ip}"))
+        apply(batch.to_nftables()).context("untracking the packets of returning flows")
     }
 
     /// DNATs new connections to local port `host_port`/`proto` to `container_ip:container_port`.
@@ -560,7 +584,13 @@ fn add_skeleton(batch: &mut Batch<'static>) {
         table: TABLE.into(),
         name: RETURNING_SET.into(),
         handle: None,
-        set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+        set_type: SetTypeValue::Concatenated(Cow::Borrowed(&[
+            SetType::InetProto,
+            SetType::Ipv4Addr,
+            SetType::InetService,
+            SetType::Ipv4Addr,
+            SetType::InetService,
+        ])),
         policy: None,
         flags: Some(HashSet::from([SetFlag::Timeout])),
         elem: None,
@@ -684,6 +714,15 @@ fn ct(key: &'static str) -> Expression<'static> {
     }))
 }
 
+fn payload(protocol: &str, field: &str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.to_string().into(),
+            field: field.to_string().into(),
+        },
+    )))
+}
+
 fn string(s: &str) -> Expression<'static> {
     Expression::String(s.to_owned().into())
 }
@@ -757,7 +796,13 @@ mod tests {
             untrack["expr"],
             json!([
                 {"match": {"left": {"meta": {"key": "iifname"}}, "right": "lmwg-*", "op": "=="}},
-                {"match": {"left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@returning", "op": "=="}},
+                {"match": {"left": {"concat": [
+                    {"meta": {"key": "l4proto"}},
+                    {"payload": {"protocol": "ip", "field": "saddr"}},
+                    {"payload": {"protocol": "th", "field": "sport"}},
+                    {"payload": {"protocol": "ip", "field": "daddr"}},
+                    {"payload": {"protocol": "th", "field": "dport"}}
+                ]}, "right": "@returning_flows", "op": "=="}},
                 "notrack"
             ])
         );

@@ -6,7 +6,7 @@
 //! current-thread tokio runtime there, and deletes the namespace afterwards through a Drop
 //! guard, also when an assertion fails. Nothing touches the root namespace.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 
@@ -217,10 +217,15 @@ fn firewall_rules_lifecycle() {
         assert!(text.contains("meta mark set ct mark"), "{text}");
         assert!(text.contains("ct state new ct status snat drop"), "{text}");
 
-        fw.untrack_returning(Ipv4Addr::new(10, 88, 0, 5), 30)
-            .unwrap();
-        fw.untrack_returning(Ipv4Addr::new(10, 88, 0, 6), 30)
-            .unwrap(); // one rule
+        let flow = |port| {
+            (
+                Proto::Tcp,
+                "10.77.0.100:40000".parse().unwrap(),
+                SocketAddrV4::new(Ipv4Addr::new(10, 88, 0, 5), port),
+            )
+        };
+        fw.untrack_returning(&[flow(5000)], 30).unwrap();
+        fw.untrack_returning(&[flow(5001)], 30).unwrap(); // one rule
         let out = Command::new("nft")
             .args(["list", "table", "inet", "live_migrate"])
             .output()
@@ -228,11 +233,14 @@ fn firewall_rules_lifecycle() {
         let text = String::from_utf8_lossy(&out.stdout);
         eprintln!("{text}");
         assert!(
-            text.contains(r#"iifname "lmwg-*" ip daddr @returning notrack"#),
+            text.contains(r#"iifname "lmwg-*" meta l4proto . ip saddr . th sport . ip daddr . th dport @returning_flows notrack"#),
             "{text}"
         );
-        assert!(text.contains("10.88.0.5 timeout 30s"), "{text}");
-        assert_eq!(text.matches("@returning").count(), 1, "{text}");
+        assert!(
+            text.contains("tcp . 10.77.0.100 . 40000 . 10.88.0.5 . 5000 timeout 30s"),
+            "{text}"
+        );
+        assert_eq!(text.matches("@returning_flows").count(), 1, "{text}");
 
         fw.unforward_port(Proto::Tcp, 8080).unwrap();
         fw.unforward_port(Proto::Tcp, 8080).unwrap(); // no-op

@@ -23,7 +23,10 @@ mod peer_input;
 type Scenario = fn(&Lab) -> Result<()>;
 
 const SCENARIOS: &[(&str, Scenario)] = &[
-    ("counter_continues_after_h1_h2_and_back", counter_round_trip),
+    (
+        "counter_continues_h1_h2_h1_and_podman_sees_a_normal_container",
+        counter_round_trip,
+    ),
     ("memhog_256mib_memory_intact", memhog_memory_intact),
     (
         "missing_image_is_sent_before_the_freeze",
@@ -260,6 +263,7 @@ fn outgoing_is_empty(lab: &Lab, host: &str) -> Result<()> {
 
 fn counter_round_trip(lab: &Lab) -> Result<()> {
     lab.run_container("h1", "counter", &[], "localhost/counter", &[])?;
+    let id = lab.podman("h1", &["inspect", "--format", "{{.Id}}", "counter"])?;
     let before = counter_advances(lab, "h1", "counter", 5)?;
 
     migrate(lab, "h1", "counter", "h2")?;
@@ -267,6 +271,7 @@ fn counter_round_trip(lab: &Lab) -> Result<()> {
         !exists(lab, "h1", "counter")?,
         "source copy still exists on h1"
     );
+    podman_sees_it_running(lab, "h2", "counter", &id)?;
     let on_h2 = counter_advances(lab, "h2", "counter", before)?;
     let values = counter_values(lab, "h2", "counter")?;
     ensure!(
@@ -279,10 +284,49 @@ fn counter_round_trip(lab: &Lab) -> Result<()> {
         !exists(lab, "h2", "counter")?,
         "source copy still exists on h2"
     );
+    podman_sees_it_running(lab, "h1", "counter", &id)?;
     counter_advances(lab, "h1", "counter", on_h2)?;
     outgoing_is_empty(lab, "h1")?;
     outgoing_is_empty(lab, "h2")?;
+    // A migrated container stops like any other.
+    lab.podman("h1", &["stop", "-t", "2", "counter"])?;
+    let status = lab.podman(
+        "h1",
+        &["inspect", "--format", "{{.State.Status}}", "counter"],
+    )?;
+    ensure!(
+        status == "exited",
+        "counter on h1 is {status} after podman stop"
+    );
     lab.podman("h1", &["rm", "-f", "-t", "0", "counter"])?;
+    Ok(())
+}
+
+/// podman on `host` shows the migrated container as it shows any running one: listed by
+/// `ps` with its ID, running in `inspect`, not paused, and its `logs` there.
+fn podman_sees_it_running(lab: &Lab, host: &str, name: &str, id: &str) -> Result<()> {
+    let listed = lab.podman(
+        host,
+        &["ps", "--no-trunc", "--format", "{{.ID}} {{.Names}}"],
+    )?;
+    ensure!(
+        listed.lines().any(|l| l == format!("{id} {name}")),
+        "podman ps on {host} does not list {name} ({id}): {listed}"
+    );
+    let state = lab.podman(
+        host,
+        &[
+            "inspect",
+            "--format",
+            "{{.State.Status}} {{.State.Paused}}",
+            name,
+        ],
+    )?;
+    ensure!(state == "running false", "{name} on {host} is {state}");
+    ensure!(
+        !logs(lab, host, name)?.is_empty(),
+        "no logs of {name} on {host}"
+    );
     Ok(())
 }
 
@@ -671,7 +715,17 @@ fn new_connections(lab: &Lab) -> Result<()> {
     // Through the old host (forwarded into the tunnel) and directly at the new one.
     answers(lab, "tcp", "10.77.0.11:5100")?;
     answers(lab, "tcp", "10.77.0.12:5100")?;
+    // Back to h1 and away again under a connection that entered h1: the returning flow's
+    // packets are untracked on the hosts it comes back to, but new connections that h1
+    // forwards to h2 meanwhile are tracked (and answered) as usual.
+    let flow = FlowClient::start(lab, "tcp", "10.77.0.11:5100", None)?;
+    let moved = migrate(lab, "h2", "newconn", "h1")
+        .and_then(|_| migrate(lab, "h1", "newconn", "h2"))
+        .and_then(|_| answers(lab, "tcp", "10.77.0.11:5100"));
+    let flow = flow_survived(flow);
     lab.podman("h2", &["rm", "-f", "-t", "0", "newconn"])?;
+    moved?;
+    flow?;
     Ok(())
 }
 

@@ -164,10 +164,6 @@ pub struct IncomingMigration {
     /// The whole archive arrived and matched its SHA-256: only then may it be restored.
     #[serde(default)]
     pub archive_verified: bool,
-    /// Some of its flows entered this host directly (their conntrack entries were here
-    /// already): the container comes back to a former host.
-    #[serde(default)]
-    pub flows_entered_here: bool,
     /// Work for the restore started ahead of it, off the freeze's critical path; the
     /// restore waits for it before it answers.
     #[serde(skip)]
@@ -200,7 +196,6 @@ impl IncomingMigration {
             flows: Vec::new(),
             held_ip: None,
             archive_verified: false,
-            flows_entered_here: false,
             ahead_of_restore: Vec::new(),
             done: false,
         };

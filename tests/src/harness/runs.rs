@@ -483,6 +483,8 @@ pub struct EchoHop {
     pub to: String,
     pub ok: bool,
     pub flow_ok: bool,
+    /// The fresh connection's flowcheck summary (sent, received, error).
+    pub flow: Value,
     pub max_pause_ms: f64,
     pub freeze_to_resume_ms: Option<f64>,
     pub total_ms: Option<f64>,
@@ -499,6 +501,7 @@ pub struct EchoHop {
 pub struct UdpHop {
     pub rate_per_s: f64,
     pub ok: bool,
+    pub error: Option<String>,
     pub sent: u64,
     pub lost: u64,
     /// That hop's freeze-to-resume.
@@ -552,6 +555,7 @@ pub fn echo_series(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<(Vec<EchoHop
             ok: m.ok,
             flow_ok: summary["ok"] == true,
             max_pause_ms: summary["max_pause_ms"].as_f64().unwrap_or(f64::NAN),
+            flow: summary,
             freeze_to_resume_ms: m.freeze_to_resume_ms,
             total_ms: m.total_ms,
             freeze_steps: report.map(|r| r["freeze_steps"].clone()),
@@ -600,6 +604,7 @@ fn udp_hop(lab: &Lab, from: &str, to: &str) -> Result<(bool, Vec<UdpHop>)> {
         hops.push(UdpHop {
             rate_per_s: rate,
             ok: summary["ok"] == true,
+            error: summary["error"].as_str().map(String::from),
             sent: summary["sent"].as_u64().unwrap_or(0),
             lost,
             freeze_to_resume_ms: m.freeze_to_resume_ms,
