@@ -331,8 +331,15 @@ async fn handle(
             let shared = current(connection)?.clone();
             restore(&shared, &container, context).await
         }
-        ClientMessage::TrafficSwitched => {
-            let mut migration = current(connection)?.lock().await;
+        ClientMessage::TrafficSwitched { migration_id } => {
+            validate::migration_id(&migration_id).map_err(invalid)?;
+            let shared = context.migrations.get(&migration_id).ok_or_else(|| {
+                refuse(
+                    ErrorCode::State,
+                    anyhow!("no migration {migration_id} here"),
+                )
+            })?;
+            let mut migration = shared.lock().await;
             if migration.stage != DestinationStage::Owns {
                 return Err(refuse(
                     ErrorCode::State,

@@ -39,12 +39,14 @@
 //!    - `Restore` -> `Restored`: restores the archive of this connection's migration, and
 //!      only the container declared with it. The destination records that it owns the
 //!      container before it answers (the decision point, [`crate::migration::ownership`]);
-//!    - `TrafficSwitched` -> `HoldReleased`, after `Restored`: the source has routed the
-//!      container's address into the tunnel and let through the packets it held. Packets
-//!      the destination held meanwhile (those that reach it directly, not through the
-//!      source's tunnel) are newer: only now are they let through, so that the
-//!      container gets them after the source's, in order ([`crate::hold`]). They are let
-//!      through too if the connection closes first;
+//!    - `TrafficSwitched` -> `HoldReleased`, after `Restored`, on the session the source
+//!      keeps through the tunnel (so that it arrives behind the packets it names): the
+//!      source has routed the container's address into the tunnel and let through the
+//!      packets it held. Packets the destination held meanwhile (those that reach it
+//!      directly, not through the source's tunnel) are newer: only now are they let
+//!      through, so that the container gets them after the source's, in order
+//!      ([`crate::hold`]). They are let through too if the migration's connection closes
+//!      first;
 //!    - `Finish` -> `Finished` (the source is gone; forget the session);
 //!    - `Resolve` -> `Resolved`, on any connection: who owns the container of migration
 //!      `migration_id`. Unless the destination owns it, it is fenced first: any copy is
@@ -135,7 +137,9 @@ pub enum ClientMessage {
     Restore {
         container: ContainerRef,
     },
-    TrafficSwitched,
+    TrafficSwitched {
+        migration_id: String,
+    },
     Finish,
     Resolve {
         migration_id: String,

@@ -244,8 +244,11 @@ impl RemoteAgent {
 
     /// Tells the destination that the source's held packets are through; returns what the
     /// destination's own hold did.
-    pub async fn traffic_switched(&mut self) -> Result<Option<HoldReport>> {
-        match self.request(&ClientMessage::TrafficSwitched).await? {
+    pub async fn traffic_switched(&mut self, migration_id: &str) -> Result<Option<HoldReport>> {
+        let told = ClientMessage::TrafficSwitched {
+            migration_id: migration_id.to_string(),
+        };
+        match self.request(&told).await? {
             ServerMessage::HoldReleased { held } => Ok(held),
             other => bail!("unexpected reply to traffic switched: {other:?}"),
         }

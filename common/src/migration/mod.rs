@@ -295,7 +295,9 @@ pub async fn check(request: &MigrationRequest) -> anyhow::Result<phases::Survey>
         let mut agent = phases::connect(&request.destination, &request.token).await?;
         let keys = crate::wireguard::KeyPair::load_or_create(&request.state_dir)?;
         let started = Instant::now();
-        let tunnel = phases::tunnel(&mut agent, &request.token, &keys).await?;
+        let (tunnel, mut through_tunnel) =
+            phases::tunnel(&mut agent, &request.token, &keys).await?;
+        through_tunnel.finish().await?;
         anyhow::Ok((agent, tunnel, started.elapsed()))
     }
     .await;
@@ -355,6 +357,9 @@ pub async fn migrate(
     };
     let mut undo: Option<UndoLog> = None;
     let mut remote: Option<RemoteAgent> = None;
+    // The second session, through the tunnel: it tells the destination that the held
+    // packets are through, behind them.
+    let mut tunneled: Option<RemoteAgent> = None;
     let mut phase = Phase::Connect;
     let mut warnings = Vec::new();
     let cancel = &request.cancel;
@@ -391,7 +396,8 @@ pub async fn migrate(
         phase = Phase::Tunnel;
         let t = clock.start_unless_cancelled(phase, cancel)?;
         let keys = crate::wireguard::KeyPair::load_or_create(state_dir)?;
-        let tunnel = phases::tunnel(agent, &request.token, &keys).await?;
+        let (tunnel, through_tunnel) = phases::tunnel(agent, &request.token, &keys).await?;
+        tunneled = Some(through_tunnel);
         clock.finish(phase, t);
 
         phase = Phase::Prepare;
@@ -532,13 +538,20 @@ pub async fn migrate(
     let (held_packets, switch_warnings) = source::switch_traffic(log, &host).await;
     warnings.extend(switch_warnings);
     // The packets held here are through: now the destination's go.
-    let held_at_destination = match remote.as_mut().map(RemoteAgent::traffic_switched) {
-        Some(told) => told.await.unwrap_or_else(|e| {
-            warnings.push(format!(
-                "destination not told that the traffic is switched: {e:#}"
-            ));
-            None
-        }),
+    let held_at_destination = match tunneled.as_mut() {
+        Some(agent) => {
+            let told = async {
+                let held = agent.traffic_switched(&log.record.migration_id).await?;
+                agent.finish().await?;
+                anyhow::Ok(held)
+            };
+            told.await.unwrap_or_else(|e| {
+                warnings.push(format!(
+                    "destination not told that the traffic is switched: {e:#}"
+                ));
+                None
+            })
+        }
         None => None,
     };
     clock.finish(Phase::SwitchTraffic, t);

@@ -34,9 +34,14 @@ pub async fn connect(destination: &str, token: &Token) -> Result<RemoteAgent> {
 /// Tunnel: bring up the WireGuard tunnel to the destination (reused if it exists) and
 /// prove it carries traffic: a second session with the destination agent, through the
 /// tunnel, must authenticate. The migration itself stays on the direct session, which is
-/// encrypted too and not limited by the tunnel's speed. Nothing to undo: the tunnel is
-/// kept for later migrations between the same hosts.
-pub async fn tunnel(remote: &mut RemoteAgent, token: &Token, keys: &KeyPair) -> Result<TunnelEnd> {
+/// encrypted too and not limited by the tunnel's speed; the second session is returned,
+/// for what must follow the container's packets through the tunnel. Nothing to undo: the
+/// tunnel is kept for later migrations between the same hosts.
+pub async fn tunnel(
+    remote: &mut RemoteAgent,
+    token: &Token,
+    keys: &KeyPair,
+) -> Result<(TunnelEnd, RemoteAgent)> {
     let ours = keys.public_base64();
     let (theirs, listen_port) = remote.open_tunnel(&ours).await?;
     let agent_addr = remote.peer_addr()?;
@@ -47,11 +52,10 @@ pub async fn tunnel(remote: &mut RemoteAgent, token: &Token, keys: &KeyPair) -> 
     )
     .await?;
     let through = end.peer_agent(agent_addr.port());
-    let mut probe = RemoteAgent::connect(&through.to_string(), token)
+    let probe = RemoteAgent::connect(&through.to_string(), token)
         .await
         .context("reaching the destination agent through the tunnel")?;
-    probe.finish().await?;
-    Ok(end)
+    Ok((end, probe))
 }
 
 /// What the prepare phase (and `agent-client check`) learned about the container and both

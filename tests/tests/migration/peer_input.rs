@@ -99,6 +99,20 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
                 ErrorCode::Invalid,
             ),
             (
+                "a path-like migration switched",
+                ClientMessage::TrafficSwitched {
+                    migration_id: "../x".into(),
+                },
+                ErrorCode::Invalid,
+            ),
+            (
+                "an unknown migration switched",
+                ClientMessage::TrafficSwitched {
+                    migration_id: "0".repeat(32),
+                },
+                ErrorCode::State,
+            ),
+            (
                 "a key that is not a key",
                 ClientMessage::OpenTunnel {
                     public_key: "../wg".into(),
