@@ -304,6 +304,13 @@ async fn let_through(socket: &mut TokioSocket, hold: &Queue, mut held: Held) -> 
         rule,
         bound,
     } = *hold;
+    // Notifications still unread name packets queued already: they go in the first batch,
+    // or they would come after packets that no longer meet the rule.
+    while let Ok(Ok((data, _))) =
+        tokio::time::timeout(Duration::ZERO, socket.recv_from_full()).await
+    {
+        note_packets(&data, &mut held);
+    }
     if let Some(last) = held.last_id {
         accept_up_to(socket, queue, last).await?;
     }
