@@ -31,4 +31,4 @@ test: build lint
 # target/harness/bench/ (report.json, summary.md, throughput.png, sensitivity.png).
 bench: release
 	target/release/lab gc
-	target/release/harness --mode tcp,udp --baseline --sensitivity --with-2g --dirty 0,20,100 --echo 10 --out target/harness/bench
+	target/release/harness --mode tcp,udp --baseline --sensitivity --with-2g --dirty 0,20,100 --echo 20 --out target/harness/bench
