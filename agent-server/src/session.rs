@@ -547,9 +547,7 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
     }
     // Its sockets exist: its address is routed here again. Packets held here wait for the
     // source's (`TrafficSwitched`).
-    if let Some(ip) = migration.held_ip {
-        common::migration::phases::route_container_locally(ip).await?;
-    }
+    migration.route_here().await?;
     // The decision point: journaled before the source hears of it.
     migration.enter(DestinationStage::Owns)?;
     common::fault::at(&context.state_dir, "restored")?;

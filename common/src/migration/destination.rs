@@ -158,9 +158,13 @@ pub struct IncomingMigration {
     pub archive: Option<PathBuf>,
     /// Conntrack entries this migration created (entries that existed before are not ours).
     pub flows: Vec<Flow>,
-    /// The incoming container's address, held: blackholed until the container runs, and
-    /// its packets held until the source has let its own held packets through.
+    /// The incoming container's address, held: blackholed, and its packets held, until
+    /// the container runs.
     pub held_ip: Option<Ipv4Addr>,
+    /// Once it runs, routed here again, its packets still held until the source's are
+    /// through (`TrafficSwitched`).
+    #[serde(default)]
+    pub holding: Option<Ipv4Addr>,
     /// The whole archive arrived and matched its SHA-256: only then may it be restored.
     #[serde(default)]
     pub archive_verified: bool,
@@ -195,6 +199,7 @@ impl IncomingMigration {
             archive: Some(archive_dir(state_dir).join(format!("{migration_id}.tar"))),
             flows: Vec::new(),
             held_ip: None,
+            holding: None,
             archive_verified: false,
             ahead_of_restore: Vec::new(),
             done: false,
@@ -259,12 +264,26 @@ impl IncomingMigration {
         &mut self,
         host: &impl DestinationActions,
     ) -> Result<Option<HoldReport>> {
-        let Some(ip) = self.held_ip else {
-            return Ok(None);
-        };
-        let held = host.release_ip(ip).await?;
-        self.held_ip = None;
+        let mut held = None;
+        if let Some(ip) = self.held_ip {
+            held = host.release_ip(ip).await?;
+            self.held_ip = None;
+        }
+        // Routed here already (and maybe elsewhere again since): only the packets go.
+        if let Some(ip) = self.holding {
+            held = crate::hold::release(ip).await?;
+            self.holding = None;
+        }
         Ok(held)
+    }
+
+    /// It runs: its address is routed here again; its packets stay held.
+    pub async fn route_here(&mut self) -> Result<()> {
+        if let Some(ip) = self.held_ip.take() {
+            super::phases::route_container_locally(ip).await?;
+            self.holding = Some(ip);
+        }
+        Ok(())
     }
 
     pub fn discard_archive(&mut self) {
