@@ -555,30 +555,35 @@ fn base_chain(name: &'static str, kind: NfChainType, hook: NfHook, prio: i32) ->
 /// `add table` / `add chain` (idempotent in nft).
 fn add_skeleton(batch: &mut Batch<'static>) {
     batch.add(NfListObject::Table(table()));
-    batch.add(NfListObject::Chain(base_chain(
-        PREROUTING_CHAIN,
-        NfChainType::Filter,
-        NfHook::Prerouting,
-        PREROUTING_PRIORITY,
-    )));
-    batch.add(NfListObject::Chain(base_chain(
-        NAT_PREROUTING_CHAIN,
-        NfChainType::NAT,
-        NfHook::Prerouting,
-        NAT_PREROUTING_PRIORITY,
-    )));
-    batch.add(NfListObject::Chain(base_chain(
-        POSTROUTING_CHAIN,
-        NfChainType::Filter,
-        NfHook::Postrouting,
-        POSTROUTING_PRIORITY,
-    )));
-    batch.add(NfListObject::Chain(base_chain(
-        RAW_PREROUTING_CHAIN,
-        NfChainType::Filter,
-        NfHook::Prerouting,
-        RAW_PREROUTING_PRIORITY,
-    )));
+    let chains = [
+        (
+            PREROUTING_CHAIN,
+            NfChainType::Filter,
+            NfHook::Prerouting,
+            PREROUTING_PRIORITY,
+        ),
+        (
+            NAT_PREROUTING_CHAIN,
+            NfChainType::NAT,
+            NfHook::Prerouting,
+            NAT_PREROUTING_PRIORITY,
+        ),
+        (
+            POSTROUTING_CHAIN,
+            NfChainType::Filter,
+            NfHook::Postrouting,
+            POSTROUTING_PRIORITY,
+        ),
+        (
+            RAW_PREROUTING_CHAIN,
+            NfChainType::Filter,
+            NfHook::Prerouting,
+            RAW_PREROUTING_PRIORITY,
+        ),
+    ];
+    for (name, kind, hook, priority) in chains {
+        batch.add(NfListObject::Chain(base_chain(name, kind, hook, priority)));
+    }
     batch.add(NfListObject::Set(Box::new(Set {
         family: FAMILY,
         table: TABLE.into(),

@@ -206,12 +206,7 @@ fn firewall_rules_lifecycle() {
         );
 
         // nft itself shows the rules as intended.
-        let out = Command::new("nft")
-            .args(["list", "table", "inet", "live_migrate"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        eprintln!("{text}");
+        let text = listed_table();
         assert!(text.contains("dnat ip to 10.88.0.5:80"), "{text}");
         assert!(text.contains("ct mark set 0x00007803"), "{text}");
         assert!(text.contains("meta mark set ct mark"), "{text}");
@@ -226,12 +221,7 @@ fn firewall_rules_lifecycle() {
         };
         fw.untrack_returning(&[flow(5000)], 30).unwrap();
         fw.untrack_returning(&[flow(5001)], 30).unwrap(); // one rule
-        let out = Command::new("nft")
-            .args(["list", "table", "inet", "live_migrate"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        eprintln!("{text}");
+        let text = listed_table();
         assert!(
             text.contains(r#"iifname "lmwg-*" meta l4proto . ip saddr . th sport . ip daddr . th dport @returning_flows notrack"#),
             "{text}"
@@ -440,4 +430,15 @@ fn tunnel_mark_and_forward_with_traffic() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// `nft list table inet live_migrate`, as nft prints it.
+fn listed_table() -> String {
+    let out = Command::new("nft")
+        .args(["list", "table", "inet", "live_migrate"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}");
+    text
 }
