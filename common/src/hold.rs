@@ -87,8 +87,9 @@ pub async fn start(ip: Ipv4Addr, bound: u32, except_from: Option<&str>) -> Resul
         .await
         .with_context(|| format!("installing the hold rule for {ip}"))?;
     let (release, released) = oneshot::channel();
-    let mut live = LIVE.lock().expect("hold registry poisoned");
-    live.insert(ip, release);
+    LIVE.lock()
+        .expect("hold registry poisoned")
+        .insert(ip, release);
     tokio::spawn(async move {
         let held = hold(&mut socket, released).await;
         if let Some((held, reply)) = held {
