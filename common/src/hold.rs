@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use netlink_packet_core::{
@@ -143,6 +143,8 @@ const NF_ACCEPT: u32 = 1;
 const AF_INET: u16 = 2;
 /// Room for the notifications of a full queue (a few hundred bytes each in the kernel).
 const RECEIVE_BUFFER: usize = 32 << 20;
+/// How long the release waits for the packets that met the rule before it went.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn queue_message(queue: u16, message_type: u8, attributes: Vec<DefaultNla>) -> NetfilterMessage {
     NetfilterMessage::new(
@@ -307,17 +309,18 @@ async fn let_through(socket: &mut TokioSocket, hold: &Queue, mut held: Held) -> 
     } = *hold;
     // Notifications still unread name packets queued already: they go in the first batch,
     // or they would come after packets that no longer meet the rule.
-    while let Ok(Ok((data, _))) =
-        tokio::time::timeout(Duration::ZERO, socket.recv_from_full()).await
-    {
-        note_packets(&data, &mut held);
-    }
+    note_pending(socket, &mut held).await;
     if let Some(last) = held.last_id {
         accept_up_to(socket, queue, last).await?;
     }
     remove_rule(ip, rule).await?;
     // Packets that met the rule before it went: their notifications are on the way.
-    for _ in 0..50 {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        note_pending(socket, &mut held).await;
+        if let Some(last) = held.last_id {
+            accept_up_to(socket, queue, last).await?;
+        }
         let state = queue_state(queue)?;
         if state.waiting == 0 {
             return Ok(HoldReport {
@@ -326,16 +329,27 @@ async fn let_through(socket: &mut TokioSocket, hold: &Queue, mut held: Held) -> 
                 bound,
             });
         }
+        if Instant::now() > deadline {
+            bail!(
+                "the kernel still holds {} packets of nfqueue {queue} for {ip}",
+                state.waiting
+            );
+        }
         if let Ok(Ok((data, _))) =
             tokio::time::timeout(Duration::from_millis(20), socket.recv_from_full()).await
         {
             note_packets(&data, &mut held);
         }
-        if let Some(last) = held.last_id {
-            accept_up_to(socket, queue, last).await?;
-        }
     }
-    bail!("the kernel still holds packets of nfqueue {queue} for {ip}")
+}
+
+/// Takes note of every notification already received, without waiting for more.
+async fn note_pending(socket: &mut TokioSocket, held: &mut Held) {
+    while let Ok(Ok((data, _))) =
+        tokio::time::timeout(Duration::ZERO, socket.recv_from_full()).await
+    {
+        note_packets(&data, held);
+    }
 }
 
 /// One queue's line of `/proc/net/netfilter/nfnetlink_queue` (this network namespace).

@@ -243,6 +243,8 @@ pub struct LinkState {
     pub index: u32,
     pub name: String,
     pub mtu: Option<u32>,
+    /// Transmit queue length, packets.
+    pub txqueuelen: Option<u32>,
     /// Administratively up (IFF_UP).
     pub up: bool,
     /// `IFLA_INFO_KIND` ("wireguard", "tun", "veth", ...), if the link reports one.
@@ -325,15 +327,20 @@ impl Routing {
             .map_err(|e| nl_error(e, format_args!("setting link {name} up")))
     }
 
-    /// Set the MTU of `name` and bring it up, in one request.
-    pub async fn set_link_mtu_up(&self, name: &str, mtu: u32) -> Result<()> {
+    /// Set the MTU and the transmit queue length of `name` and bring it up, in one request.
+    pub async fn configure_link_up(&self, name: &str, mtu: u32, txqueuelen: u32) -> Result<()> {
         let index = self.require_index(name).await?;
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
-            .execute()
-            .await
-            .map_err(|e| nl_error(e, format_args!("setting link {name} mtu {mtu} up")))
+        let link = LinkUnspec::new_with_index(index)
+            .mtu(mtu)
+            .txqueuelen(txqueuelen)
+            .up()
+            .build();
+        self.handle.link().set(link).execute().await.map_err(|e| {
+            nl_error(
+                e,
+                format_args!("setting link {name} mtu {mtu} txqueuelen {txqueuelen} up"),
+            )
+        })
     }
 
     /// Delete link `name`. `Ok(false)` if it did not exist.
@@ -754,6 +761,7 @@ fn link_state(msg: &LinkMessage) -> LinkState {
         index: msg.header.index,
         name: String::new(),
         mtu: None,
+        txqueuelen: None,
         up: msg.header.flags.contains(LinkFlags::Up),
         kind: None,
     };
@@ -761,6 +769,7 @@ fn link_state(msg: &LinkMessage) -> LinkState {
         match attr {
             LinkAttribute::IfName(n) => state.name = n.clone(),
             LinkAttribute::Mtu(m) => state.mtu = Some(*m),
+            LinkAttribute::TxQueueLen(n) => state.txqueuelen = Some(*n),
             LinkAttribute::LinkInfo(infos) => {
                 state.kind = infos.iter().find_map(|i| match i {
                     LinkInfo::Kind(InfoKind::Other(k)) => Some(k.clone()),

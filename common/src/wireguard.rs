@@ -67,6 +67,10 @@ pub const INTERFACE_PREFIX: &str = "lmwg-";
 pub const MAX_INTERFACE_NAME_LEN: usize = 15;
 /// MTU of the tunnel interfaces (1500 minus WireGuard's IPv6 worst-case overhead).
 pub const TUNNEL_MTU: u32 = 1420;
+/// Transmit queue of a tunnel, packets: room for all the packets held during a freeze,
+/// let through at once ([`crate::hold::DEFAULT_BOUND`]). A userspace tunnel's TUN device
+/// keeps 500 by default and drops the rest of such a burst.
+pub const TUNNEL_TXQUEUELEN: u32 = crate::hold::DEFAULT_BOUND;
 /// File holding the agent's private key (base64, like `wg genkey`) inside its state dir.
 pub const KEY_FILE_NAME: &str = "wireguard.key";
 /// Where userspace implementations put their UAPI sockets.
@@ -650,7 +654,8 @@ fn port_hint(port: u16) -> &'static str {
 }
 
 /// Create or update the tunnel interface described by `spec` in the caller's network
-/// namespace, then set its MTU to [`TUNNEL_MTU`] and bring it up.
+/// namespace, then set its MTU to [`TUNNEL_MTU`], its transmit queue to
+/// [`TUNNEL_TXQUEUELEN`], and bring it up.
 ///
 /// * Missing interface: created with the [`backend()`] (userspace: `wireguard-go` is
 ///   started), configured with key, port and exactly one peer.
@@ -756,8 +761,10 @@ pub async fn ensure_tunnel(spec: &TunnelSpec) -> Result<()> {
     let link = link.ok_or_else(|| {
         anyhow!("WireGuard interface {ifname} was configured but no link of that name exists in this network namespace")
     })?;
-    if link.mtu != Some(TUNNEL_MTU) || !link.up {
-        routing.set_link_mtu_up(ifname, TUNNEL_MTU).await?;
+    if link.mtu != Some(TUNNEL_MTU) || link.txqueuelen != Some(TUNNEL_TXQUEUELEN) || !link.up {
+        routing
+            .configure_link_up(ifname, TUNNEL_MTU, TUNNEL_TXQUEUELEN)
+            .await?;
     }
     debug!(interface = ifname, elapsed = ?started.elapsed(), "ensure_tunnel done");
     Ok(())
