@@ -312,7 +312,7 @@ pub async fn check(request: &MigrationRequest) -> anyhow::Result<phases::Survey>
                 format!(
                     "{} up, agent reached through it ({:.0} ms)",
                     tunnel.interface,
-                    took.as_secs_f64() * 1e3
+                    millis(took)
                 ),
             ));
             Ok(survey)
@@ -482,9 +482,13 @@ pub async fn migrate(
                 transfer_ms,
                 flows_ms,
                 restore_ms,
-                destination_podman_ms: destination.podman_us as f64 / 1e3,
-                destination_runtime_ms: destination.runtime_us.map(|us| us as f64 / 1e3),
-                destination_criu_ms: destination.criu_us.map(|us| us as f64 / 1e3),
+                destination_podman_ms: millis(Duration::from_micros(destination.podman_us)),
+                destination_runtime_ms: destination
+                    .runtime_us
+                    .map(|us| millis(Duration::from_micros(us))),
+                destination_criu_ms: destination
+                    .criu_us
+                    .map(|us| millis(Duration::from_micros(us))),
             },
         })
     }
