@@ -122,6 +122,23 @@ CONF
 POL
 }
 
+# Post-copy: CRIU's page server sizes its pipes to 4 MiB, which beyond fs.pipe-max-size
+# (1 MiB by default) needs CAP_SYS_RESOURCE. Root normally has it; where it does not (some
+# sandboxes), the limit is raised instead. CRIU's configuration directory is made too.
+configure_post_copy() {
+    mkdir -p /etc/criu
+    local capeff
+    capeff=$(awk '/^CapEff:/{print $2}' /proc/self/status)
+    if (( (16#$capeff >> 24) & 1 )); then
+        return 0
+    fi
+    if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
+        say "no CAP_SYS_RESOURCE here: raising fs.pipe-max-size to 4 MiB for CRIU's page server (post-copy)"
+        echo 4194304 >/proc/sys/fs/pipe-max-size \
+            || say "could not raise fs.pipe-max-size: post-copy is unavailable on this host (agent-client check says so)"
+    fi
+}
+
 verify() {
     local code
     code=$(criu_version_code) || die "criu not runnable after install."
@@ -164,12 +181,14 @@ verify_tcp_checkpoint() {
 
 if all_present; then
     configure_containers
+    configure_post_copy
     verify
     say "host ready (nothing to install)"
     exit 0
 fi
 install_packages
 configure_containers
+configure_post_copy
 all_present || die "some tools are still missing after install: check the apt output above."
 verify
 say "host ready"

@@ -2,7 +2,8 @@
 
 use anyhow::{bail, Context, Result};
 use common::history;
-use common::migration::MigrationRequest;
+use common::migration::mode::{self, Mode, ModeRequest};
+use common::migration::{phases, MigrationRequest};
 use dialoguer::theme::ColorfulTheme;
 use dialoguer::{Confirm, FuzzySelect, Input};
 use indicatif::HumanBytes;
@@ -10,7 +11,7 @@ use indicatif::HumanBytes;
 use crate::{check, output, CommonArgs};
 
 /// Asks the operator what to migrate where; `None` if they decline.
-pub async fn choose(args: &CommonArgs) -> Result<Option<MigrationRequest>> {
+pub async fn choose(args: &CommonArgs, mode: ModeRequest) -> Result<Option<MigrationRequest>> {
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         bail!("no --container given and stdin is not a terminal: use --container NAME --dest HOST[:PORT]");
     }
@@ -24,7 +25,7 @@ pub async fn choose(args: &CommonArgs) -> Result<Option<MigrationRequest>> {
             std::process::exit(130);
         }
     });
-    let chosen = ask(args).await;
+    let chosen = ask(args, mode).await;
     if chosen.as_ref().is_err_and(interrupted) {
         // The prompt saw the signal first; the handler above ends the process.
         std::future::pending::<()>().await;
@@ -45,7 +46,7 @@ fn interrupted(e: &anyhow::Error) -> bool {
     })
 }
 
-async fn ask(args: &CommonArgs) -> Result<Option<MigrationRequest>> {
+async fn ask(args: &CommonArgs, mode: ModeRequest) -> Result<Option<MigrationRequest>> {
     let theme = ColorfulTheme::default();
     let Some(container) = pick_container(args, &theme).await? else {
         return Ok(None);
@@ -53,15 +54,28 @@ async fn ask(args: &CommonArgs) -> Result<Option<MigrationRequest>> {
     let Some(destination) = pick_destination(args, &theme)? else {
         return Ok(None);
     };
-    let request = args.request(&container, &destination)?;
+    let mut request = args.request(&container, &destination)?;
+    request.mode = mode;
     let survey = check::survey(args, &request).await?;
     output::print_survey(&survey, false)?;
     if check::has_problems(&survey) {
         bail!("the preflight found problems (above); nothing was changed");
     }
+    let choice = mode::choose(
+        mode,
+        survey.memory_bytes,
+        phases::post_copy_problem(&survey).as_deref(),
+    )?;
     let go = Confirm::with_theme(&theme)
         .with_prompt(format!(
-            "Migrate {container} to {destination}? It is frozen from the checkpoint until it runs there"
+            "Migrate {container} to {destination}, {} ({})? {}",
+            choice.mode.label(),
+            choice.reason,
+            match choice.mode {
+                Mode::StopCopy => "It is frozen from the checkpoint until it runs there",
+                Mode::PostCopy =>
+                    "It is frozen briefly; until its memory has moved it needs both hosts",
+            }
         ))
         .default(false)
         .interact()

@@ -12,6 +12,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use common::auth::Token;
 use common::config::HostPaths;
+use common::migration::mode::{self, Mode, ModeRequest};
 use common::migration::MigrationRequest;
 use common::podman::PodmanClient;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -89,6 +90,36 @@ struct MigrateArgs {
     /// 0 drops them all, as a plain checkpoint would.
     #[arg(long, value_name = "PACKETS", default_value_t = common::hold::DEFAULT_BOUND)]
     hold_packets: u32,
+    /// How the container's memory moves. stop-copy: all of it while the container is
+    /// frozen, so the freeze grows with its memory; if anything fails, it runs here again.
+    /// post-copy: after the freeze, while it already runs on the destination, so the
+    /// freeze stays short; until the last page has moved it needs both hosts, and if
+    /// either or the link between them fails then, it stops on both. auto: post-copy from
+    /// --post-copy-above on, where both hosts can.
+    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+    mode: ModeArg,
+    /// The resident memory from which --mode auto picks post-copy.
+    #[arg(long, value_name = "MIB", default_value_t = mode::DEFAULT_POST_COPY_ABOVE >> 20)]
+    post_copy_above: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ModeArg {
+    Auto,
+    PostCopy,
+    StopCopy,
+}
+
+impl MigrateArgs {
+    fn mode(&self) -> ModeRequest {
+        match self.mode {
+            ModeArg::Auto => ModeRequest::Auto {
+                post_copy_above: self.post_copy_above << 20,
+            },
+            ModeArg::PostCopy => ModeRequest::Fixed(Mode::PostCopy),
+            ModeArg::StopCopy => ModeRequest::Fixed(Mode::StopCopy),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -130,6 +161,9 @@ impl CommonArgs {
             state_dir: self.paths.state_dir.clone(),
             forward_new_connections: true,
             hold_packets: common::hold::DEFAULT_BOUND,
+            mode: ModeRequest::Auto {
+                post_copy_above: mode::DEFAULT_POST_COPY_ABOVE,
+            },
             cancel: CancellationToken::new(),
         })
     }
@@ -241,7 +275,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         None => {
             let mut request = match (&cli.migrate.container, &cli.migrate.dest) {
                 (Some(container), Some(dest)) => args.request(container, dest)?,
-                _ => match interactive::choose(args).await? {
+                _ => match interactive::choose(args, cli.migrate.mode()).await? {
                     Some(request) => request,
                     None => {
                         say("nothing migrated");
@@ -251,6 +285,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             request.forward_new_connections = !cli.migrate.no_forward_new;
             request.hold_packets = cli.migrate.hold_packets;
+            request.mode = cli.migrate.mode();
             migrate::run(args, request).await
         }
     }

@@ -49,6 +49,12 @@ pub fn print_report(report: &MigrationReport, as_json: bool) -> Result<()> {
         &report.container_id[..12.min(report.container_id.len())],
         report.destination
     );
+    line!(
+        out,
+        "mode {} ({})",
+        report.mode.mode.label(),
+        report.mode.reason
+    );
     let mut phases = table(&["phase", "ms"]);
     for t in &report.phases {
         phases.add_row(vec![t.phase.label().to_string(), format!("{:.0}", t.ms)]);
@@ -57,6 +63,12 @@ pub fn print_report(report: &MigrationReport, as_json: bool) -> Result<()> {
         "freeze-to-resume".to_string(),
         format!("{:.0}", report.freeze_to_resume_ms),
     ]);
+    if let Some(last) = report.last_page_ms {
+        phases.add_row(vec![
+            "until the last page".to_string(),
+            format!("{last:.0}"),
+        ]);
+    }
     phases.add_row(vec!["total".to_string(), format!("{:.0}", report.total_ms)]);
     line!(out, "{phases}");
     line!(

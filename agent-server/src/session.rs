@@ -11,12 +11,15 @@ use common::auth::authenticate_client;
 use common::conntrack;
 use common::forwarding::ForwardRecord;
 use common::history::{self, Direction, HistoryEntry};
+use common::lazy_pages::PageServer;
 use common::migration::destination::{self, IncomingMigration, Shared};
 use common::migration::ownership::{self, DestinationStage};
+use common::migration::post_copy;
 use common::nft::Firewall;
 use common::overlay::{TunnelEnd, MAIN_TABLE};
 use common::protocol::{
-    ClientMessage, ContainerRef, ErrorCode, RestoreTimes, ServerMessage, MAX_FLOWS_PER_BATCH,
+    ClientMessage, ContainerRef, ErrorCode, PostCopy, RestoreTimes, ServerMessage,
+    MAX_FLOWS_PER_BATCH,
 };
 use common::routing::{Route, Routing};
 use common::transfer::receive_stream;
@@ -203,10 +206,10 @@ async fn handle(
         }
         ClientMessage::Preflight { container } => {
             validate_container(&container)?;
-            Ok(ServerMessage::Preflight(
+            Ok(ServerMessage::Preflight(Box::new(
                 common::preflight::host_report(podman, &context.state_dir, Some(&container))
                     .await?,
-            ))
+            )))
         }
         ClientMessage::PutImage { image_id } => {
             validate::image_id(&image_id).map_err(invalid)?;
@@ -258,6 +261,7 @@ async fn handle(
                 )));
             }
             let end = TunnelEnd::to_peer(&context.keys.public_base64(), &source_public_key).await?;
+            migration.source_tunnel_address = Some(end.peer_address);
             if migration.held_ip.is_none() {
                 // Until the restored sockets exist, packets for the container must be
                 // held or dropped here, not answered with a reset by its half-restored
@@ -327,9 +331,33 @@ async fn handle(
                 flows: migration.flows.len(),
             })
         }
-        ClientMessage::Restore { container } => {
+        ClientMessage::Restore {
+            container,
+            post_copy,
+        } => {
             let shared = current(connection)?.clone();
-            restore(&shared, &container, context).await
+            restore(&shared, &container, post_copy, context).await
+        }
+        ClientMessage::AwaitPages { migration_id } => {
+            validate::migration_id(&migration_id).map_err(invalid)?;
+            let no_transfer = || {
+                refuse(
+                    ErrorCode::State,
+                    anyhow!("no post-copy restore of migration {migration_id} here"),
+                )
+            };
+            let shared = context
+                .migrations
+                .get(&migration_id)
+                .ok_or_else(no_transfer)?;
+            // Not locked while waiting: the transfer's watcher needs the migration too.
+            let pages = shared.lock().await.pages.clone().ok_or_else(no_transfer)?;
+            match post_copy::arrived(pages).await {
+                Ok(after) => Ok(ServerMessage::PagesArrived {
+                    after_restore_ms: after.as_millis() as u64,
+                }),
+                Err(why) => Err(refuse(ErrorCode::PostCopyFailed, anyhow!(why))),
+            }
         }
         ClientMessage::TrafficSwitched { migration_id } => {
             validate::migration_id(&migration_id).map_err(invalid)?;
@@ -482,7 +510,12 @@ async fn private_file(path: &std::path::Path) -> anyhow::Result<tokio::fs::File>
         .with_context(|| format!("create {}", path.display()))
 }
 
-async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerContext) -> Reply {
+async fn restore(
+    shared: &Shared,
+    declared: &ContainerRef,
+    post_copy: Option<PostCopy>,
+    context: &ServerContext,
+) -> Reply {
     let podman = &context.podman;
     let mut migration = shared.lock().await;
     receiving(&migration)?;
@@ -502,11 +535,38 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
                 anyhow!("no complete, verified archive in this migration"),
             )
         })?;
+    let lazy = match post_copy {
+        None => None,
+        Some(PostCopy { page_server_port }) => {
+            // Only the port is the peer's: the address is its end of our tunnel.
+            let address = migration.source_tunnel_address.ok_or_else(|| {
+                refuse(
+                    ErrorCode::State,
+                    anyhow!("post-copy needs the tunnel: PrepareTraffic first"),
+                )
+            })?;
+            if page_server_port == 0 {
+                return Err(invalid(anyhow!("page server port 0")));
+            }
+            let work_dir = destination::archive_dir(&context.state_dir)
+                .join(format!("{}.pages", migration.migration_id));
+            let source = PageServer {
+                address,
+                port: page_server_port,
+            };
+            Some(post_copy::prepare(&archive, &work_dir, source).await?)
+        }
+    };
+    migration.pages_pending = lazy.is_some();
     migration.enter(DestinationStage::Restoring)?;
     let started = Instant::now();
-    let restored = match common::fault::at(&context.state_dir, "restore") {
-        Ok(()) => podman.restore_import(&archive).await.map_err(Into::into),
-        Err(e) => Err(e),
+    let restored = match (common::fault::at(&context.state_dir, "restore"), &lazy) {
+        (Err(e), _) => Err(e),
+        (Ok(()), None) => podman.restore_import(&archive).await.map_err(Into::into),
+        (Ok(()), Some(lazy)) => podman
+            .restore_import_lazily(&lazy.import)
+            .await
+            .map_err(Into::into),
     };
     let podman_took = started.elapsed();
     let outcome = async {
@@ -531,6 +591,9 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
     let restored = match outcome {
         Ok(restored) => restored,
         Err(e) => {
+            if let Some(lazy) = lazy {
+                lazy.abandon().await;
+            }
             // Leave no half-restored copy behind: the migration is fenced, and the source's
             // Resolve hears so.
             migration.discard(podman).await?;
@@ -548,6 +611,9 @@ async fn restore(shared: &Shared, declared: &ContainerRef, context: &ServerConte
     // Its sockets exist: its address is routed here again. Packets held here wait for the
     // source's (`TrafficSwitched`).
     migration.route_here().await?;
+    if let Some(lazy) = lazy {
+        migration.pages = Some(lazy.watch(shared.clone(), podman.clone()));
+    }
     // The decision point: journaled before the source hears of it.
     migration.enter(DestinationStage::Owns)?;
     common::fault::at(&context.state_dir, "restored")?;

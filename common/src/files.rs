@@ -47,6 +47,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Creates (or truncates) `path`, readable by root only: it holds a container's memory.
+pub fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Creates `dir` (and its parents) readable by root only: it holds checkpoint archives,
 /// which hold the container's memory.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {

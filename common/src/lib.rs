@@ -12,6 +12,7 @@ pub mod freezer;
 pub mod history;
 pub mod hold;
 pub mod housekeeping;
+pub mod lazy_pages;
 pub mod migration;
 pub mod nfnetlink;
 pub mod nft;

@@ -45,6 +45,18 @@ pub struct ContainerInfo {
     pub addresses: BTreeMap<String, String>,
     /// Published ports as `host_port -> container_port/proto`.
     pub published_ports: Vec<PublishedPort>,
+    /// Its init process (host PID), while it runs.
+    #[serde(default)]
+    pub pid: Option<i32>,
+    /// Podman's directory for it (`config.json`, and the images of a checkpoint).
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
+    /// The overlay's upper directory: its changes to the image.
+    #[serde(default)]
+    pub upper_dir: Option<PathBuf>,
+    /// Its IPv4 attachments, as `network.status` of an archive needs them.
+    #[serde(default)]
+    pub networks: Vec<crate::lazy_pages::NetworkAttachment>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,8 +141,20 @@ impl PodmanClient {
             .network_settings
             .map(|n| (n.networks, n.ports))
             .unwrap_or_default();
+        let networks = networks.unwrap_or_default();
+        let attachments = networks
+            .iter()
+            .filter_map(|(network, n)| {
+                Some(crate::lazy_pages::NetworkAttachment {
+                    network: network.clone(),
+                    address: n.ip_address.as_deref()?.parse().ok()?,
+                    prefix_len: u8::try_from(n.ip_prefix_len?).ok()?,
+                    gateway: n.gateway.as_deref().and_then(|g| g.parse().ok()),
+                    mac: n.mac_address.clone()?,
+                })
+            })
+            .collect();
         let addresses = networks
-            .unwrap_or_default()
             .into_iter()
             .filter_map(|(net, settings)| {
                 settings
@@ -156,6 +180,23 @@ impl PodmanClient {
             }
         }
         published_ports.sort_by_key(|p| (p.host_port, p.protocol.clone()));
+        let upper_dir = data
+            .graph_driver
+            .as_ref()
+            .and_then(|g| g.data.as_ref())
+            .and_then(|d| d.get("UpperDir"))
+            .map(PathBuf::from);
+        let bundle = data
+            .oci_config_path
+            .as_deref()
+            .and_then(|p| Path::new(p).parent())
+            .map(Path::to_path_buf);
+        let pid = data
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .and_then(|p| i32::try_from(p).ok())
+            .filter(|&p| p > 0);
         Ok(ContainerInfo {
             id: data.id.unwrap_or_default(),
             name: data.name.unwrap_or_default(),
@@ -168,6 +209,10 @@ impl PodmanClient {
                 .filter(|p| !p.is_empty()),
             addresses,
             published_ports,
+            pid,
+            bundle,
+            upper_dir,
+            networks: attachments,
         })
     }
 
@@ -305,12 +350,21 @@ impl PodmanClient {
     /// Creates and starts a container from an exported checkpoint archive; returns the IDs
     /// of what podman restored from it, and what runc and CRIU took.
     pub async fn restore_import(&self, archive: &Path) -> Result<Restored, PodmanError> {
+        self.import_restore(archive, true).await
+    }
+
+    /// The same for a post-copy archive, without the statistics: its CRIU writes them into
+    /// the lazy-pages daemon's work directory, where podman does not look for them.
+    pub async fn restore_import_lazily(&self, archive: &Path) -> Result<Restored, PodmanError> {
+        self.import_restore(archive, false).await
+    }
+
+    async fn import_restore(&self, archive: &Path, stats: bool) -> Result<Restored, PodmanError> {
+        let path = format!(
+            "/v4.0.0/libpod/containers/import/restore?import=true&tcpEstablished=true&printStats={stats}"
+        );
         let report = self
-            .post_archive(
-                "restore from archive",
-                "/v4.0.0/libpod/containers/import/restore?import=true&tcpEstablished=true&printStats=true",
-                archive,
-            )
+            .post_archive("restore from archive", &path, archive)
             .await?;
         Ok(Restored::from_report(&report))
     }

@@ -29,17 +29,21 @@ pub async fn host_report(
         futures_util::future::join_all(criu::OPTIONAL_FEATURES.map(criu::has_feature)),
     );
     let engine = engine?;
-    let criu_features = criu::OPTIONAL_FEATURES
+    let criu_features: Vec<(String, bool)> = criu::OPTIONAL_FEATURES
         .iter()
         .map(|f| f.to_string())
         .zip(features)
         .collect();
+    let uffd = criu_features
+        .iter()
+        .any(|(f, available)| f == "uffd-noncoop" && *available);
     let mut report = HostReport {
         hostname: hostname(),
         podman_version: engine.podman_version,
         criu_version: criu_version.unwrap_or_else(|e| format!("missing: {e}")),
         criu_check_problem,
         criu_features,
+        post_copy_problem: crate::lazy_pages::host_problem(uffd),
         oci_runtime: engine.oci_runtime,
         free_state_bytes: free_bytes(state_dir)?,
         has_image: true,
@@ -252,6 +256,14 @@ fn host_findings(report: &HostReport, memory_bytes: Option<u64>, out: &mut Vec<F
             },
         ));
     }
+    out.push(Finding::ok(
+        host,
+        "post-copy",
+        match &report.post_copy_problem {
+            None => "available".to_string(),
+            Some(problem) => format!("unavailable, stop-copy only: {problem}"),
+        },
+    ));
     out.push(match report.oci_runtime.as_str() {
         "runc" => Finding::ok(host, "runtime", "runc"),
         "crun" => Finding::problem(
@@ -339,6 +351,7 @@ mod tests {
             criu_version: "4.2.1".into(),
             criu_check_problem: None,
             criu_features: vec![],
+            post_copy_problem: None,
             oci_runtime: "runc".into(),
             free_state_bytes: 10 << 30,
             has_image: true,

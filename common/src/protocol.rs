@@ -47,6 +47,11 @@
 //!      through, so that the container gets them after the source's, in order
 //!      ([`crate::hold`]). They are let through too if the migration's connection closes
 //!      first;
+//!    - `AwaitPages` -> `PagesArrived`, after `Restored` of a post-copy migration (whose
+//!      `Restore` named the source's page server, [`PostCopy`]): answered once every page
+//!      of the container's memory is on the destination, or with `Error`
+//!      [`ErrorCode::PostCopyFailed`] when the transfer failed, the container then
+//!      stopped ([`crate::lazy_pages`]);
 //!    - `Finish` -> `Finished` (the source is gone; forget the session);
 //!    - `Resolve` -> `Resolved`, on any connection: who owns the container of migration
 //!      `migration_id`. Unless the destination owns it, it is fenced first: any copy is
@@ -74,7 +79,7 @@ pub use crate::migration::ownership::Verdict;
 use crate::podman::PublishedPort;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Default TCP port of `agent-server`.
 pub const DEFAULT_PORT: u16 = 7878;
@@ -136,6 +141,11 @@ pub enum ClientMessage {
     },
     Restore {
         container: ContainerRef,
+        /// Post-copy: the memory comes later, from this page server.
+        post_copy: Option<PostCopy>,
+    },
+    AwaitPages {
+        migration_id: String,
     },
     TrafficSwitched {
         migration_id: String,
@@ -178,7 +188,7 @@ pub enum ServerMessage {
         /// UDP port its end of the tunnel listens on.
         listen_port: u16,
     },
-    Preflight(HostReport),
+    Preflight(Box<HostReport>),
     ImageLoaded,
     CheckpointStored {
         bytes: u64,
@@ -192,6 +202,10 @@ pub enum ServerMessage {
     HoldReleased {
         /// What the destination's hold did (`None`: it held nothing).
         held: Option<HoldReport>,
+    },
+    PagesArrived {
+        /// From the restore's answer to the last page (ms).
+        after_restore_ms: u64,
     },
     Finished,
     Resolved {
@@ -234,6 +248,17 @@ pub enum ErrorCode {
     /// The peer speaks another protocol version.
     #[error("protocol version mismatch")]
     Version,
+    /// The pages of a post-copy migration stopped arriving: the container was stopped.
+    #[error("post-copy failed")]
+    PostCopyFailed,
+}
+
+/// The source's page server of a post-copy migration. It listens on the source's end of
+/// the tunnel (the destination knows that address; only the port is sent), so pages
+/// travel encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostCopy {
+    pub page_server_port: u16,
 }
 
 /// Identifies the container being migrated.
@@ -261,6 +286,8 @@ pub struct HostReport {
     pub criu_check_problem: Option<String>,
     /// Optional CRIU features and whether this kernel has them.
     pub criu_features: Vec<(String, bool)>,
+    /// Why this host cannot take part in a post-copy migration; `None`: it can.
+    pub post_copy_problem: Option<String>,
     pub oci_runtime: String,
     /// Free bytes where this agent keeps checkpoint archives.
     pub free_state_bytes: u64,
@@ -296,19 +323,20 @@ mod tests {
 
     #[test]
     fn server_report_roundtrips() {
-        let m = ServerMessage::Preflight(HostReport {
+        let m = ServerMessage::Preflight(Box::new(HostReport {
             hostname: "h2".into(),
             podman_version: "5.4.2".into(),
             criu_version: "4.2.1".into(),
             criu_check_problem: None,
             criu_features: vec![("mem_dirty_track".into(), false)],
+            post_copy_problem: None,
             oci_runtime: "runc".into(),
             free_state_bytes: 1 << 30,
             has_image: false,
             conflicting_container: Some("counter".into()),
             address_in_use_by: None,
             ports_in_use: vec!["tcp/8080 (web)".into()],
-        });
+        }));
         let json = serde_json::to_vec(&m).unwrap();
         assert_eq!(serde_json::from_slice::<ServerMessage>(&json).unwrap(), m);
     }

@@ -9,8 +9,8 @@ use tokio::net::TcpStream;
 
 use crate::auth::{authenticate_to_server, Token};
 use crate::protocol::{
-    ClientMessage, ContainerRef, ErrorCode, HoldReport, HostReport, RestoreTimes, ServerMessage,
-    Verdict, DEFAULT_PORT,
+    ClientMessage, ContainerRef, ErrorCode, HoldReport, HostReport, PostCopy, RestoreTimes,
+    ServerMessage, Verdict, DEFAULT_PORT,
 };
 use crate::transfer::{send_file, send_stream};
 use crate::wire::FramedStream;
@@ -81,7 +81,11 @@ impl RemoteAgent {
     }
 
     async fn reply(&mut self) -> Result<ServerMessage> {
-        let reply = tokio::time::timeout(REPLY_TIMEOUT, self.stream.recv::<ServerMessage>())
+        self.reply_within(REPLY_TIMEOUT).await
+    }
+
+    async fn reply_within(&mut self, patience: Duration) -> Result<ServerMessage> {
+        let reply = tokio::time::timeout(patience, self.stream.recv::<ServerMessage>())
             .await
             .map_err(|_| anyhow!("destination agent {} stopped answering", self.address))?
             .with_context(|| format!("destination agent {}", self.address))?;
@@ -143,7 +147,7 @@ impl RemoteAgent {
             })
             .await?
         {
-            ServerMessage::Preflight(report) => Ok(report),
+            ServerMessage::Preflight(report) => Ok(*report),
             other => bail!("unexpected reply to preflight: {other:?}"),
         }
     }
@@ -190,11 +194,13 @@ impl RemoteAgent {
     pub async fn restore(
         &mut self,
         container: &ContainerRef,
+        post_copy: Option<PostCopy>,
         sent: impl FnOnce(),
     ) -> Result<RestoreTimes> {
         self.stream
             .send(&ClientMessage::Restore {
                 container: container.clone(),
+                post_copy,
             })
             .await?;
         sent();
@@ -251,6 +257,27 @@ impl RemoteAgent {
         match self.request(&told).await? {
             ServerMessage::HoldReleased { held } => Ok(held),
             other => bail!("unexpected reply to traffic switched: {other:?}"),
+        }
+    }
+
+    /// Waits until every page of a post-copy migration is on the destination; returns how
+    /// long after the restore the last one arrived. A cut link fails this within the
+    /// connection's dead-peer timeout, whatever the patience.
+    pub async fn await_pages(
+        &mut self,
+        migration_id: &str,
+        patience: Duration,
+    ) -> Result<Duration> {
+        self.stream
+            .send(&ClientMessage::AwaitPages {
+                migration_id: migration_id.to_string(),
+            })
+            .await?;
+        match self.reply_within(patience).await? {
+            ServerMessage::PagesArrived { after_restore_ms } => {
+                Ok(Duration::from_millis(after_restore_ms))
+            }
+            other => bail!("unexpected reply to await pages: {other:?}"),
         }
     }
 

@@ -13,11 +13,17 @@ use crate::protocol::{DATA_CHUNK_LEN, FRAME_DATA, FRAME_MESSAGE, MAX_FRAME_LEN};
 /// this, not after TCP's 15 minutes of retransmissions.
 pub const DEAD_PEER_SECONDS: u32 = 10;
 
-/// Sets up an agent connection: no Nagle delay for the small request frames, and the
-/// keepalive probes and user timeout of [`DEAD_PEER_SECONDS`].
+/// Sets up an agent connection: no Nagle delay for the small request frames, and
+/// [`detect_dead_peer`].
 pub fn tune_connection(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
-    use nix::sys::socket::{setsockopt, sockopt};
     tcp.set_nodelay(true)?;
+    detect_dead_peer(tcp)
+}
+
+/// Keepalive probes and a user timeout that fail a TCP connection within
+/// [`DEAD_PEER_SECONDS`] of its peer going silent.
+pub fn detect_dead_peer(tcp: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
     setsockopt(tcp, sockopt::KeepAlive, &true)?;
     setsockopt(tcp, sockopt::TcpKeepIdle, &3)?;
     setsockopt(tcp, sockopt::TcpKeepInterval, &2)?;

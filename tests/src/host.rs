@@ -32,6 +32,7 @@ use crate::plan::{
 /// /run/lm-lab and /var/lib/lm-lab.
 const ROOT_MOUNT_POINTS: &[&str] = &[
     "/etc/containers",
+    "/etc/criu",
     "/etc/live-migrate",
     "/var/lib/containers",
     "/var/lib/live-migrate",
@@ -66,6 +67,8 @@ pub struct HostPaths {
     pub run: PathBuf,
     pub etc_containers: PathBuf,
     pub etc_live_migrate: PathBuf,
+    /// CRIU's configuration for runc: a post-copy checkpoint writes one for itself.
+    pub etc_criu: PathBuf,
     pub etc_hosts: PathBuf,
     pub var_lib_containers: PathBuf,
     pub var_lib_live_migrate: PathBuf,
@@ -79,6 +82,7 @@ impl HostPaths {
             run: host.dir.join("run"),
             etc_containers: host.dir.join("etc/containers"),
             etc_live_migrate: host.dir.join("etc/live-migrate"),
+            etc_criu: host.dir.join("etc/criu"),
             etc_hosts: host.dir.join("etc/hosts"),
             var_lib_containers: host.data_dir.join("containers"),
             var_lib_live_migrate: host.data_dir.join("live-migrate"),
@@ -103,6 +107,7 @@ pub fn prepare_host_files(
         &p.run.join("podman"),
         &p.run.join("lock"),
         &p.etc_live_migrate,
+        &p.etc_criu,
         &p.var_lib_containers,
         &p.var_lib_live_migrate,
         &p.sysmove,
@@ -235,6 +240,7 @@ pub fn setup_host_namespaces(host: &HostDescription) -> Result<()> {
     )?;
     bind(ns, &p.etc_containers, "/etc/containers")?;
     bind(ns, &p.etc_live_migrate, "/etc/live-migrate")?;
+    bind(ns, &p.etc_criu, "/etc/criu")?;
     bind(ns, &p.etc_hosts, "/etc/hosts")?;
     bind(ns, &p.var_lib_containers, "/var/lib/containers")?;
     bind(ns, &p.var_lib_live_migrate, "/var/lib/live-migrate")?;

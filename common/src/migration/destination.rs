@@ -74,6 +74,9 @@ pub trait DestinationActions {
     /// Whether a container with `id` exists here (`Some`), and whether it runs.
     async fn container(&self, id: &str) -> Result<Option<bool>>;
     async fn remove_container(&self, id: &str) -> Result<()>;
+    /// Stops a container at once, without letting it run another instruction: its
+    /// memory may be incomplete (a failed post-copy).
+    async fn stop_container(&self, id: &str) -> Result<()>;
     async fn delete_flow(&self, flow: &Flow) -> Result<()>;
     /// Ends the hold on `ip` (its blackhole, and its held packets): it is routed locally
     /// again. Says what the packet hold did, if this process held packets.
@@ -86,6 +89,28 @@ impl DestinationActions for PodmanClient {
     }
 
     async fn remove_container(&self, id: &str) -> Result<()> {
+        Ok(self.remove(id).await?)
+    }
+
+    async fn stop_container(&self, id: &str) -> Result<()> {
+        let Some(info) = self.find(id).await? else {
+            return Ok(());
+        };
+        // Frozen first, so no thread runs while the others die; killed through its init
+        // (the kernel then kills the rest of its PID namespace); thawed, to let them die.
+        if let Some(cgroup) = info.cgroup_path.clone() {
+            tokio::task::spawn_blocking(move || crate::freezer::freeze(&cgroup)).await??;
+        }
+        if let Some(pid) = info.pid {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => anyhow::bail!("kill container {id} (pid {pid}): {e}"),
+            }
+        }
+        if let Some(cgroup) = info.cgroup_path {
+            tokio::task::spawn_blocking(move || crate::freezer::thaw(&cgroup)).await??;
+        }
         Ok(self.remove(id).await?)
     }
 
@@ -172,9 +197,30 @@ pub struct IncomingMigration {
     /// restore waits for it before it answers.
     #[serde(skip)]
     pub ahead_of_restore: Vec<tokio::task::JoinHandle<Result<()>>>,
+    /// The source's end of the tunnel, where a post-copy migration's pages come from.
+    #[serde(default)]
+    pub source_tunnel_address: Option<Ipv4Addr>,
+    /// Restored post-copy, and not all of its memory is here yet: it needs the source's
+    /// page server until then ([`crate::lazy_pages`]).
+    #[serde(default)]
+    pub pages_pending: bool,
+    /// How the page transfer of this process's restore goes; `None` when no process of
+    /// this agent watches it (after a restart).
+    #[serde(skip)]
+    pub pages: Option<tokio::sync::watch::Receiver<PagesState>>,
     /// Settled or discarded: nothing of it may be journaled again.
     #[serde(skip)]
     done: bool,
+}
+
+/// Where the memory of a post-copy restore stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PagesState {
+    Pending,
+    /// Every page is here, this long after the restore.
+    Arrived(Duration),
+    /// The transfer failed and the container was stopped: it could not go on.
+    Failed(String),
 }
 
 impl IncomingMigration {
@@ -202,6 +248,9 @@ impl IncomingMigration {
             holding: None,
             archive_verified: false,
             ahead_of_restore: Vec::new(),
+            source_tunnel_address: None,
+            pages_pending: false,
+            pages: None,
             done: false,
         };
         Ok(migration)
@@ -304,6 +353,14 @@ impl IncomingMigration {
             return Ok(false);
         }
         match action {
+            DestinationAction::Keep if self.pages_pending && self.pages.is_none() => {
+                // Restored post-copy by an agent that is gone: nothing here knows whether
+                // its memory all arrived, so it must not run on.
+                tracing::error!(container = %self.container.name, "post-copy restore without a watcher (the agent restarted): stopping the container");
+                host.stop_container(&self.container.id).await?;
+                self.discard(host).await?;
+                Ok(false)
+            }
             DestinationAction::Keep => {
                 // It runs: its sockets exist and the archive is of no use any more.
                 self.release_held_ip(host).await?;
@@ -529,6 +586,10 @@ mod tests {
                 w.container = None;
             })
             .await
+        }
+
+        async fn stop_container(&self, id: &str) -> Result<()> {
+            self.remove_container(id).await
         }
 
         async fn delete_flow(&self, _: &Flow) -> Result<()> {

@@ -13,8 +13,10 @@
 mod crash;
 pub mod destination;
 pub mod journal;
+pub mod mode;
 pub mod ownership;
 pub mod phases;
+pub mod post_copy;
 pub mod source;
 
 use std::path::PathBuf;
@@ -55,6 +57,8 @@ pub enum Phase {
     /// Route the container's address (and new connections to its published ports) into
     /// the tunnel, so flows that still arrive here reach it.
     SwitchTraffic,
+    /// Post-copy: the rest of the memory moves while the container runs there.
+    Pages,
     /// Remove the source copy and the migration's leftovers.
     CleanUp,
 }
@@ -69,6 +73,7 @@ impl Phase {
             Phase::Transfer => "transfer",
             Phase::Restore => "restore",
             Phase::SwitchTraffic => "switch traffic",
+            Phase::Pages => "pages",
             Phase::CleanUp => "clean up",
         }
     }
@@ -105,6 +110,8 @@ pub struct MigrationRequest {
     /// Packets for the container held here during the freeze, at most ([`crate::hold`]);
     /// 0: dropped instead.
     pub hold_packets: u32,
+    /// Stop-copy, post-copy, or either by the container's memory ([`mode`]).
+    pub mode: mode::ModeRequest,
     /// Cancelled by the operator: the migration stops at the next safe point before the
     /// restore request and rolls back. Later it is ignored: from then on only the
     /// destination decides.
@@ -123,6 +130,8 @@ pub struct MigrationReport {
     pub container: String,
     pub container_id: String,
     pub destination: String,
+    /// The mode it ran in, and why.
+    pub mode: mode::ModeChoice,
     pub phases: Vec<PhaseTiming>,
     /// From the start of the checkpoint until the destination reported the container running:
     /// the time the workload could not run.
@@ -130,6 +139,10 @@ pub struct MigrationReport {
     /// Where that time went.
     pub freeze_steps: FreezeSteps,
     pub checkpoint_bytes: u64,
+    /// Post-copy: the memory that followed the restore.
+    pub pages: Option<phases::PagesReport>,
+    /// Post-copy: from the start of the checkpoint until the last page was there.
+    pub last_page_ms: Option<f64>,
     /// Packets for the container held here during the freeze and then let through, and
     /// those dropped because the hold was full; `None` if none were held.
     pub held_packets: Option<crate::hold::HoldReport>,
@@ -170,6 +183,7 @@ struct Frozen {
     prepared: phases::Prepared,
     checkpoint_bytes: u64,
     archive: PathBuf,
+    lazy: Option<phases::LazyDump>,
     frozen_at: Instant,
     resumed_at: Instant,
     steps: FreezeSteps,
@@ -207,6 +221,15 @@ impl std::fmt::Display for MigrationFailure {
                     write!(f, "\n  warning: {w}")?;
                 }
             }
+            Resolution::Lost { warnings } => {
+                write!(
+                    f,
+                    "\n  the container could not go on: post-copy needs both hosts until the last page has moved; it runs on neither host"
+                )?;
+                for w in warnings {
+                    write!(f, "\n  {w}")?;
+                }
+            }
             Resolution::InDoubt { reason } => write!(
                 f,
                 "\n  in doubt: {reason}\n  the container stays stopped here; agent-server on this host keeps asking and finishes the migration either way"
@@ -234,6 +257,9 @@ pub enum Undo {
     ReleaseHold(std::net::Ipv4Addr),
     /// The container's cgroup was frozen here ([`crate::freezer`]): thaw it.
     Thaw(String),
+    /// CRIU serves the container's memory here (post-copy, [`crate::lazy_pages`]): stop
+    /// it. Before the destination restored it, that lets the processes run again.
+    StopPageServer(crate::lazy_pages::PageServer),
 }
 
 impl std::fmt::Display for Undo {
@@ -246,6 +272,11 @@ impl std::fmt::Display for Undo {
             Undo::RemoveContainerRoute(ip) => write!(f, "route {ip} to this host again"),
             Undo::ReleaseHold(ip) => write!(f, "let the held packets for {ip} through"),
             Undo::Thaw(cgroup) => write!(f, "thaw cgroup {cgroup}"),
+            Undo::StopPageServer(server) => write!(
+                f,
+                "stop CRIU's page server on {}:{}",
+                server.address, server.port
+            ),
         }
     }
 }
@@ -404,7 +435,7 @@ pub async fn migrate(
         let t = clock.start_unless_cancelled(phase, cancel)?;
         let prepared = cancellable(
             cancel,
-            phases::prepare(&request.podman, agent, &info.id, state_dir),
+            phases::prepare(&request.podman, agent, &info.id, request.mode, state_dir),
         )
         .await?;
         clock.finish(phase, t);
@@ -424,14 +455,17 @@ pub async fn migrate(
         // Not cancellable halfway: podman would finish the checkpoint anyway. A cancel
         // is seen right after it, and the container restarted.
         let work_dir = state_dir.join("outgoing");
+        let post_copy = prepared.mode.mode == mode::Mode::PostCopy;
         let checkpoint = phases::checkpoint(
             &request.podman,
             &prepared.container,
             &work_dir,
             request.hold_packets,
+            post_copy.then_some(tunnel.local_address),
             log,
         )
         .await?;
+        let lazy = checkpoint.lazy;
         warnings.extend(checkpoint.problems);
         let cgroup_freeze_ms = checkpoint.cgroup_frozen_in.map(millis);
         let archive = checkpoint.archive;
@@ -465,14 +499,29 @@ pub async fn migrate(
         }
         let flows_ms = millis(t.elapsed());
         let requested = Instant::now();
-        let (resumed_at, destination) =
-            phases::restore(agent, &prepared.container.to_ref(), log, state_dir).await?;
+        let page_server = lazy.as_ref().map(|l| crate::protocol::PostCopy {
+            page_server_port: l.server.port,
+        });
+        let (resumed_at, destination) = phases::restore(
+            agent,
+            &prepared.container.to_ref(),
+            page_server,
+            log,
+            state_dir,
+        )
+        .await?;
         let restore_ms = millis(requested.elapsed());
+        if lazy.is_some() {
+            if let Err(e) = phases::end_source_processes(&prepared.container) {
+                warnings.push(format!("{e:#}"));
+            }
+        }
         clock.finish(phase, t);
         Ok(Frozen {
             prepared,
             checkpoint_bytes: bytes,
             archive,
+            lazy,
             frozen_at,
             resumed_at,
             steps: FreezeSteps {
@@ -504,6 +553,7 @@ pub async fn migrate(
         prepared,
         checkpoint_bytes,
         archive,
+        lazy,
         frozen_at,
         resumed_at,
         mut steps,
@@ -559,6 +609,31 @@ pub async fn migrate(
         None => None,
     };
     clock.finish(Phase::SwitchTraffic, t);
+    let mut pages = None;
+    if let Some(lazy) = lazy {
+        let t = clock.start(Phase::Pages);
+        match phases::await_pages(remote.as_mut(), &log.record.migration_id, lazy).await {
+            Ok(report) => pages = Some(report),
+            Err(error) => {
+                // Its processes here were killed at the restore; the destination stopped its
+                // copy (or stops it once it sees the link gone): nothing runs it.
+                let mut warnings = source::release_source(log, &host, remote.as_mut()).await;
+                warnings.insert(
+                    0,
+                    "the destination stops its copy: it has not all of its memory".into(),
+                );
+                let failure = MigrationFailure {
+                    phase: Phase::Pages,
+                    error,
+                    resolution: Resolution::Lost { warnings },
+                };
+                history.error = Some(failure.to_string());
+                record_history(state_dir, &history);
+                return Err(failure);
+            }
+        }
+        clock.finish(Phase::Pages, t);
+    }
     let t = clock.start(Phase::CleanUp);
     // Before the archive goes with the source copy.
     steps.criu_dump =
@@ -573,14 +648,20 @@ pub async fn migrate(
     history.freeze_to_resume_ms = Some(millis(freeze_to_resume));
     history.total_ms = Some(millis(started.elapsed()));
     record_history(state_dir, &history);
+    let last_page_ms = pages
+        .as_ref()
+        .map(|p| millis(freeze_to_resume) + p.after_restore_ms);
     Ok(MigrationReport {
         container: prepared.container.name.clone(),
         container_id: prepared.container.id.clone(),
         destination,
+        mode: prepared.mode,
         phases: clock.timings,
         freeze_to_resume_ms: millis(freeze_to_resume),
         freeze_steps: steps,
         checkpoint_bytes,
+        pages,
+        last_page_ms,
         held_packets,
         held_at_destination,
         image_transferred: prepared.image_transferred,

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::mode::{ModeChoice, ModeRequest};
 use super::ownership::SourceStage;
 use super::source::UndoLog;
 use super::{Progress, Undo};
@@ -16,11 +17,12 @@ use crate::auth::Token;
 use crate::conntrack::{self, Proto};
 use crate::forwarding::ForwardRecord;
 use crate::hold::HoldReport;
+use crate::lazy_pages::PageServer;
 use crate::nft::Firewall;
 use crate::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::podman::{ContainerInfo, PodmanClient};
 use crate::preflight::{self, Finding};
-use crate::protocol::{ContainerRef, HostReport, RestoreTimes, MAX_FLOWS_PER_BATCH};
+use crate::protocol::{ContainerRef, HostReport, PostCopy, RestoreTimes, MAX_FLOWS_PER_BATCH};
 use crate::remote::RemoteAgent;
 use crate::routing::{Route, Routing};
 use crate::wireguard::KeyPair;
@@ -102,10 +104,26 @@ pub async fn survey(
     })
 }
 
+/// Why post-copy cannot run between the surveyed hosts (`None`: it can).
+pub fn post_copy_problem(survey: &Survey) -> Option<String> {
+    if survey.destination.is_none() {
+        return Some("the destination was not reached".into());
+    }
+    [Some(&survey.source), survey.destination.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|host| {
+            let problem = host.post_copy_problem.as_ref()?;
+            Some(format!("{}: {problem}", host.hostname))
+        })
+}
+
 /// What the prepare phase hands on.
 pub struct Prepared {
     pub container: ContainerInfo,
     pub image_transferred: bool,
+    /// The mode the migration runs in ([`super::mode::choose`]).
+    pub mode: ModeChoice,
 }
 
 /// Prepare: check the container and both hosts (refusing on any problem), and give the
@@ -115,10 +133,16 @@ pub async fn prepare(
     podman: &PodmanClient,
     remote: &mut RemoteAgent,
     container: &str,
+    mode: ModeRequest,
     state_dir: &Path,
 ) -> Result<Prepared> {
     let survey = survey(podman, Some(&mut *remote), container, state_dir).await?;
     preflight::refuse_on_problems(&survey.findings)?;
+    let mode = super::mode::choose(
+        mode,
+        survey.memory_bytes,
+        post_copy_problem(&survey).as_deref(),
+    )?;
     let info = survey.container;
     let image_transferred = !survey.destination.is_some_and(|d| d.has_image);
     if image_transferred {
@@ -139,17 +163,32 @@ pub async fn prepare(
     Ok(Prepared {
         container: info,
         image_transferred,
+        mode,
     })
 }
 
 /// What the checkpoint phase hands on.
 pub struct Checkpoint {
+    /// What the destination restores from: podman's export (stop-copy), or the images
+    /// packed here while CRIU serves the memory (post-copy).
     pub archive: PathBuf,
     /// How long freezing the container's cgroup took, if it was frozen before podman's call.
     pub cgroup_frozen_in: Option<std::time::Duration>,
     /// What did not go as it should and made the freeze worse (packets dropped, not held;
     /// CRIU left to freeze the container).
     pub problems: Vec<String>,
+    /// Post-copy: CRIU serves the container's memory from here until the destination has
+    /// all of it.
+    pub lazy: Option<LazyDump>,
+}
+
+/// A post-copy checkpoint that is still serving the container's memory.
+pub struct LazyDump {
+    pub server: PageServer,
+    /// podman's checkpoint call: it returns once the last page has moved, with podman's
+    /// export (of what CRIU wrote: the memory is not in it) at `export`.
+    pub podman_call: tokio::task::JoinHandle<Result<u64, crate::podman::PodmanError>>,
+    pub export: PathBuf,
 }
 
 /// Checkpoint: freeze the container (with its established TCP connections), export the
@@ -161,21 +200,34 @@ pub struct Checkpoint {
 /// call ([`crate::freezer`]). Undo: start it again on the source (and thaw it), route its
 /// address locally again, then let the held packets through (in that order, for the same
 /// reason).
+///
+/// Post-copy (`page_server` is the address to serve the memory on): CRIU dumps lazily
+/// ([`crate::lazy_pages`]); the phase ends as soon as CRIU serves the memory, with the
+/// other images packed here. Undo then first stops CRIU's page server, which lets the
+/// processes run again.
 pub async fn checkpoint(
     podman: &PodmanClient,
     container: &ContainerInfo,
     work_dir: &Path,
     hold_packets: u32,
+    page_server: Option<Ipv4Addr>,
     undo: &mut UndoLog,
 ) -> Result<Checkpoint> {
     crate::files::create_private_dir(work_dir)
         .with_context(|| format!("create work directory {}", work_dir.display()))?;
-    let archive = work_dir.join(format!("{}.tar", undo.record.migration_id));
+    let id = &undo.record.migration_id;
+    let archive = work_dir.join(format!("{id}.tar"));
+    let export = work_dir.join(format!("{id}.export.tar"));
     let container_ip = container.ipv4();
+    let mut armed = match page_server {
+        Some(address) => Some(crate::lazy_pages::arm(address).await?),
+        None => None,
+    };
     // Registered before the call: a checkpoint that fails halfway may still have stopped it.
     undo.freeze(
         [Undo::RemoveFile(archive.clone())]
             .into_iter()
+            .chain(armed.as_ref().map(|_| Undo::RemoveFile(export.clone())))
             .chain(
                 container_ip
                     .into_iter()
@@ -185,7 +237,8 @@ pub async fn checkpoint(
             .chain([Undo::RestartOnSource {
                 container: container.name.clone(),
                 archive: archive.clone(),
-            }]),
+            }])
+            .chain(armed.as_ref().map(|a| Undo::StopPageServer(a.server))),
     )?;
     let mut problems = Vec::new();
     if let Some(ip) = container_ip.filter(|_| hold_packets > 0) {
@@ -205,18 +258,123 @@ pub async fn checkpoint(
             Err(e) => problems.push(format!("CRIU froze the container itself (slower): {e:#}")),
         }
     }
-    podman.checkpoint_to_file(&container.name, &archive).await?;
+    let lazy = match armed.as_mut() {
+        None => {
+            podman.checkpoint_to_file(&container.name, &archive).await?;
+            None
+        }
+        Some(armed) => {
+            let (podman, name, to) = (podman.clone(), container.name.clone(), export.clone());
+            let mut podman_call =
+                tokio::spawn(async move { podman.checkpoint_to_file(&name, &to).await });
+            let serving = crate::lazy_pages::wait_serving(armed.server, &mut podman_call).await;
+            armed.disarm()?;
+            if let Err(e) = serving {
+                if podman_call.is_finished() {
+                    podman_call.await??; // podman's error says more
+                }
+                return Err(e);
+            }
+            Some(LazyDump {
+                server: armed.server,
+                podman_call,
+                export,
+            })
+        }
+    };
     if let Some(ip) = container_ip {
         Routing::new()?
             .replace_route(&Route::blackhole_v4(ip, 32, MAIN_TABLE))
             .await?;
     }
+    if lazy.is_some() {
+        let bundle = container
+            .bundle
+            .clone()
+            .context("podman did not say where the container's files are")?;
+        let (networks, upper, to) = (
+            container.networks.clone(),
+            container.upper_dir.clone(),
+            archive.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::lazy_pages::pack_images(&bundle, &networks, upper.as_deref(), &to)
+        })
+        .await??;
+    }
     Ok(Checkpoint {
         archive,
         cgroup_frozen_in,
         problems,
+        lazy,
     })
 }
+
+/// Post-copy, once the destination runs the container: the processes CRIU still holds
+/// here (stopped, serving their memory) are killed, so that whatever becomes of CRIU they
+/// never run again. The pages stay in CRIU's pipes. Killing the init of the container's
+/// PID namespace kills the rest of it.
+pub fn end_source_processes(container: &ContainerInfo) -> Result<()> {
+    let Some(pid) = container.pid else {
+        bail!("podman did not say which process is the container's init");
+    };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => bail!("kill the source's processes (pid {pid}): {e}"),
+    }
+}
+
+/// What the page transfer of a post-copy migration took.
+#[derive(Debug, Clone, Serialize)]
+pub struct PagesReport {
+    /// From the restore's answer until the last page was on the destination.
+    pub after_restore_ms: f64,
+    /// Pages CRIU left to post-copy, and wrote into the images (from podman's export).
+    pub lazy_pages: Option<u64>,
+    pub written_pages: Option<u64>,
+}
+
+/// Pages (post-copy): wait until the destination has every page, then for podman's
+/// checkpoint call here, which ends with CRIU's page server. If the transfer failed (the
+/// destination says so, or cannot be reached), the page server is stopped: the
+/// destination has stopped its copy, and the processes here were killed at the restore.
+pub async fn await_pages(
+    remote: Option<&mut RemoteAgent>,
+    migration_id: &str,
+    lazy: LazyDump,
+) -> Result<PagesReport> {
+    let LazyDump {
+        server,
+        mut podman_call,
+        export,
+    } = lazy;
+    let arrived = match remote {
+        Some(remote) => remote.await_pages(migration_id, PAGES_PATIENCE).await,
+        None => Err(anyhow::anyhow!("no connection to the destination")),
+    };
+    let settled = tokio::time::timeout(CALL_AFTER_PAGES, &mut podman_call).await;
+    if arrived.is_err() || settled.is_err() {
+        crate::lazy_pages::stop_serving(server).await?;
+        let _ = tokio::time::timeout(CALL_AFTER_PAGES, podman_call).await;
+    }
+    let after_restore = arrived?;
+    let stats = tokio::task::spawn_blocking(move || crate::criu::dump_times_in_archive(&export))
+        .await
+        .ok()
+        .flatten();
+    Ok(PagesReport {
+        after_restore_ms: super::millis(after_restore),
+        lazy_pages: stats.and_then(|s| s.pages_lazy),
+        written_pages: stats.and_then(|s| s.pages_written),
+    })
+}
+
+/// How long the last page of a post-copy migration may take to arrive; a cut link fails
+/// it within seconds anyway (the connection's dead-peer timeout).
+const PAGES_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How long podman's checkpoint call may take to return once the pages are through.
+const CALL_AFTER_PAGES: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Part of the restore phase: tell the destination about the container's flows, as it will
 /// see them (without this host's NAT), so it tracks them as established connections that
@@ -363,12 +521,13 @@ pub async fn transfer(
 pub async fn restore(
     remote: &mut RemoteAgent,
     container: &ContainerRef,
+    post_copy: Option<PostCopy>,
     undo: &mut UndoLog,
     state_dir: &Path,
 ) -> Result<(std::time::Instant, RestoreTimes)> {
     undo.enter(SourceStage::RestoreRequested)?;
     let times = remote
-        .restore(container, || {
+        .restore(container, post_copy, || {
             if let Err(e) = crate::fault::at(state_dir, "restore-requested") {
                 tracing::error!("{e:#}");
             }

@@ -66,6 +66,9 @@ impl SourceActions for SourceHost<'_> {
                 let cgroup = cgroup.clone();
                 tokio::task::spawn_blocking(move || crate::freezer::thaw(&cgroup)).await?
             }
+            Undo::StopPageServer(server) => {
+                crate::lazy_pages::stop_serving(*server).await.map(drop)
+            }
         }
     }
 
@@ -149,6 +152,9 @@ pub enum Resolution {
     /// The destination did not answer: the container stays stopped here, and the journal
     /// stays for the adopter to ask again.
     InDoubt { reason: String },
+    /// Post-copy failed after the destination took over: the container stopped on both
+    /// hosts (its memory was split between them); `warnings` says what else went wrong.
+    Lost { warnings: Vec<String> },
 }
 
 /// Resolves the migration of `log` as [`ownership::source_action`] says, asking the
@@ -305,7 +311,12 @@ pub async fn release_source(
         .record
         .steps
         .iter()
-        .filter(|s| matches!(s, Undo::RemoveFile(_) | Undo::ReleaseHold(_)))
+        .filter(|s| {
+            matches!(
+                s,
+                Undo::RemoveFile(_) | Undo::ReleaseHold(_) | Undo::StopPageServer(_)
+            )
+        })
         .cloned()
         .collect();
     for step in leftovers {
@@ -388,6 +399,10 @@ pub async fn recover_abandoned(host: &impl SourceActions, destination_lost: bool
             ),
             Resolution::InDoubt { reason } => format!(
                 "{name}: migration to {destination} is in doubt, the container stays stopped here: {reason}. It is asked again; if {destination} is gone for good: agent-client cleanup --destination-lost"
+            ),
+            Resolution::Lost { warnings } => format!(
+                "{name}: post-copy migration to {destination} failed; the container runs on neither host{}",
+                warnings.iter().map(|w| format!("; {w}")).collect::<String>()
             ),
         });
     }
@@ -473,7 +488,7 @@ mod tests {
                     Undo::RemoveFile(_) => w.archive = false,
                     Undo::RemoveContainerRoute(_) => w.blackholed = false,
                     Undo::ReleaseHold(_) => w.held = false,
-                    Undo::Thaw(_) => {}
+                    Undo::Thaw(_) | Undo::StopPageServer(_) => {}
                 }
                 Ok(())
             })

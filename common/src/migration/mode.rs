@@ -1,0 +1,125 @@
+//! How the container's memory moves: all of it during the freeze (stop-copy), or after
+//! it, while the container already runs on the destination (post-copy,
+//! [`crate::lazy_pages`]). There is no pre-copy: it needs the kernel's soft-dirty
+//! tracking (`criu check --feature mem_dirty_track`).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The freeze covers the whole copy: it grows with the container's memory. If either
+    /// host fails midway, the container runs on the source again.
+    StopCopy,
+    /// The freeze covers everything but the memory, which follows on demand and in the
+    /// background. Until the last page has arrived the container needs both hosts: if
+    /// either, or the link, fails then, it stops.
+    PostCopy,
+}
+
+impl Mode {
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::StopCopy => "stop-copy",
+            Mode::PostCopy => "post-copy",
+        }
+    }
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeRequest {
+    /// Post-copy for containers of at least this many resident bytes, where both hosts
+    /// can; stop-copy otherwise.
+    Auto {
+        post_copy_above: u64,
+    },
+    Fixed(Mode),
+}
+
+/// The default threshold of [`ModeRequest::Auto`]: below it, a stop-copy freeze is about
+/// as short as a post-copy one, and nothing depends on two hosts.
+pub const DEFAULT_POST_COPY_ABOVE: u64 = 256 << 20;
+
+/// The mode a migration runs in, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModeChoice {
+    pub mode: Mode,
+    pub reason: String,
+}
+
+/// Picks the mode for a container of `memory` resident bytes; `post_copy_problem` says
+/// why post-copy cannot run between these hosts (`None`: it can). Asking for post-copy
+/// where it cannot run is an error.
+pub fn choose(
+    request: ModeRequest,
+    memory: Option<u64>,
+    post_copy_problem: Option<&str>,
+) -> anyhow::Result<ModeChoice> {
+    let mib = |bytes: u64| bytes >> 20;
+    let choice = |mode, reason: String| Ok(ModeChoice { mode, reason });
+    match (request, post_copy_problem) {
+        (ModeRequest::Fixed(Mode::PostCopy), Some(problem)) => {
+            anyhow::bail!("post-copy cannot run: {problem}")
+        }
+        (ModeRequest::Fixed(mode), _) => choice(mode, "asked for".into()),
+        (ModeRequest::Auto { .. }, Some(problem)) => {
+            choice(Mode::StopCopy, format!("post-copy cannot run: {problem}"))
+        }
+        (ModeRequest::Auto { post_copy_above }, None) => match memory {
+            Some(used) if used >= post_copy_above => choice(
+                Mode::PostCopy,
+                format!(
+                    "{} MiB resident, at least the {} MiB threshold",
+                    mib(used),
+                    mib(post_copy_above)
+                ),
+            ),
+            Some(used) => choice(
+                Mode::StopCopy,
+                format!(
+                    "{} MiB resident, below the {} MiB threshold",
+                    mib(used),
+                    mib(post_copy_above)
+                ),
+            ),
+            None => choice(
+                Mode::StopCopy,
+                "podman did not say how much memory it uses".into(),
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AUTO: ModeRequest = ModeRequest::Auto {
+        post_copy_above: 256 << 20,
+    };
+
+    #[test]
+    fn auto_picks_each_mode_on_either_side_of_the_threshold() {
+        let at = |bytes| choose(AUTO, Some(bytes), None).unwrap().mode;
+        assert_eq!(at((256 << 20) - 1), Mode::StopCopy);
+        assert_eq!(at(256 << 20), Mode::PostCopy);
+        assert_eq!(at(2 << 30), Mode::PostCopy);
+        assert_eq!(choose(AUTO, None, None).unwrap().mode, Mode::StopCopy);
+    }
+
+    #[test]
+    fn post_copy_only_where_both_hosts_can() {
+        let auto = choose(AUTO, Some(1 << 30), Some("no userfaultfd on h2")).unwrap();
+        assert_eq!(auto.mode, Mode::StopCopy);
+        assert!(auto.reason.contains("no userfaultfd on h2"));
+        let fixed = ModeRequest::Fixed(Mode::PostCopy);
+        assert!(choose(fixed, Some(1 << 30), Some("no userfaultfd")).is_err());
+        assert_eq!(choose(fixed, Some(1), None).unwrap().mode, Mode::PostCopy);
+        let stop = ModeRequest::Fixed(Mode::StopCopy);
+        assert_eq!(
+            choose(stop, Some(1 << 30), None).unwrap().mode,
+            Mode::StopCopy
+        );
+    }
+}

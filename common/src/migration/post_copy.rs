@@ -1,0 +1,114 @@
+//! The destination's side of a post-copy migration: the restore reads its memory from the
+//! source's page server, through the lazy-pages daemon ([`crate::lazy_pages`]), and until
+//! the last page is here the container needs both hosts. If the transfer fails, the
+//! container is stopped before it can read a page that never came, and the source hears
+//! so (`AwaitPages` -> [`crate::protocol::ErrorCode::PostCopyFailed`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Result;
+use tokio::sync::watch;
+
+use super::destination::{DestinationActions, PagesState, Shared};
+use crate::lazy_pages::{PageServer, PagesDaemon};
+use crate::podman::PodmanClient;
+
+/// What a post-copy restore imports, and the daemon that will serve its faults.
+pub struct Prepared {
+    pub import: PathBuf,
+    pub daemon: PagesDaemon,
+    work_dir: PathBuf,
+}
+
+/// Prepares the restore of `archive` in `work_dir`, its pages coming from `source`.
+pub async fn prepare(archive: &Path, work_dir: &Path, source: PageServer) -> Result<Prepared> {
+    let (from, dir) = (archive.to_path_buf(), work_dir.to_path_buf());
+    let import =
+        tokio::task::spawn_blocking(move || crate::lazy_pages::prepare_import(&from, &dir))
+            .await??;
+    let daemon = PagesDaemon::start(work_dir, source).await?;
+    Ok(Prepared {
+        import,
+        daemon,
+        work_dir: work_dir.to_path_buf(),
+    })
+}
+
+impl Prepared {
+    /// The restore failed: the daemon and its files go.
+    pub async fn abandon(mut self) {
+        if let Err(e) = self.daemon.kill().await {
+            tracing::warn!("stop criu lazy-pages: {e:#}");
+        }
+        remove_dir(&self.work_dir);
+    }
+
+    /// The container runs: watch the page transfer until it ends. On failure the
+    /// container is stopped (and removed); either way the migration's `pages_pending`
+    /// is cleared and the outcome published.
+    pub fn watch(self, migration: Shared, host: PodmanClient) -> watch::Receiver<PagesState> {
+        let (tell, outcome) = watch::channel(PagesState::Pending);
+        let Prepared {
+            mut daemon,
+            work_dir,
+            ..
+        } = self;
+        tokio::spawn(async move {
+            let restored_at = Instant::now();
+            let transfer = match daemon.guard().await {
+                Ok(()) => daemon.wait().await,
+                Err(e) => Err(e.context("cannot watch the page transfer")),
+            };
+            let mut migration = migration.lock().await;
+            let state = match transfer {
+                Ok(()) => {
+                    tracing::info!(container = %migration.container.name, "every page is here");
+                    PagesState::Arrived(restored_at.elapsed())
+                }
+                Err(e) => {
+                    tracing::error!(container = %migration.container.name, "post-copy failed: {e:#}; stopping the container");
+                    let _ = daemon.kill().await;
+                    let mut why = format!("{e:#}");
+                    if let Err(stop) = host.stop_container(&migration.container.id).await {
+                        why.push_str(&format!("; and stopping the container failed: {stop:#}"));
+                    }
+                    PagesState::Failed(why)
+                }
+            };
+            daemon.release();
+            migration.pages_pending = false;
+            if let Err(e) = migration.save() {
+                tracing::error!("{e:#}");
+            }
+            remove_dir(&work_dir);
+            let _ = tell.send(state);
+        });
+        outcome
+    }
+}
+
+/// Waits for the outcome of a watched transfer: how long after the restore the last
+/// page arrived, or why it failed.
+pub async fn arrived(
+    mut outcome: watch::Receiver<PagesState>,
+) -> Result<std::time::Duration, String> {
+    let state = outcome
+        .wait_for(|s| *s != PagesState::Pending)
+        .await
+        .map_err(|_| "the page transfer's watcher is gone".to_string())?
+        .clone();
+    match state {
+        PagesState::Arrived(after) => Ok(after),
+        PagesState::Failed(why) => Err(why),
+        PagesState::Pending => unreachable!("waited for"),
+    }
+}
+
+fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("could not remove {}: {e}", dir.display());
+        }
+    }
+}
