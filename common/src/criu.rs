@@ -75,9 +75,8 @@ pub struct DumpTimes {
     /// Of the frozen time: collecting, then writing, the memory pages.
     pub memdump_ms: f64,
     pub memwrite_ms: f64,
-    /// Pages written into the images, and pages left to post-copy (lazy).
+    /// Pages written into the images.
     pub pages_written: Option<u64>,
-    pub pages_lazy: Option<u64>,
 }
 
 /// `StatsEntry` of CRIU's `stats.proto`; only the dump's part is read.
@@ -100,8 +99,6 @@ struct DumpStatsEntry {
     memwrite_time: u32,
     #[prost(uint64, optional, tag = "7")]
     pages_written: Option<u64>,
-    #[prost(uint64, optional, tag = "9")]
-    pages_lazy: Option<u64>,
 }
 
 /// CRIU image files start with magic numbers: a common or service one, then the image's.
@@ -127,7 +124,6 @@ pub fn dump_times(image: &[u8]) -> Option<DumpTimes> {
         memdump_ms: ms(dump.memdump_time),
         memwrite_ms: ms(dump.memwrite_time),
         pages_written: dump.pages_written,
-        pages_lazy: dump.pages_lazy,
     })
 }
 
@@ -160,7 +156,6 @@ mod tests {
                 memdump_time: 3_000,
                 memwrite_time: 2_000,
                 pages_written: Some(20),
-                pages_lazy: Some(65_536),
             }),
         };
         let body = prost::Message::encode_to_vec(&entry);
@@ -171,7 +166,7 @@ mod tests {
         image.extend(body);
         let times = dump_times(&image).unwrap();
         assert_eq!((times.freezing_ms, times.frozen_ms), (100.25, 46.0));
-        assert_eq!(times.pages_lazy, Some(65_536));
+        assert_eq!(times.pages_written, Some(20));
         assert_eq!(dump_times(&image[..10]), None);
     }
 

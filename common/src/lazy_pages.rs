@@ -273,26 +273,28 @@ fn socket_holder(inode: u64) -> Option<i32> {
 /// processes it holds run again (undo before the destination restored them), or were
 /// killed already (after). Returns whether there was one.
 pub async fn stop_serving(server: PageServer) -> Result<bool> {
-    let Some(inode) = listener(server)? else {
-        return Ok(false);
-    };
-    let Some(pid) = tokio::task::spawn_blocking(move || socket_holder(inode)).await? else {
+    let at = SocketAddrV4::new(server.address, server.port);
+    // Listening, or (CRIU serves one restore) connected to the destination.
+    let inodes: Vec<u64> = tcp_sockets()?
+        .into_iter()
+        .filter(|s| s.local == at)
+        .map(|s| s.inode)
+        .collect();
+    let holder = tokio::task::spawn_blocking(move || inodes.into_iter().find_map(socket_holder));
+    let Some(pid) = holder.await? else {
         return Ok(false);
     };
     let pid = nix::unistd::Pid::from_raw(pid);
-    match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
+    let kill = |signal| nix::sys::signal::kill(pid, signal);
+    match kill(Some(nix::sys::signal::Signal::SIGKILL)) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
         Err(e) => bail!("stop CRIU's page server (pid {pid}): {e}"),
     }
-    // Its socket goes with it.
+    // runc, its parent, reaps it.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while listener(server)?.is_some() {
+    while kill(None).is_ok() {
         if Instant::now() > deadline {
-            bail!(
-                "CRIU's page server on {}:{} did not stop",
-                server.address,
-                server.port
-            );
+            bail!("CRIU's page server (pid {pid}) did not stop");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -511,6 +513,8 @@ impl PagesDaemon {
             .arg(work_dir)
             .arg("--log-file")
             .arg(work_dir.join(DAEMON_LOG))
+            // Debug level: the count of pages it copied is logged only there.
+            .arg("-v4")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -588,11 +592,12 @@ impl PagesDaemon {
         std::mem::take(&mut self.held_uffds).len()
     }
 
-    /// Waits until it exits: `Ok` once every page arrived.
-    pub async fn wait(&mut self) -> Result<()> {
+    /// Waits until it exits: `Ok` once every page arrived, with how many it fetched.
+    pub async fn wait(&mut self) -> Result<u64> {
         let status = self.child.wait().await?;
         if status.success() {
-            return Ok(());
+            let log = std::fs::read_to_string(self.work_dir.join(DAEMON_LOG)).unwrap_or_default();
+            return Ok(transferred_pages(&log));
         }
         bail!(
             "the page transfer from {}:{} failed ({status}): {}",
@@ -606,6 +611,21 @@ impl PagesDaemon {
     pub async fn kill(&mut self) -> Result<()> {
         Ok(self.child.kill().await?)
     }
+}
+
+/// The pages the daemon copied in, by its log: one "UFFD transferred pages: (N/M)" per
+/// restored process.
+fn transferred_pages(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| {
+            l.split("UFFD transferred pages: (")
+                .nth(1)?
+                .split('/')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 /// A duplicate of descriptor `fd` of process `pid`.
@@ -641,6 +661,12 @@ mod tests {
         assert!(s.listening);
         assert_eq!(s.inode, 4367687);
         assert!(parse_tcp_line("  sl  local_address rem_address").is_none());
+    }
+
+    #[test]
+    fn transferred_pages_are_summed_over_processes() {
+        let log = "(01.3) uffd: 1-12: UFFD transferred pages: (65619/65619)\n(01.4) uffd: 7-14: UFFD transferred pages: (20/20)\n";
+        assert_eq!(transferred_pages(log), 65_639);
     }
 
     #[test]

@@ -206,6 +206,8 @@ pub enum ServerMessage {
     PagesArrived {
         /// From the restore's answer to the last page (ms).
         after_restore_ms: u64,
+        /// Pages (4 KiB) fetched from the source.
+        pages: u64,
     },
     Finished,
     Resolved {

@@ -29,6 +29,15 @@ pub struct RemoteError {
     pub message: String,
 }
 
+/// The destination has every page of a post-copy migration.
+#[derive(Debug, Clone, Copy)]
+pub struct PagesArrived {
+    /// How long after the restore the last one came.
+    pub after_restore: Duration,
+    /// How many (4 KiB) it fetched.
+    pub pages: u64,
+}
+
 pub struct RemoteAgent {
     stream: FramedStream<TcpStream>,
     address: String,
@@ -260,23 +269,26 @@ impl RemoteAgent {
         }
     }
 
-    /// Waits until every page of a post-copy migration is on the destination; returns how
-    /// long after the restore the last one arrived. A cut link fails this within the
-    /// connection's dead-peer timeout, whatever the patience.
+    /// Waits until every page of a post-copy migration is on the destination. A cut link
+    /// fails this within the connection's dead-peer timeout, whatever the patience.
     pub async fn await_pages(
         &mut self,
         migration_id: &str,
         patience: Duration,
-    ) -> Result<Duration> {
+    ) -> Result<PagesArrived> {
         self.stream
             .send(&ClientMessage::AwaitPages {
                 migration_id: migration_id.to_string(),
             })
             .await?;
         match self.reply_within(patience).await? {
-            ServerMessage::PagesArrived { after_restore_ms } => {
-                Ok(Duration::from_millis(after_restore_ms))
-            }
+            ServerMessage::PagesArrived {
+                after_restore_ms,
+                pages,
+            } => Ok(PagesArrived {
+                after_restore: Duration::from_millis(after_restore_ms),
+                pages,
+            }),
             other => bail!("unexpected reply to await pages: {other:?}"),
         }
     }

@@ -19,6 +19,8 @@ mod faults;
 mod operator;
 #[path = "migration/peer_input.rs"]
 mod peer_input;
+#[path = "migration/post_copy.rs"]
+mod post_copy;
 
 type Scenario = fn(&Lab) -> Result<()>;
 
@@ -28,6 +30,22 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         counter_round_trip,
     ),
     ("memhog_256mib_memory_intact", memhog_memory_intact),
+    (
+        "post_copy_memhog_256mib_memory_intact_and_source_keeps_nothing",
+        post_copy::memory_intact_and_source_keeps_nothing,
+    ),
+    (
+        "post_copy_auto_picks_each_mode_on_either_side_of_the_threshold",
+        post_copy::auto_picks_each_mode_on_either_side_of_the_threshold,
+    ),
+    (
+        "post_copy_live_tcp_client_keeps_its_connection",
+        post_copy::live_tcp_client_keeps_its_connection,
+    ),
+    (
+        "post_copy_link_cut_while_pages_move_stops_the_container",
+        post_copy::link_cut_while_pages_move_stops_the_container,
+    ),
     (
         "missing_image_is_sent_before_the_freeze",
         missing_image_is_sent,
@@ -351,12 +369,13 @@ fn memhog_verify(lab: &Lab, host: &str, name: &str, pages: u64) -> Result<()> {
     Ok(())
 }
 
-fn start_memhog(lab: &Lab, host: &str, name: &str, mib: u64) -> Result<()> {
+fn start_memhog(lab: &Lab, host: &str, name: &str, mib: u64, dirty_percent: u32) -> Result<()> {
     let mib_env = format!("MEMHOG_MIB={mib}");
+    let dirty_env = format!("MEMHOG_DIRTY_PERCENT={dirty_percent}");
     lab.run_container(
         host,
         name,
-        &["-e", &mib_env, "-e", "MEMHOG_DIRTY_PERCENT=5"],
+        &["-e", &mib_env, "-e", &dirty_env],
         "localhost/memhog",
         &[],
     )?;
@@ -366,8 +385,8 @@ fn start_memhog(lab: &Lab, host: &str, name: &str, mib: u64) -> Result<()> {
 }
 
 fn memhog_memory_intact(lab: &Lab) -> Result<()> {
-    start_memhog(lab, "h1", "memhog", 256)?;
-    let report = migrate(lab, "h1", "memhog", "h3")?;
+    start_memhog(lab, "h1", "memhog", 256, 5)?;
+    let report = migrate_with(lab, "h1", "memhog", "h3", &["--mode", "stop-copy"])?;
     let bytes = report["checkpoint_bytes"].as_u64().unwrap_or(0);
     ensure!(
         bytes > 256 << 20,
@@ -496,10 +515,19 @@ fn destination_down(lab: &Lab) -> Result<()> {
 }
 
 fn destination_killed_mid_transfer(lab: &Lab) -> Result<()> {
-    start_memhog(lab, "h1", "bigvictim", 512)?;
+    start_memhog(lab, "h1", "bigvictim", 512, 5)?;
+    // Stop-copy: the memory is in the archive, so its transfer takes a while.
     let mut child = lab.spawn(
         "h1",
-        &["agent-client", "--container", "bigvictim", "--dest", "h2"],
+        &[
+            "agent-client",
+            "--container",
+            "bigvictim",
+            "--dest",
+            "h2",
+            "--mode",
+            "stop-copy",
+        ],
     )?;
     let stderr = child.stderr.take().expect("piped");
     let mut seen = String::new();

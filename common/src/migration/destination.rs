@@ -217,8 +217,11 @@ pub struct IncomingMigration {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PagesState {
     Pending,
-    /// Every page is here, this long after the restore.
-    Arrived(Duration),
+    /// Every page is here, `after` the restore: `pages` of 4 KiB.
+    Arrived {
+        after: Duration,
+        pages: u64,
+    },
     /// The transfer failed and the container was stopped: it could not go on.
     Failed(String),
 }

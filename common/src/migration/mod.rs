@@ -612,7 +612,10 @@ pub async fn migrate(
     let mut pages = None;
     if let Some(lazy) = lazy {
         let t = clock.start(Phase::Pages);
-        match phases::await_pages(remote.as_mut(), &log.record.migration_id, lazy).await {
+        if let Err(e) = crate::fault::at(state_dir, "pages") {
+            warnings.push(format!("{e:#}"));
+        }
+        match phases::await_pages(remote.as_mut(), log, lazy).await {
             Ok(report) => pages = Some(report),
             Err(error) => {
                 // Its processes here were killed at the restore; the destination stopped its

@@ -185,10 +185,9 @@ pub struct Checkpoint {
 /// A post-copy checkpoint that is still serving the container's memory.
 pub struct LazyDump {
     pub server: PageServer,
-    /// podman's checkpoint call: it returns once the last page has moved, with podman's
-    /// export (of what CRIU wrote: the memory is not in it) at `export`.
+    /// podman's checkpoint call: it returns once the last page has moved (its export,
+    /// of what CRIU wrote without the memory, is of no use).
     pub podman_call: tokio::task::JoinHandle<Result<u64, crate::podman::PodmanError>>,
-    pub export: PathBuf,
 }
 
 /// Checkpoint: freeze the container (with its established TCP connections), export the
@@ -278,7 +277,6 @@ pub async fn checkpoint(
             Some(LazyDump {
                 server: armed.server,
                 podman_call,
-                export,
             })
         }
     };
@@ -330,9 +328,8 @@ pub fn end_source_processes(container: &ContainerInfo) -> Result<()> {
 pub struct PagesReport {
     /// From the restore's answer until the last page was on the destination.
     pub after_restore_ms: f64,
-    /// Pages CRIU left to post-copy, and wrote into the images (from podman's export).
-    pub lazy_pages: Option<u64>,
-    pub written_pages: Option<u64>,
+    /// Pages (4 KiB) the destination fetched from the source after the restore.
+    pub pages: u64,
 }
 
 /// Pages (post-copy): wait until the destination has every page, then for podman's
@@ -341,38 +338,40 @@ pub struct PagesReport {
 /// destination has stopped its copy, and the processes here were killed at the restore.
 pub async fn await_pages(
     remote: Option<&mut RemoteAgent>,
-    migration_id: &str,
+    undo: &mut UndoLog,
     lazy: LazyDump,
 ) -> Result<PagesReport> {
     let LazyDump {
         server,
         mut podman_call,
-        export,
     } = lazy;
+    let migration_id = undo.record.migration_id.clone();
     let arrived = match remote {
-        Some(remote) => remote.await_pages(migration_id, PAGES_PATIENCE).await,
+        Some(remote) => remote
+            .await_pages(&migration_id, PAGES_PATIENCE)
+            .await
+            .context("waiting for the destination to have every page"),
         None => Err(anyhow::anyhow!("no connection to the destination")),
     };
-    let settled = tokio::time::timeout(CALL_AFTER_PAGES, &mut podman_call).await;
-    if arrived.is_err() || settled.is_err() {
+    let ended = arrived.is_ok()
+        && tokio::time::timeout(CALL_AFTER_PAGES, &mut podman_call)
+            .await
+            .is_ok();
+    if !ended {
         crate::lazy_pages::stop_serving(server).await?;
         let _ = tokio::time::timeout(CALL_AFTER_PAGES, podman_call).await;
     }
-    let after_restore = arrived?;
-    let stats = tokio::task::spawn_blocking(move || crate::criu::dump_times_in_archive(&export))
-        .await
-        .ok()
-        .flatten();
+    undo.drop_step(&Undo::StopPageServer(server))?;
+    let arrived = arrived?;
     Ok(PagesReport {
-        after_restore_ms: super::millis(after_restore),
-        lazy_pages: stats.and_then(|s| s.pages_lazy),
-        written_pages: stats.and_then(|s| s.pages_written),
+        after_restore_ms: super::millis(arrived.after_restore),
+        pages: arrived.pages,
     })
 }
 
 /// How long the last page of a post-copy migration may take to arrive; a cut link fails
 /// it within seconds anyway (the connection's dead-peer timeout).
-const PAGES_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3600);
+pub const PAGES_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3600);
 /// How long podman's checkpoint call may take to return once the pages are through.
 const CALL_AFTER_PAGES: std::time::Duration = std::time::Duration::from_secs(30);
 

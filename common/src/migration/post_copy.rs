@@ -62,9 +62,12 @@ impl Prepared {
             };
             let mut migration = migration.lock().await;
             let state = match transfer {
-                Ok(()) => {
-                    tracing::info!(container = %migration.container.name, "every page is here");
-                    PagesState::Arrived(restored_at.elapsed())
+                Ok(pages) => {
+                    tracing::info!(container = %migration.container.name, pages, "every page is here");
+                    PagesState::Arrived {
+                        after: restored_at.elapsed(),
+                        pages,
+                    }
                 }
                 Err(e) => {
                     tracing::error!(container = %migration.container.name, "post-copy failed: {e:#}; stopping the container");
@@ -89,17 +92,17 @@ impl Prepared {
 }
 
 /// Waits for the outcome of a watched transfer: how long after the restore the last
-/// page arrived, or why it failed.
+/// page arrived and how many came, or why it failed.
 pub async fn arrived(
     mut outcome: watch::Receiver<PagesState>,
-) -> Result<std::time::Duration, String> {
+) -> Result<(std::time::Duration, u64), String> {
     let state = outcome
         .wait_for(|s| *s != PagesState::Pending)
         .await
         .map_err(|_| "the page transfer's watcher is gone".to_string())?
         .clone();
     match state {
-        PagesState::Arrived(after) => Ok(after),
+        PagesState::Arrived { after, pages } => Ok((after, pages)),
         PagesState::Failed(why) => Err(why),
         PagesState::Pending => unreachable!("waited for"),
     }

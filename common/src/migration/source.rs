@@ -36,6 +36,9 @@ pub trait SourceActions {
     async fn remove_source_copy(&self, container_id: &str) -> Result<()>;
     /// Tells the destination, on a connection of its own, that the source copy is gone.
     async fn settle_destination(&self, record: &JournalRecord) -> Result<()>;
+    /// Waits, on a connection of its own, until the destination has every page of a
+    /// post-copy migration (or says the transfer failed).
+    async fn pages_arrived(&self, record: &JournalRecord) -> Result<()>;
 }
 
 /// This host, and its token for the destination.
@@ -88,6 +91,14 @@ impl SourceActions for SourceHost<'_> {
         agent.settle(&record.migration_id).await?;
         agent.finish().await
     }
+
+    async fn pages_arrived(&self, record: &JournalRecord) -> Result<()> {
+        let mut agent = RemoteAgent::connect(&record.destination, self.token).await?;
+        agent
+            .await_pages(&record.migration_id, phases::PAGES_PATIENCE)
+            .await?;
+        agent.finish().await
+    }
 }
 
 /// The migration's record, mirrored to its journal on every change.
@@ -122,6 +133,12 @@ impl UndoLog {
 
     pub fn set_switch_plan(&mut self, plan: phases::SwitchPlan) -> Result<()> {
         self.record.switch = Some(plan);
+        self.save()
+    }
+
+    /// A step that is done by other means (CRIU's page server ended): no undo needs it.
+    pub fn drop_step(&mut self, done: &Undo) -> Result<()> {
+        self.record.steps.retain(|s| s != done);
         self.save()
     }
 
@@ -300,6 +317,26 @@ pub async fn release_source(
     remote: Option<&mut RemoteAgent>,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
+    // A post-copy page server still runs (its migration's process died): it serves until
+    // the destination has every page, and holds podman's lock on the source copy.
+    let serving: Vec<Undo> = log
+        .record
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Undo::StopPageServer(_)))
+        .cloned()
+        .collect();
+    for step in serving {
+        if let Err(e) = host.pages_arrived(&log.record).await {
+            warnings.push(format!("post-copy pages: {e:#}"));
+        }
+        match host.undo(&step).await {
+            Ok(()) => {
+                let _ = log.drop_step(&step);
+            }
+            Err(e) => warnings.push(format!("could not {step}: {e:#}")),
+        }
+    }
     if let Err(e) = host.remove_source_copy(&log.record.container_id).await {
         warnings.push(format!(
             "could not remove the source copy of {}: {e:#}",
@@ -311,12 +348,7 @@ pub async fn release_source(
         .record
         .steps
         .iter()
-        .filter(|s| {
-            matches!(
-                s,
-                Undo::RemoveFile(_) | Undo::ReleaseHold(_) | Undo::StopPageServer(_)
-            )
-        })
+        .filter(|s| matches!(s, Undo::RemoveFile(_) | Undo::ReleaseHold(_)))
         .cloned()
         .collect();
     for step in leftovers {
@@ -493,6 +525,10 @@ mod tests {
                 Ok(())
             })
             .await
+        }
+
+        async fn pages_arrived(&self, _: &JournalRecord) -> Result<()> {
+            Ok(())
         }
 
         async fn switch_traffic(&self, _: &SwitchPlan) -> Result<Option<HoldReport>> {

@@ -399,16 +399,27 @@ fn counted(lab: &Lab, host: &str, name: &str) -> Result<Vec<u64>> {
 }
 
 /// `agent-client` migrating the cell's container, its stderr collected.
-struct Client {
+pub(super) struct Client {
     child: Child,
-    pid: u32,
+    pub(super) pid: u32,
     stderr: std::thread::JoinHandle<String>,
 }
 
 impl Client {
     fn start(lab: &Lab, name: &str, fault: Option<&str>) -> Result<Self> {
-        let mut command =
-            lab.command("h1", &["agent-client", "--container", name, "--dest", "h2"])?;
+        Self::start_with(lab, name, fault, &[])
+    }
+
+    /// [`Self::start`] with more options for `agent-client`.
+    pub(super) fn start_with(
+        lab: &Lab,
+        name: &str,
+        fault: Option<&str>,
+        options: &[&str],
+    ) -> Result<Self> {
+        let mut args = vec!["agent-client", "--container", name, "--dest", "h2"];
+        args.extend_from_slice(options);
+        let mut command = lab.command("h1", &args)?;
         if let Some(fault) = fault {
             command.env("LM_FAULT", fault);
         }
@@ -433,7 +444,12 @@ impl Client {
 
     /// Waits for the client to end (killing it if it has not after 60 s); returns what
     /// it printed.
-    fn finish(mut self) -> Result<String> {
+    fn finish(self) -> Result<String> {
+        self.finish_with_status().map(|(_, seen)| seen)
+    }
+
+    /// [`Self::finish`], and whether it succeeded.
+    pub(super) fn finish_with_status(mut self) -> Result<(bool, String)> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.child.try_wait()?.is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
@@ -442,7 +458,7 @@ impl Client {
         let status = self.child.wait()?;
         let seen = self.stderr.join().unwrap_or_default();
         eprintln!("agent-client ({status}):\n{seen}");
-        Ok(seen)
+        Ok((status.success(), seen))
     }
 }
 

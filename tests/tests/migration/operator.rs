@@ -97,8 +97,20 @@ pub fn check_reports_conflicts(lab: &Lab) -> Result<()> {
 /// Starts migrating a 512 MiB memhog h1 -> h2 and sends `signal` to the client as soon as
 /// the transfer starts; returns the client's exit status.
 fn interrupt_at_transfer(lab: &Lab, name: &str, signal: &str) -> Result<ExitStatus> {
-    start_memhog(lab, "h1", name, 512)?;
-    let mut child = lab.spawn("h1", &["agent-client", "--container", name, "--dest", "h2"])?;
+    start_memhog(lab, "h1", name, 512, 5)?;
+    // Stop-copy: the memory is in the archive, so its transfer takes a while.
+    let mut child = lab.spawn(
+        "h1",
+        &[
+            "agent-client",
+            "--container",
+            name,
+            "--dest",
+            "h2",
+            "--mode",
+            "stop-copy",
+        ],
+    )?;
     let stderr = child.stderr.take().expect("piped");
     let mut seen = String::new();
     let mut sent = false;
