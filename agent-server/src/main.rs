@@ -67,6 +67,13 @@ async fn main() -> Result<()> {
     for line in destination::recover(&args.paths.state_dir, &podman, &migrations).await? {
         tracing::info!("{line}");
     }
+    // A lazy-dump configuration left by a crash would make every later checkpoint here wait
+    // for a destination.
+    match common::lazy_pages::remove_stale_config() {
+        Ok(Some(line)) => tracing::info!("{line}"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("{e:#}"),
+    }
     let context = Arc::new(ServerContext {
         token,
         keys,

@@ -220,6 +220,7 @@ pub async fn status(state_dir: &Path) -> Result<HostStatus> {
 ///   had taken over ([`source::recover_abandoned`]);
 /// - with no `agent-server` running: its unfinished incoming sessions, as its restart
 ///   would ([`destination::recover`]);
+/// - a lazy-dump configuration of CRIU's that a crash left ([`crate::lazy_pages`]);
 /// - forwarding of containers that left and that no flow needs ([`forwarding::sweep`]);
 /// - with no migration under way: tunnels no flow and no forwarding uses, and routes and
 ///   port forwards into tunnels that no forward record explains.
@@ -235,6 +236,7 @@ pub async fn clean_up(
         state_dir,
     };
     let mut done = source::recover_abandoned(&host, destination_lost).await;
+    done.extend(crate::lazy_pages::remove_stale_config()?);
     // As the server's restart would, holding its lock so that it cannot start meanwhile;
     // what it keeps stays journaled for it.
     if let Ok(_server) = destination::lock_server(state_dir) {

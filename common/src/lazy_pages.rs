@@ -172,20 +172,22 @@ fn foreign_config() -> Result<Option<String>> {
 }
 
 /// Removes a lazy-dump configuration left by a process that died before its checkpoint
-/// started (it would make every later checkpoint here wait for a destination). Returns
-/// whether there was one.
-pub fn remove_stale_config() -> Result<bool> {
+/// started (it would make every later checkpoint here wait for a destination). Says so if
+/// there was one.
+pub fn remove_stale_config() -> Result<Option<String>> {
     let Ok(lock) = open_lock() else {
-        return Ok(false);
+        return Ok(None);
     };
     let Ok(_held) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
-        return Ok(false); // a live checkpoint is starting
+        return Ok(None); // a live checkpoint is starting
     };
     if Path::new(RUNC_CONF).exists() && foreign_config()?.is_none() {
         crate::files::remove_if_present(Path::new(RUNC_CONF))?;
-        return Ok(true);
+        return Ok(Some(format!(
+            "removed {RUNC_CONF}: a post-copy checkpoint that never started left it"
+        )));
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// Waits until CRIU listens on `server` (then every image but the lazy memory is on disk),

@@ -40,7 +40,8 @@ struct Args {
     /// Also run the same workload migrated by plain podman checkpoint/restore.
     #[arg(long)]
     baseline: bool,
-    /// memhog sweep: sizes 16, 64, 256, 1024 MiB (see --sizes) at 0% and 20% dirtied/s.
+    /// memhog sweep: sizes 16, 64, 256, 1024 MiB (see --sizes) at 0% and 20% dirtied/s, in
+    /// each mode (see --sweep-modes).
     #[arg(long)]
     sensitivity: bool,
     /// Sizes of the sweep, MiB.
@@ -52,6 +53,9 @@ struct Args {
     /// Dirty rates of the sweep, percent of the pages rewritten per second.
     #[arg(long, default_value = "0,20", value_delimiter = ',')]
     dirty: Vec<u64>,
+    /// Modes of the sweep, side by side (agent-client --mode).
+    #[arg(long, default_value = "stop-copy,post-copy", value_delimiter = ',')]
+    sweep_modes: Vec<String>,
     /// Migrate the small TCP echo workload N times (h1 <-> h2) and report the p50, p95 and
     /// worst of the client-observed pause, the freeze, and the pause beyond the freeze, where
     /// the freeze went, and the UDP datagrams lost at 50/s and 6,250/s as a UDP echo server
@@ -148,9 +152,10 @@ fn run(lab: &Lab, args: &Args, report: &mut Report, pb: &ProgressBar) -> Result<
     iperf_runs(lab, args, &tcp, report, pb, &bar)?;
     if args.sensitivity {
         pb.set_style(bar.clone());
-        pb.set_length((args.sizes.len() * args.dirty.len()) as u64);
+        pb.set_length((args.sizes.len() * args.dirty.len() * args.sweep_modes.len()) as u64);
         pb.set_position(0);
-        report.sensitivity = runs::sensitivity(lab, &args.sizes, &args.dirty, pb)?;
+        report.sensitivity =
+            runs::sensitivity(lab, &args.sizes, &args.dirty, &args.sweep_modes, pb)?;
     }
     if args.echo > 0 {
         pb.set_style(bar.clone());

@@ -141,7 +141,8 @@ pub fn throughput(path: &Path, runs: &[IperfRun]) -> Result<()> {
     save(&root, path)
 }
 
-/// Freeze-to-resume and total migration time against memory size, per dirty rate.
+/// Freeze-to-resume and total migration time against memory size, one line per mode (the
+/// mean over the dirty rates; every run is a dot).
 pub fn sensitivity(path: &Path, points: &[SensitivityPoint]) -> Result<()> {
     register_font()?;
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
@@ -158,7 +159,7 @@ pub fn sensitivity(path: &Path, points: &[SensitivityPoint]) -> Result<()> {
     let xmax = xs.iter().cloned().fold(0.0, f64::max).max(10.0) + 0.3;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "memhog: migration time vs. resident memory (live-migrate)",
+            "memhog: freeze and total time vs. resident memory, per mode",
             ("sans-serif", 22),
         )
         .margin(15)
@@ -174,27 +175,40 @@ pub fn sensitivity(path: &Path, points: &[SensitivityPoint]) -> Result<()> {
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(err)?;
-    let mut dirty: Vec<u64> = ok.iter().map(|p| p.dirty_percent).collect();
-    dirty.sort();
-    dirty.dedup();
+    let mut modes: Vec<&str> = ok.iter().map(|p| p.mode.as_str()).collect();
+    modes.sort();
+    modes.dedup();
     let palette = [
         RGBColor(0, 90, 200),
         RGBColor(200, 60, 0),
         RGBColor(0, 150, 60),
     ];
-    for (i, d) in dirty.iter().enumerate() {
+    for (i, mode) in modes.iter().enumerate() {
         let color = palette[i % palette.len()];
         for (what, dashed) in [("freeze-to-resume", false), ("total", true)] {
-            let pts: Vec<(f64, f64)> = ok
+            let value = |p: &SensitivityPoint| {
+                if dashed {
+                    p.migration.total_ms
+                } else {
+                    p.migration.freeze_to_resume_ms
+                }
+            };
+            let runs: Vec<(u64, f64)> = ok
                 .iter()
-                .filter(|p| p.dirty_percent == *d)
-                .filter_map(|p| {
-                    let v = if dashed {
-                        p.migration.total_ms
-                    } else {
-                        p.migration.freeze_to_resume_ms
-                    }?;
-                    Some(((p.mib as f64).log2(), v / 1000.0))
+                .filter(|p| p.mode == *mode)
+                .filter_map(|p| Some((p.mib, value(p)? / 1000.0)))
+                .collect();
+            let mut sizes: Vec<u64> = runs.iter().map(|r| r.0).collect();
+            sizes.sort();
+            sizes.dedup();
+            let line: Vec<(f64, f64)> = sizes
+                .iter()
+                .map(|&mib| {
+                    let at: Vec<f64> = runs.iter().filter(|r| r.0 == mib).map(|r| r.1).collect();
+                    (
+                        (mib as f64).log2(),
+                        at.iter().sum::<f64>() / at.len() as f64,
+                    )
                 })
                 .collect();
             let style = if dashed {
@@ -203,12 +217,15 @@ pub fn sensitivity(path: &Path, points: &[SensitivityPoint]) -> Result<()> {
                 color.stroke_width(3)
             };
             chart
-                .draw_series(LineSeries::new(pts.clone(), style))
+                .draw_series(LineSeries::new(line, style))
                 .map_err(err)?
-                .label(format!("{what}, {d}% dirtied/s"))
+                .label(format!("{what}, {mode}"))
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], style));
             chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .draw_series(
+                    runs.iter()
+                        .map(|&(mib, v)| Circle::new(((mib as f64).log2(), v), 4, color.filled())),
+                )
                 .map_err(err)?;
         }
     }

@@ -51,9 +51,21 @@ pub struct Migration {
 
 /// Runs one migration of `container` and times it.
 pub fn migrate(lab: &Lab, method: Method, container: &str, from: &str, to: &str) -> Migration {
+    migrate_with(lab, method, container, from, to, &[])
+}
+
+/// [`migrate`] with more options for `agent-client` (live-migrate only).
+pub fn migrate_with(
+    lab: &Lab,
+    method: Method,
+    container: &str,
+    from: &str,
+    to: &str,
+    options: &[&str],
+) -> Migration {
     let t = Instant::now();
     let result = match method {
-        Method::LiveMigrate => agent_migrate(lab, container, from, to),
+        Method::LiveMigrate => agent_migrate(lab, container, from, to, options),
         Method::PodmanCheckpoint => podman_migrate(lab, container, from, to),
     };
     let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -82,19 +94,23 @@ pub fn migrate(lab: &Lab, method: Method, container: &str, from: &str, to: &str)
     m
 }
 
-fn agent_migrate(lab: &Lab, container: &str, from: &str, to: &str) -> Result<Option<Value>> {
-    let out = lab.exec_timeout(
-        from,
-        &[
-            "agent-client",
-            "--container",
-            container,
-            "--dest",
-            to,
-            "--json",
-        ],
-        Duration::from_secs(600),
-    )?;
+fn agent_migrate(
+    lab: &Lab,
+    container: &str,
+    from: &str,
+    to: &str,
+    options: &[&str],
+) -> Result<Option<Value>> {
+    let mut args = vec![
+        "agent-client",
+        "--container",
+        container,
+        "--dest",
+        to,
+        "--json",
+    ];
+    args.extend_from_slice(options);
+    let out = lab.exec_timeout(from, &args, Duration::from_secs(600))?;
     if !out.status.success() {
         bail!(
             "agent-client {from} -> {to} failed: {}",
@@ -413,15 +429,25 @@ fn sleep_until(t0: Instant, at: f64, pb: &ProgressBar) {
 pub struct SensitivityPoint {
     pub mib: u64,
     pub dirty_percent: u64,
+    /// `stop-copy` or `post-copy`.
+    pub mode: String,
     #[serde(flatten)]
     pub migration: Migration,
+    /// Post-copy: from the start of the checkpoint until the last page was there.
+    pub last_page_ms: Option<f64>,
+    /// The archive and, post-copy, the pages fetched after the restore.
+    pub bytes_moved: Option<u64>,
+    /// memhog checked every page after the move (SIGUSR1).
+    pub memory_intact: bool,
 }
 
-/// memhog of each size and dirty rate, migrated once each, alternating h1 -> h2, h2 -> h1.
+/// memhog of each size and dirty rate, migrated once in each mode, alternating h1 -> h2,
+/// h2 -> h1; memhog checks its memory after every move.
 pub fn sensitivity(
     lab: &Lab,
     sizes: &[u64],
     dirty: &[u64],
+    modes: &[String],
     pb: &ProgressBar,
 ) -> Result<Vec<SensitivityPoint>> {
     wait_swept(lab, pb)?;
@@ -429,50 +455,95 @@ pub fn sensitivity(
     let mut on = "h1";
     for &mib in sizes {
         for &d in dirty {
-            let other = if on == "h1" { "h2" } else { "h1" };
-            pb.set_message(format!("memhog {mib} MiB, {d}% dirty/s: {on} -> {other}"));
-            let name = format!("memhog-{mib}-{d}");
-            let env_mib = format!("MEMHOG_MIB={mib}");
-            let env_d = format!("MEMHOG_DIRTY_PERCENT={d}");
-            lab.run_container(
-                on,
-                &name,
-                &["-e", &env_mib, "-e", &env_d],
-                "localhost/memhog",
-                &[],
-            )?;
-            let t = Instant::now();
-            while !lab.podman(on, &["logs", &name])?.contains("memhog: ready") {
-                if t.elapsed() > Duration::from_secs(120) {
-                    bail!("memhog {mib} MiB not ready on {on}");
+            for mode in modes {
+                let other = if on == "h1" { "h2" } else { "h1" };
+                pb.set_message(format!(
+                    "memhog {mib} MiB, {d}% dirty/s, {mode}: {on} -> {other}"
+                ));
+                let name = format!("memhog-{mib}-{d}");
+                let env_mib = format!("MEMHOG_MIB={mib}");
+                let env_d = format!("MEMHOG_DIRTY_PERCENT={d}");
+                lab.run_container(
+                    on,
+                    &name,
+                    &["-e", &env_mib, "-e", &env_d],
+                    "localhost/memhog",
+                    &[],
+                )?;
+                wait_logged(lab, on, &name, "memhog: ready", 0)?;
+                // Let the dirtying run for a moment.
+                std::thread::sleep(Duration::from_secs(1));
+                let m = migrate_with(
+                    lab,
+                    Method::LiveMigrate,
+                    &name,
+                    on,
+                    other,
+                    &["--mode", mode],
+                );
+                let here = if m.ok { other } else { on };
+                let memory_intact = memhog_intact(lab, here, &name, mib).unwrap_or(false);
+                let report = m.agent_report.as_ref();
+                let last_page_ms = report.and_then(|r| r["last_page_ms"].as_f64());
+                let pages = report
+                    .and_then(|r| r["pages"]["pages"].as_u64())
+                    .unwrap_or(0);
+                let bytes_moved = m.checkpoint_bytes.map(|b| b + pages * 4096);
+                pb.suspend(|| {
+                    eprintln!(
+                        "  memhog {mib} MiB {d}% {mode}: {} freeze-to-resume {:.0} ms, total {:.0} ms, last page {:.0} ms, memory {}",
+                        if m.ok { "ok" } else { "FAILED" },
+                        m.freeze_to_resume_ms.unwrap_or(f64::NAN),
+                        m.total_ms.unwrap_or(f64::NAN),
+                        last_page_ms.unwrap_or(f64::NAN),
+                        if memory_intact { "intact" } else { "NOT INTACT" },
+                    )
+                });
+                let _ = lab.exec_unchecked(here, &["podman", "rm", "-f", "-t", "0", &name]);
+                if m.ok {
+                    on = other;
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                points.push(SensitivityPoint {
+                    mib,
+                    dirty_percent: d,
+                    mode: mode.clone(),
+                    migration: m,
+                    last_page_ms,
+                    bytes_moved,
+                    memory_intact,
+                });
+                pb.inc(1);
             }
-            // Let the dirtying run for a moment.
-            std::thread::sleep(Duration::from_secs(1));
-            let m = migrate(lab, Method::LiveMigrate, &name, on, other);
-            pb.suspend(|| {
-                eprintln!(
-                    "  memhog {mib} MiB {d}%: {} freeze-to-resume {:.0} ms, total {:.0} ms",
-                    if m.ok { "ok" } else { "FAILED" },
-                    m.freeze_to_resume_ms.unwrap_or(f64::NAN),
-                    m.total_ms.unwrap_or(f64::NAN)
-                )
-            });
-            let here = if m.ok { other } else { on };
-            let _ = lab.exec_unchecked(here, &["podman", "rm", "-f", "-t", "0", &name]);
-            if m.ok {
-                on = other;
-            }
-            points.push(SensitivityPoint {
-                mib,
-                dirty_percent: d,
-                migration: m,
-            });
-            pb.inc(1);
         }
     }
     Ok(points)
+}
+
+/// Waits until the container's log has more than `seen` lines containing `text`; returns
+/// the first new one.
+fn wait_logged(lab: &Lab, host: &str, name: &str, text: &str, seen: usize) -> Result<String> {
+    let t = Instant::now();
+    loop {
+        let logs = lab.podman(host, &["logs", name])?;
+        if let Some(line) = logs.lines().filter(|l| l.contains(text)).nth(seen) {
+            return Ok(line.to_string());
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("{name} on {host} never logged {text:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// memhog's own check of every page (SIGUSR1).
+fn memhog_intact(lab: &Lab, host: &str, name: &str, mib: u64) -> Result<bool> {
+    let seen = lab
+        .podman(host, &["logs", name])?
+        .matches("memhog: verify")
+        .count();
+    lab.podman(host, &["kill", "--signal", "USR1", name])?;
+    let verdict = wait_logged(lab, host, name, "memhog: verify", seen)?;
+    Ok(verdict.trim() == format!("memhog: verify ok pages={}", mib * 256))
 }
 
 /// One hop of the echo series: the longest pause the echo client saw, where the freeze

@@ -116,21 +116,27 @@ pub fn markdown(r: &Report) -> String {
     if !r.sensitivity.is_empty() {
         let _ = writeln!(
             s,
-            "## Memory sensitivity (memhog, live-migrate)\n\n| MiB | dirty %/s | freeze-to-resume ms | total ms | checkpoint MiB | ok |\n|---|---|---|---|---|---|"
+            "## Memory sensitivity (memhog, live-migrate)\n\n| MiB | dirty %/s | mode | freeze-to-resume ms | total ms | last page ms | moved MiB | memory intact | ok |\n|---|---|---|---|---|---|---|---|---|"
         );
         for p in &r.sensitivity {
             let m = &p.migration;
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 p.mib,
                 p.dirty_percent,
+                p.mode,
                 opt(m.freeze_to_resume_ms),
                 opt(m.total_ms),
-                m.checkpoint_bytes
+                opt(p.last_page_ms),
+                p.bytes_moved
                     .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1048576.0)),
+                if p.memory_intact { "yes" } else { "**no**" },
                 if m.ok { "yes" } else { "**no**" }
             );
+        }
+        for line in post_copy_ratios(&r.sensitivity) {
+            let _ = writeln!(s, "\n{line}");
         }
         let _ = writeln!(s, "\nPlot: `sensitivity.png`.\n");
     }
@@ -294,4 +300,36 @@ fn step_spreads(hops: &[EchoHop]) -> Vec<(String, Spread)> {
             Some((key, spread(&v)?))
         })
         .collect()
+}
+
+/// The post-copy freeze at each size beside the smallest size's, per dirty rate (the
+/// target: at most 1.5 times).
+fn post_copy_ratios(points: &[SensitivityPoint]) -> Vec<String> {
+    let post: Vec<&SensitivityPoint> = points
+        .iter()
+        .filter(|p| p.mode == "post-copy" && p.migration.ok)
+        .collect();
+    let Some(smallest) = post.iter().map(|p| p.mib).min() else {
+        return Vec::new();
+    };
+    let mut lines = Vec::new();
+    for base in post.iter().filter(|p| p.mib == smallest) {
+        let Some(base_ms) = base.migration.freeze_to_resume_ms else {
+            continue;
+        };
+        let ratios: Vec<String> = post
+            .iter()
+            .filter(|p| p.dirty_percent == base.dirty_percent && p.mib != smallest)
+            .filter_map(|p| {
+                let ms = p.migration.freeze_to_resume_ms?;
+                Some(format!("{} MiB {:.2}x", p.mib, ms / base_ms))
+            })
+            .collect();
+        lines.push(format!(
+            "Post-copy freeze against {smallest} MiB ({base_ms:.0} ms) at {}% dirtied/s: {}",
+            base.dirty_percent,
+            ratios.join(", ")
+        ));
+    }
+    lines
 }

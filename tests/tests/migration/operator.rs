@@ -366,10 +366,11 @@ pub fn interactive_migration_in_a_terminal(lab: &Lab) -> Result<()> {
         terminal.wait_for_text("Destination agent", long)?;
     }
     terminal.keys(&["h3", "Enter"])?;
-    let screen = terminal.wait_for_text("Migrate pickme to h3?", long)?;
+    // A small container: auto picks stop-copy, and the prompt says so.
+    let screen = terminal.wait_for_text("Migrate pickme to h3, stop-copy", long)?;
     ensure!(
-        screen.contains("tunnel") && screen.contains("ports"),
-        "no preflight summary before the confirmation:\n{screen}"
+        screen.contains("tunnel") && screen.contains("ports") && screen.contains("post-copy"),
+        "no preflight summary (with post-copy) before the confirmation:\n{screen}"
     );
     terminal.keys(&["y"])?;
     let screen = terminal.wait_for_text("freeze-to-resume", Duration::from_secs(180))?;
