@@ -303,8 +303,47 @@ fn step_spreads(hops: &[EchoHop]) -> Vec<(String, Spread)> {
 }
 
 /// The post-copy freeze at each size beside the smallest size's, per dirty rate (the
-/// target: at most 1.5 times).
+/// target: at most 1.5 times); and the time until the last page beside what the bytes
+/// moved would take at the stop-copy transfer's rate (the target: at most 1.5 times
+/// that, plus 1 s).
 fn post_copy_ratios(points: &[SensitivityPoint]) -> Vec<String> {
+    let mut lines = freeze_ratios(points);
+    let mut rates: Vec<f64> = points
+        .iter()
+        .filter(|p| p.mode == "stop-copy" && p.migration.ok && p.mib >= 256)
+        .filter_map(|p| {
+            let report = p.migration.agent_report.as_ref()?;
+            let ms = report["freeze_steps"]["transfer_ms"].as_f64()?;
+            Some(p.migration.checkpoint_bytes? as f64 / ms * 1e3)
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    let Some(&rate) = rates.get(rates.len() / 2) else {
+        return lines;
+    };
+    let checks: Vec<String> = points
+        .iter()
+        .filter(|p| p.mode == "post-copy" && p.migration.ok)
+        .filter_map(|p| {
+            let (moved, last) = (p.bytes_moved? as f64, p.last_page_ms?);
+            let bound = 1.5 * moved / rate * 1e3 + 1000.0;
+            Some(format!(
+                "{} MiB {}%: {last:.0} ms (bound {bound:.0} ms{})",
+                p.mib,
+                p.dirty_percent,
+                if last <= bound { "" } else { ", **over**" }
+            ))
+        })
+        .collect();
+    lines.push(format!(
+        "Post-copy, until the last page, against 1.5 x bytes moved / {:.0} MB/s (the stop-copy transfer's median rate) + 1 s: {}",
+        rate / 1e6,
+        checks.join("; ")
+    ));
+    lines
+}
+
+fn freeze_ratios(points: &[SensitivityPoint]) -> Vec<String> {
     let post: Vec<&SensitivityPoint> = points
         .iter()
         .filter(|p| p.mode == "post-copy" && p.migration.ok)
