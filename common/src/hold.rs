@@ -296,10 +296,10 @@ struct Queue {
     bound: u32,
 }
 
-/// Lets the held packets through, removes the rule, then lets through what was queued
-/// meanwhile, until the kernel holds nothing for this queue. The packets that meet the
-/// rule between the first verdict and its removal come after ones that did not meet it:
-/// the rule goes by its handle, in one request, to keep that window short.
+/// Lets the held packets through, removes the rule (letting through, as they come, the
+/// packets that meet it meanwhile), then lets through what was still queued, until the
+/// kernel holds nothing for this queue. The rule goes by its handle, in one request, to
+/// keep that window short.
 async fn let_through(socket: &mut TokioSocket, hold: &Queue, mut held: Held) -> Result<HoldReport> {
     let Queue {
         queue,
@@ -313,7 +313,26 @@ async fn let_through(socket: &mut TokioSocket, hold: &Queue, mut held: Held) -> 
     if let Some(last) = held.last_id {
         accept_up_to(socket, queue, last).await?;
     }
-    remove_rule(ip, rule).await?;
+    // Removing the rule is an nftables commit, which can take tens of milliseconds: the
+    // packets that still meet it meanwhile are let through as they come, so that none waits
+    // in the queue while a newer one, that no longer meets the rule, overtakes it.
+    let removing = remove_rule(ip, rule);
+    tokio::pin!(removing);
+    loop {
+        let received = tokio::select! {
+            removed = &mut removing => {
+                removed?;
+                break;
+            }
+            received = socket.recv_from_full() => received,
+        };
+        if let Ok((data, _)) = received {
+            note_packets(&data, &mut held);
+            if let Some(last) = held.last_id {
+                accept_up_to(socket, queue, last).await?;
+            }
+        }
+    }
     // Packets that met the rule before it went: their notifications are on the way.
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     loop {
