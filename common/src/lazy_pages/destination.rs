@@ -1,0 +1,240 @@
+//! The destination's side of post-copy: the archive to import lazily, and the
+//! lazy-pages daemon that serves the restored processes' faults.
+
+use std::fs::File;
+use std::io::Write;
+use std::net::SocketAddrV4;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::procfs::{borrow_fd, descriptors, tcp_sockets};
+use super::{append_bytes, PageServer};
+
+/// The socket `criu lazy-pages` opens in its work directory for the restore.
+const DAEMON_SOCKET: &str = "lazy-pages.socket";
+/// The configuration file the destination's restore reads.
+const RESTORE_CONF: &str = "criu-restore.conf";
+const DAEMON_LOG: &str = "lazy-pages.log";
+
+/// Makes `archive` restore lazily with the daemon of `work_dir`: its spec names a CRIU
+/// configuration there (`lazy-pages`, and the work directory, where the daemon's socket
+/// is), and its images are unpacked there for the daemon. Returns the archive to import.
+pub fn prepare_import(archive: &Path, work_dir: &Path) -> Result<PathBuf> {
+    crate::files::create_private_dir(work_dir)?;
+    let conf = work_dir.join(RESTORE_CONF);
+    let options = format!("lazy-pages\nwork-dir {}\n", work_dir.display());
+    crate::files::write_atomic(&conf, options.as_bytes())?;
+    let images = work_dir.join("images");
+    let import = work_dir.join("import.tar");
+    let mut out = tar::Builder::new(std::io::BufWriter::new(crate::files::create_private_file(
+        &import,
+    )?));
+    let mut input = tar::Archive::new(File::open(archive)?);
+    for entry in input.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        if path == Path::new("spec.dump") {
+            let mut spec: serde_json::Value = serde_json::from_reader(&mut entry)?;
+            let annotations = spec
+                .as_object_mut()
+                .ok_or_else(|| anyhow!("spec.dump is not a JSON object"))?
+                .entry("annotations")
+                .or_insert_with(|| serde_json::json!({}));
+            annotations["org.criu.config"] = conf.display().to_string().into();
+            append_bytes(&mut out, "spec.dump", &serde_json::to_vec(&spec)?)?;
+            continue;
+        }
+        if let Ok(image) = path.strip_prefix("checkpoint") {
+            if let Some(name) = image
+                .file_name()
+                .filter(|_| entry.header().entry_type().is_file())
+            {
+                // The daemon reads the process tree and memory maps. Only the file name
+                // of the peer's path is used, in a directory of ours.
+                crate::files::create_private_dir(&images)?;
+                let unpacked = images.join(name);
+                entry.unpack(&unpacked)?;
+                out.append_path_with_name(&unpacked, Path::new("checkpoint").join(name))?;
+                continue;
+            }
+        }
+        let mut header = entry.header().clone();
+        out.append_data(&mut header, &path, &mut entry)?;
+    }
+    let mut file = out.into_inner()?;
+    file.flush()?;
+    Ok(import)
+}
+
+/// `criu lazy-pages` on the destination: it hands the restored processes the pages they
+/// fault on, fetched from the source's page server, and copies the rest in the
+/// background; it exits once every page is here.
+pub struct PagesDaemon {
+    child: tokio::process::Child,
+    work_dir: PathBuf,
+    source: PageServer,
+    /// Duplicates of its userfaultfds ([`Self::guard`]).
+    held_uffds: Vec<OwnedFd>,
+}
+
+impl PagesDaemon {
+    /// Starts it in `work_dir` (prepared by [`prepare_import`]) and waits until the restore
+    /// can find it. CRIU's lazy-pages daemon exists only as the `criu` command (fixed
+    /// arguments, no shell).
+    pub async fn start(work_dir: &Path, source: PageServer) -> Result<Self> {
+        let socket = work_dir.join(DAEMON_SOCKET);
+        crate::files::remove_if_present(&socket)?;
+        let mut child = tokio::process::Command::new("criu")
+            .arg("lazy-pages")
+            .arg("--page-server")
+            .arg("--address")
+            .arg(source.address.to_string())
+            .arg("--port")
+            .arg(source.port.to_string())
+            .arg("--images-dir")
+            .arg(work_dir.join("images"))
+            .arg("--work-dir")
+            .arg(work_dir)
+            .arg("--log-file")
+            .arg(work_dir.join(DAEMON_LOG))
+            // Debug level: the count of pages it copied is logged only there.
+            .arg("-v4")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("start criu lazy-pages")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "criu lazy-pages exited ({status}) before the restore: {}",
+                    last_error(work_dir)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill().await;
+                bail!("criu lazy-pages did not open its socket within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(Self {
+            child,
+            work_dir: work_dir.to_path_buf(),
+            source,
+            held_uffds: Vec::new(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// After the restore, once it is connected to the source:
+    /// - its connection gets the agents' dead-peer timeouts
+    ///   ([`crate::wire::DEAD_PEER_SECONDS`]), so a cut link fails it within seconds,
+    ///   not after TCP's 15 minutes with the container stalled on a fault;
+    /// - this agent holds duplicates of its userfaultfds until [`Self::release`]: if it
+    ///   dies, a closed userfaultfd would let the container read zeros where its pages
+    ///   are missing, while a held one keeps a faulting thread waiting until the
+    ///   container is stopped.
+    ///
+    /// Both through `pidfd_getfd`: the options are set on the daemon's own socket.
+    pub async fn guard(&mut self) -> Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("criu lazy-pages has exited"))? as i32;
+        for fd in descriptors(pid, |link| link == "anon_inode:[userfaultfd]") {
+            self.held_uffds.push(borrow_fd(pid, fd)?);
+        }
+        let to = SocketAddrV4::new(self.source.address, self.source.port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let fd = loop {
+            let inodes: Vec<u64> = tcp_sockets()?
+                .into_iter()
+                .filter(|s| s.remote == to && !s.listening)
+                .map(|s| s.inode)
+                .collect();
+            let found = descriptors(pid, |link| {
+                inodes.iter().any(|i| link == format!("socket:[{i}]"))
+            });
+            if let Some(&fd) = found.first() {
+                break fd;
+            }
+            if Instant::now() > deadline {
+                bail!("criu lazy-pages did not connect to the source's page server at {to}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        crate::wire::detect_dead_peer(&borrow_fd(pid, fd)?)?;
+        Ok(())
+    }
+
+    /// Lets go of the userfaultfds [`Self::guard`] held: every page is here, or the
+    /// container is stopped.
+    pub fn release(&mut self) -> usize {
+        std::mem::take(&mut self.held_uffds).len()
+    }
+
+    /// Waits until it exits: `Ok` once every page arrived, with how many it fetched.
+    pub async fn wait(&mut self) -> Result<u64> {
+        let status = self.child.wait().await?;
+        if status.success() {
+            let log = std::fs::read_to_string(self.work_dir.join(DAEMON_LOG)).unwrap_or_default();
+            return Ok(transferred_pages(&log));
+        }
+        bail!(
+            "the page transfer from {}:{} failed ({status}): {}",
+            self.source.address,
+            self.source.port,
+            last_error(&self.work_dir)
+        )
+    }
+
+    /// Stops it at once (its uffds close: only after the container is stopped).
+    pub async fn kill(&mut self) -> Result<()> {
+        Ok(self.child.kill().await?)
+    }
+}
+
+/// The pages the daemon copied in, by its log: one "UFFD transferred pages: (N/M)" per
+/// restored process.
+fn transferred_pages(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| {
+            l.split("UFFD transferred pages: (")
+                .nth(1)?
+                .split('/')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// The last error CRIU logged in `work_dir`, for the report.
+fn last_error(work_dir: &Path) -> String {
+    std::fs::read_to_string(work_dir.join(DAEMON_LOG))
+        .ok()
+        .and_then(|log| {
+            log.lines()
+                .rev()
+                .find(|l| l.contains("Error"))
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "no error in its log".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transferred_pages_are_summed_over_processes() {
+        let log = "(01.3) uffd: 1-12: UFFD transferred pages: (65619/65619)\n(01.4) uffd: 7-14: UFFD transferred pages: (20/20)\n";
+        assert_eq!(transferred_pages(log), 65_639);
+    }
+}
