@@ -19,6 +19,7 @@ pub mod nft;
 pub mod overlay;
 pub mod podman;
 pub mod preflight;
+pub mod process;
 pub mod protocol;
 pub mod remote;
 pub mod routing;

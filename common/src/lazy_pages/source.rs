@@ -143,15 +143,10 @@ pub async fn stop_serving(server: PageServer) -> Result<bool> {
     let Some(pid) = holder.await? else {
         return Ok(false);
     };
-    let pid = nix::unistd::Pid::from_raw(pid);
-    let kill = |signal| nix::sys::signal::kill(pid, signal);
-    match kill(Some(nix::sys::signal::Signal::SIGKILL)) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(e) => bail!("stop CRIU's page server (pid {pid}): {e}"),
-    }
+    crate::process::kill(pid).with_context(|| format!("stop CRIU's page server (pid {pid})"))?;
     // runc, its parent, reaps it.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while kill(None).is_ok() {
+    while crate::process::exists(pid) {
         if Instant::now() > deadline {
             bail!("CRIU's page server (pid {pid}) did not stop");
         }

@@ -102,11 +102,8 @@ impl DestinationActions for PodmanClient {
             tokio::task::spawn_blocking(move || crate::freezer::freeze(&cgroup)).await??;
         }
         if let Some(pid) = info.pid {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
-                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-                Err(e) => anyhow::bail!("kill container {id} (pid {pid}): {e}"),
-            }
+            crate::process::kill(pid)
+                .with_context(|| format!("kill container {id} (pid {pid})"))?;
         }
         if let Some(cgroup) = info.cgroup_path {
             tokio::task::spawn_blocking(move || crate::freezer::thaw(&cgroup)).await??;

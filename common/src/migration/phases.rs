@@ -109,6 +109,11 @@ pub fn post_copy_problem(survey: &Survey) -> Option<String> {
     if survey.destination.is_none() {
         return Some("the destination was not reached".into());
     }
+    if survey.container.ipv4().is_none() {
+        // The destination learns the source's tunnel end, where the pages come from, with
+        // the container's flows.
+        return Some("the container has no IPv4 address".into());
+    }
     [Some(&survey.source), survey.destination.as_ref()]
         .into_iter()
         .flatten()
@@ -316,11 +321,7 @@ pub fn end_source_processes(container: &ContainerInfo) -> Result<()> {
     let Some(pid) = container.pid else {
         bail!("podman did not say which process is the container's init");
     };
-    let pid = nix::unistd::Pid::from_raw(pid);
-    match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-        Err(e) => bail!("kill the source's processes (pid {pid}): {e}"),
-    }
+    crate::process::kill(pid).with_context(|| format!("kill the source's processes (pid {pid})"))
 }
 
 /// What the page transfer of a post-copy migration took.
