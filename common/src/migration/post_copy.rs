@@ -24,15 +24,24 @@ pub struct Prepared {
 /// Prepares the restore of `archive` in `work_dir`, its pages coming from `source`.
 pub async fn prepare(archive: &Path, work_dir: &Path, source: PageServer) -> Result<Prepared> {
     let (from, dir) = (archive.to_path_buf(), work_dir.to_path_buf());
-    let import =
-        tokio::task::spawn_blocking(move || crate::lazy_pages::prepare_import(&from, &dir))
-            .await??;
-    let daemon = PagesDaemon::start(work_dir, source).await?;
-    Ok(Prepared {
-        import,
-        daemon,
-        work_dir: work_dir.to_path_buf(),
-    })
+    let prepared = async {
+        let import =
+            tokio::task::spawn_blocking(move || crate::lazy_pages::prepare_import(&from, &dir))
+                .await??;
+        let daemon = PagesDaemon::start(work_dir, source).await?;
+        anyhow::Ok((import, daemon))
+    };
+    match prepared.await {
+        Ok((import, daemon)) => Ok(Prepared {
+            import,
+            daemon,
+            work_dir: work_dir.to_path_buf(),
+        }),
+        Err(e) => {
+            remove_dir(work_dir);
+            Err(e)
+        }
+    }
 }
 
 impl Prepared {
