@@ -353,9 +353,9 @@ async fn handle(
             // Not locked while waiting: the transfer's watcher needs the migration too.
             let pages = shared.lock().await.pages.clone().ok_or_else(no_transfer)?;
             match post_copy::arrived(pages).await {
-                Ok((after, pages)) => Ok(ServerMessage::PagesArrived {
-                    after_restore_ms: after.as_millis() as u64,
-                    pages,
+                Ok(arrived) => Ok(ServerMessage::PagesArrived {
+                    after_restore_ms: arrived.after_restore.as_millis() as u64,
+                    pages: arrived.pages,
                 }),
                 Err(why) => Err(refuse(ErrorCode::PostCopyFailed, anyhow!(why))),
             }

@@ -29,15 +29,6 @@ pub struct RemoteError {
     pub message: String,
 }
 
-/// The destination has every page of a post-copy migration.
-#[derive(Debug, Clone, Copy)]
-pub struct PagesArrived {
-    /// How long after the restore the last one came.
-    pub after_restore: Duration,
-    /// How many (4 KiB) it fetched.
-    pub pages: u64,
-}
-
 pub struct RemoteAgent {
     stream: FramedStream<TcpStream>,
     address: String,
@@ -275,7 +266,7 @@ impl RemoteAgent {
         &mut self,
         migration_id: &str,
         patience: Duration,
-    ) -> Result<PagesArrived> {
+    ) -> Result<crate::lazy_pages::PagesArrived> {
         self.stream
             .send(&ClientMessage::AwaitPages {
                 migration_id: migration_id.to_string(),
@@ -285,7 +276,7 @@ impl RemoteAgent {
             ServerMessage::PagesArrived {
                 after_restore_ms,
                 pages,
-            } => Ok(PagesArrived {
+            } => Ok(crate::lazy_pages::PagesArrived {
                 after_restore: Duration::from_millis(after_restore_ms),
                 pages,
             }),

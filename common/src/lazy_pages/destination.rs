@@ -129,10 +129,6 @@ impl PagesDaemon {
         })
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
     /// After the restore, once it is connected to the source:
     /// - its connection gets the agents' dead-peer timeouts
     ///   ([`crate::wire::DEAD_PEER_SECONDS`]), so a cut link fails it within seconds,
@@ -145,7 +141,8 @@ impl PagesDaemon {
     /// Both through `pidfd_getfd`: the options are set on the daemon's own socket.
     pub async fn guard(&mut self) -> Result<()> {
         let pid = self
-            .pid()
+            .child
+            .id()
             .ok_or_else(|| anyhow!("criu lazy-pages has exited"))? as i32;
         for fd in descriptors(pid, |link| link == "anon_inode:[userfaultfd]") {
             self.held_uffds.push(borrow_fd(pid, fd)?);
@@ -175,8 +172,8 @@ impl PagesDaemon {
 
     /// Lets go of the userfaultfds [`Self::guard`] held: every page is here, or the
     /// container is stopped.
-    pub fn release(&mut self) -> usize {
-        std::mem::take(&mut self.held_uffds).len()
+    pub fn release(&mut self) {
+        self.held_uffds.clear();
     }
 
     /// Waits until it exits: `Ok` once every page arrived, with how many it fetched.

@@ -38,6 +38,15 @@ pub const RUNC_CONF: &str = "/etc/criu/runc.conf";
 /// First line of a configuration this module wrote (CRIU skips `#` lines).
 const MARKER: &str = "# live-migrate: options of one post-copy checkpoint, removed once it started";
 
+/// Every page of a post-copy restore is on the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagesArrived {
+    /// How long after the restore the last one came.
+    pub after_restore: std::time::Duration,
+    /// How many (4 KiB) were fetched from the source.
+    pub pages: u64,
+}
+
 /// Where the source serves the container's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageServer {

@@ -40,13 +40,12 @@ pub(super) fn parse_tcp_line(line: &str) -> Option<TcpSocket> {
     })
 }
 
-/// The inode of the socket listening on `server`, if any.
-pub(super) fn listener(server: PageServer) -> Result<Option<u64>> {
+/// Whether a socket listens on `server`.
+pub(super) fn listening(server: PageServer) -> Result<bool> {
     let at = SocketAddrV4::new(server.address, server.port);
     Ok(tcp_sockets()?
         .into_iter()
-        .find(|s| s.listening && s.local == at)
-        .map(|s| s.inode))
+        .any(|s| s.listening && s.local == at))
 }
 
 /// The descriptors of process `pid` whose link (`socket:[inode]`, ...) is `wanted`.

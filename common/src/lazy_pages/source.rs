@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use super::procfs::{listener, socket_holder, tcp_sockets};
+use super::procfs::{listening, socket_holder, tcp_sockets};
 use super::{append_bytes, foreign_config, PageServer, MARKER, RUNC_CONF};
 
 /// Held while a configuration of ours exists: one post-copy checkpoint starts at a time.
@@ -117,7 +117,7 @@ pub async fn wait_serving<T>(
     checkpoint: &mut tokio::task::JoinHandle<T>,
 ) -> Result<()> {
     loop {
-        if listener(server)?.is_some() {
+        if listening(server)? {
             return Ok(());
         }
         tokio::select! {
@@ -130,8 +130,8 @@ pub async fn wait_serving<T>(
 
 /// Stops the CRIU process that serves pages on `server`, if one still does: the
 /// processes it holds run again (undo before the destination restored them), or were
-/// killed already (after). Returns whether there was one.
-pub async fn stop_serving(server: PageServer) -> Result<bool> {
+/// killed already (after).
+pub async fn stop_serving(server: PageServer) -> Result<()> {
     let at = SocketAddrV4::new(server.address, server.port);
     // Listening, or (CRIU serves one restore) connected to the destination.
     let inodes: Vec<u64> = tcp_sockets()?
@@ -141,7 +141,7 @@ pub async fn stop_serving(server: PageServer) -> Result<bool> {
         .collect();
     let holder = tokio::task::spawn_blocking(move || inodes.into_iter().find_map(socket_holder));
     let Some(pid) = holder.await? else {
-        return Ok(false);
+        return Ok(());
     };
     crate::process::kill(pid).with_context(|| format!("stop CRIU's page server (pid {pid})"))?;
     // runc, its parent, reaps it.
@@ -152,7 +152,7 @@ pub async fn stop_serving(server: PageServer) -> Result<bool> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(true)
+    Ok(())
 }
 
 /// What the source knows of the container's network, for `network.status` in the archive:

@@ -214,11 +214,7 @@ pub struct IncomingMigration {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PagesState {
     Pending,
-    /// Every page is here, `after` the restore: `pages` of 4 KiB.
-    Arrived {
-        after: Duration,
-        pages: u64,
-    },
+    Arrived(crate::lazy_pages::PagesArrived),
     /// The transfer failed and the container was stopped: it could not go on.
     Failed(String),
 }

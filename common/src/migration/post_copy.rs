@@ -11,7 +11,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 
 use super::destination::{DestinationActions, PagesState, Shared};
-use crate::lazy_pages::{PageServer, PagesDaemon};
+use crate::lazy_pages::{PageServer, PagesArrived, PagesDaemon};
 use crate::podman::PodmanClient;
 
 /// What a post-copy restore imports, and the daemon that will serve its faults.
@@ -73,10 +73,10 @@ impl Prepared {
             let state = match transfer {
                 Ok(pages) => {
                     tracing::info!(container = %migration.container.name, pages, "every page is here");
-                    PagesState::Arrived {
-                        after: restored_at.elapsed(),
+                    PagesState::Arrived(PagesArrived {
+                        after_restore: restored_at.elapsed(),
                         pages,
-                    }
+                    })
                 }
                 Err(e) => {
                     tracing::error!(container = %migration.container.name, "post-copy failed: {e:#}; stopping the container");
@@ -102,16 +102,14 @@ impl Prepared {
 
 /// Waits for the outcome of a watched transfer: how long after the restore the last
 /// page arrived and how many came, or why it failed.
-pub async fn arrived(
-    mut outcome: watch::Receiver<PagesState>,
-) -> Result<(std::time::Duration, u64), String> {
+pub async fn arrived(mut outcome: watch::Receiver<PagesState>) -> Result<PagesArrived, String> {
     let state = outcome
         .wait_for(|s| *s != PagesState::Pending)
         .await
         .map_err(|_| "the page transfer's watcher is gone".to_string())?
         .clone();
     match state {
-        PagesState::Arrived { after, pages } => Ok((after, pages)),
+        PagesState::Arrived(arrived) => Ok(arrived),
         PagesState::Failed(why) => Err(why),
         PagesState::Pending => unreachable!("waited for"),
     }

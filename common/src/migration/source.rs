@@ -69,9 +69,7 @@ impl SourceActions for SourceHost<'_> {
                 let cgroup = cgroup.clone();
                 tokio::task::spawn_blocking(move || crate::freezer::thaw(&cgroup)).await?
             }
-            Undo::StopPageServer(server) => {
-                crate::lazy_pages::stop_serving(*server).await.map(drop)
-            }
+            Undo::StopPageServer(server) => crate::lazy_pages::stop_serving(*server).await,
         }
     }
 
