@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use common::history;
-use common::migration::mode::{self, Mode, ModeRequest};
+use common::migration::mode::{self, MemoryPath, Mode, ModeRequest};
 use common::migration::{phases, MigrationRequest};
 use dialoguer::theme::ColorfulTheme;
 use dialoguer::{Confirm, FuzzySelect, Input};
@@ -11,7 +11,11 @@ use indicatif::HumanBytes;
 use crate::{check, output, CommonArgs};
 
 /// Asks the operator what to migrate where; `None` if they decline.
-pub async fn choose(args: &CommonArgs, mode: ModeRequest) -> Result<Option<MigrationRequest>> {
+pub async fn choose(
+    args: &CommonArgs,
+    mode: ModeRequest,
+    stop_copy_memory: MemoryPath,
+) -> Result<Option<MigrationRequest>> {
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         bail!("no --container given and stdin is not a terminal: use --container NAME --dest HOST[:PORT]");
     }
@@ -25,7 +29,7 @@ pub async fn choose(args: &CommonArgs, mode: ModeRequest) -> Result<Option<Migra
             std::process::exit(130);
         }
     });
-    let chosen = ask(args, mode).await;
+    let chosen = ask(args, mode, stop_copy_memory).await;
     if chosen.as_ref().is_err_and(interrupted) {
         // The prompt saw the signal first; the handler above ends the process.
         std::future::pending::<()>().await;
@@ -46,7 +50,11 @@ fn interrupted(e: &anyhow::Error) -> bool {
     })
 }
 
-async fn ask(args: &CommonArgs, mode: ModeRequest) -> Result<Option<MigrationRequest>> {
+async fn ask(
+    args: &CommonArgs,
+    mode: ModeRequest,
+    stop_copy_memory: MemoryPath,
+) -> Result<Option<MigrationRequest>> {
     let theme = ColorfulTheme::default();
     let Some(container) = pick_container(args, &theme).await? else {
         return Ok(None);
@@ -56,6 +64,7 @@ async fn ask(args: &CommonArgs, mode: ModeRequest) -> Result<Option<MigrationReq
     };
     let mut request = args.request(&container, &destination)?;
     request.mode = mode;
+    request.stop_copy_memory = stop_copy_memory;
     let survey = check::survey(args, &request).await?;
     output::print_survey(&survey, false)?;
     if check::has_problems(&survey) {
@@ -65,15 +74,19 @@ async fn ask(args: &CommonArgs, mode: ModeRequest) -> Result<Option<MigrationReq
         mode,
         survey.memory_bytes,
         phases::post_copy_problem(&survey).as_deref(),
+        stop_copy_memory,
     )?;
     let go = Confirm::with_theme(&theme)
         .with_prompt(format!(
             "Migrate {container} to {destination}, {} ({})? {}",
             choice.mode.label(),
             choice.reason,
-            match choice.mode {
-                Mode::StopCopy => "It is frozen from the checkpoint until it runs there",
-                Mode::PostCopy =>
+            match (choice.mode, choice.memory) {
+                (Mode::StopCopy, MemoryPath::PageServer) =>
+                    "It is frozen from the checkpoint until it runs there; its memory streams there meanwhile",
+                (Mode::StopCopy, MemoryPath::Archive) =>
+                    "It is frozen from the checkpoint until it runs there; its memory goes in the archive",
+                (Mode::PostCopy, _) =>
                     "It is frozen briefly; until its memory has moved it needs both hosts",
             }
         ))

@@ -12,7 +12,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use common::auth::Token;
 use common::config::HostPaths;
-use common::migration::mode::{self, Mode, ModeRequest};
+use common::migration::mode::{self, MemoryPath, Mode, ModeRequest};
 use common::migration::MigrationRequest;
 use common::podman::PodmanClient;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -92,6 +92,8 @@ struct MigrateArgs {
     hold_packets: u32,
     /// How the container's memory moves. stop-copy: all of it while the container is
     /// frozen, so the freeze grows with its memory; if anything fails, it runs here again.
+    /// Where both hosts can serve lazy pages it streams from CRIU's page server into a
+    /// stopped copy there, which runs once all of it has arrived (see --archive).
     /// post-copy: after the freeze, while it already runs on the destination, so the
     /// freeze stays short; until the last page has moved it needs both hosts, and if
     /// either or the link between them fails then, it stops on both. auto: post-copy from
@@ -101,6 +103,10 @@ struct MigrateArgs {
     /// The resident memory from which --mode auto picks post-copy.
     #[arg(long, value_name = "MIB", default_value_t = mode::DEFAULT_POST_COPY_ABOVE >> 20)]
     post_copy_above: u64,
+    /// Stop-copy: move the memory in podman's checkpoint archive, written to disk on both
+    /// hosts, rather than streaming it (slower; the way where a host has no userfaultfd).
+    #[arg(long)]
+    archive: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +124,14 @@ impl MigrateArgs {
             },
             ModeArg::PostCopy => ModeRequest::Fixed(Mode::PostCopy),
             ModeArg::StopCopy => ModeRequest::Fixed(Mode::StopCopy),
+        }
+    }
+
+    fn stop_copy_memory(&self) -> MemoryPath {
+        if self.archive {
+            MemoryPath::Archive
+        } else {
+            MemoryPath::PageServer
         }
     }
 }
@@ -164,6 +178,7 @@ impl CommonArgs {
             mode: ModeRequest::Auto {
                 post_copy_above: mode::DEFAULT_POST_COPY_ABOVE,
             },
+            stop_copy_memory: MemoryPath::PageServer,
             cancel: CancellationToken::new(),
         })
     }
@@ -275,7 +290,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         None => {
             let mut request = match (&cli.migrate.container, &cli.migrate.dest) {
                 (Some(container), Some(dest)) => args.request(container, dest)?,
-                _ => match interactive::choose(args, cli.migrate.mode()).await? {
+                _ => match interactive::choose(
+                    args,
+                    cli.migrate.mode(),
+                    cli.migrate.stop_copy_memory(),
+                )
+                .await?
+                {
                     Some(request) => request,
                     None => {
                         say("nothing migrated");
@@ -286,6 +307,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             request.forward_new_connections = !cli.migrate.no_forward_new;
             request.hold_packets = cli.migrate.hold_packets;
             request.mode = cli.migrate.mode();
+            request.stop_copy_memory = cli.migrate.stop_copy_memory();
             migrate::run(args, request).await
         }
     }

@@ -12,13 +12,13 @@ use common::conntrack;
 use common::forwarding::ForwardRecord;
 use common::history::{self, Direction, HistoryEntry};
 use common::lazy_pages::PageServer;
-use common::migration::destination::{self, IncomingMigration, Shared};
+use common::migration::destination::{self, IncomingMigration, ResumeError, Shared};
 use common::migration::ownership::{self, DestinationStage};
 use common::migration::post_copy;
 use common::nft::Firewall;
 use common::overlay::{TunnelEnd, MAIN_TABLE};
 use common::protocol::{
-    ClientMessage, ContainerRef, ErrorCode, PostCopy, RestoreTimes, ServerMessage,
+    ClientMessage, ContainerRef, ErrorCode, LazyRestore, RestoreTimes, ServerMessage,
     MAX_FLOWS_PER_BATCH,
 };
 use common::routing::{Route, Routing};
@@ -331,12 +331,28 @@ async fn handle(
                 flows: migration.flows.len(),
             })
         }
-        ClientMessage::Restore {
-            container,
-            post_copy,
-        } => {
+        ClientMessage::Restore { container, lazy } => {
             let shared = current(connection)?.clone();
-            restore(&shared, &container, post_copy, context).await
+            restore(&shared, &container, lazy, context).await
+        }
+        ClientMessage::Resume { migration_id } => {
+            validate::migration_id(&migration_id).map_err(invalid)?;
+            let gone = || {
+                refuse(
+                    ErrorCode::ReplicaGone,
+                    anyhow!("no copy of migration {migration_id} is here to run"),
+                )
+            };
+            let shared = context.migrations.get(&migration_id).ok_or_else(gone)?;
+            let mut migration = shared.lock().await;
+            match migration.resume(podman).await {
+                Ok(()) => {
+                    tracing::info!(container = %migration.container.name, "replica resumed; this host owns it");
+                    Ok(ServerMessage::Resumed)
+                }
+                Err(ResumeError::Gone) => Err(gone()),
+                Err(ResumeError::Other(e)) => Err(e.into()),
+            }
         }
         ClientMessage::AwaitPages { migration_id } => {
             validate::migration_id(&migration_id).map_err(invalid)?;
@@ -514,7 +530,7 @@ async fn private_file(path: &std::path::Path) -> anyhow::Result<tokio::fs::File>
 async fn restore(
     shared: &Shared,
     declared: &ContainerRef,
-    post_copy: Option<PostCopy>,
+    lazy: Option<LazyRestore>,
     context: &ServerContext,
 ) -> Reply {
     let podman = &context.podman;
@@ -536,9 +552,12 @@ async fn restore(
                 anyhow!("no complete, verified archive in this migration"),
             )
         })?;
-    let lazy = match post_copy {
+    let replica = lazy.is_some_and(|l| l.until_resumed);
+    let lazy = match lazy {
         None => None,
-        Some(PostCopy { page_server_port }) => {
+        Some(LazyRestore {
+            page_server_port, ..
+        }) => {
             // Only the port is the peer's: the address is its end of our tunnel.
             let address = migration.source_tunnel_address.ok_or_else(|| {
                 refuse(
@@ -555,7 +574,7 @@ async fn restore(
                 address,
                 port: page_server_port,
             };
-            Some(post_copy::prepare(&archive, &work_dir, source).await?)
+            Some(post_copy::prepare(&archive, &work_dir, source, replica).await?)
         }
     };
     migration.pages_pending = lazy.is_some();
@@ -609,20 +628,26 @@ async fn restore(
             Err(e) => tracing::warn!("preparing for the restore: {e}"),
         }
     }
-    // Its sockets exist: its address is routed here again. Packets held here wait for the
-    // source's (`TrafficSwitched`).
-    migration.route_here().await?;
-    if let Some(lazy) = lazy {
-        migration.pages = Some(lazy.watch(shared.clone(), podman.clone()));
-    }
-    // The decision point: journaled before the source hears of it.
-    migration.enter(DestinationStage::Owns)?;
-    common::fault::at(&context.state_dir, "restored")?;
     let times = RestoreTimes {
         podman_us: podman_took.as_micros() as u64,
         runtime_us: restored.runtime_us,
         criu_us: restored.criu_us,
     };
+    if let Some(lazy) = lazy {
+        migration.pages = Some(lazy.watch(shared.clone(), podman.clone()));
+    }
+    if replica {
+        // Stopped, and not ours: it runs (and its address is routed here) on `Resume`.
+        migration.enter(DestinationStage::Replica)?;
+        tracing::info!(container = %migration.container.name, ?times, "replica restored, stopped until its memory is here and the source resumes it");
+        return Ok(ServerMessage::Restored { times });
+    }
+    // Its sockets exist: its address is routed here again. Packets held here wait for the
+    // source's (`TrafficSwitched`).
+    migration.route_here().await?;
+    // The decision point: journaled before the source hears of it.
+    migration.enter(DestinationStage::Owns)?;
+    common::fault::at(&context.state_dir, "restored")?;
     tracing::info!(container = %migration.container.name, ?times, "container restored; this host owns it");
     Ok(ServerMessage::Restored { times })
 }

@@ -54,6 +54,13 @@ impl Freezer {
         std::fs::write(&path, value).with_context(|| format!("writing {}", path.display()))
     }
 
+    fn processes(&self) -> PathBuf {
+        match self {
+            Freezer::V1(state) => state.with_file_name("cgroup.procs"),
+            Freezer::V2(dir) => dir.join("cgroup.procs"),
+        }
+    }
+
     fn is_frozen(&self) -> Result<bool> {
         Ok(match self {
             Freezer::V1(state) => std::fs::read_to_string(state)?.trim() == "FROZEN",
@@ -86,6 +93,20 @@ pub fn thaw(cgroup: &str) -> Result<()> {
         Ok(freezer) => freezer.request(false),
         Err(_) => Ok(()),
     }
+}
+
+/// The processes in the cgroup (by the freezer's hierarchy).
+pub fn processes(cgroup: &str) -> Result<Vec<i32>> {
+    let path = Freezer::of(cgroup)?.processes();
+    let listed =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    listed
+        .lines()
+        .map(|pid| {
+            pid.parse()
+                .with_context(|| format!("{}: {pid:?}", path.display()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -326,6 +326,9 @@ fn source_stage(stage: SourceStage) -> &'static str {
         SourceStage::RestoreRequested => {
             "restore requested: in doubt until the destination answers"
         }
+        SourceStage::Streaming => {
+            "memory streaming into the destination's stopped replica: decided by the processes here"
+        }
         SourceStage::DestinationOwns => "destination owns it",
     }
 }
@@ -334,6 +337,9 @@ fn destination_stage(stage: DestinationStage) -> &'static str {
     match stage {
         DestinationStage::Receiving => "receiving",
         DestinationStage::Restoring => "restoring",
+        DestinationStage::Replica => {
+            "stopped replica, waiting for the source to resume or fence it"
+        }
         DestinationStage::Owns => "runs here, waiting for the source to settle",
         DestinationStage::Fenced => "fenced",
     }

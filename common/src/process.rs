@@ -17,3 +17,50 @@ pub fn kill(pid: i32) -> nix::Result<()> {
 pub fn exists(pid: i32) -> bool {
     signal(Pid::from_raw(pid), None).is_ok()
 }
+
+/// SIGCONT to `pid`: it goes on after a stop (CRIU's `leave-stopped` restore).
+pub fn resume(pid: i32) -> nix::Result<()> {
+    signal(Pid::from_raw(pid), Signal::SIGCONT)
+}
+
+/// Whether `pid` is a live process of the container `container_id` (its cgroup names
+/// it): not gone, not a zombie, and no SIGKILL pending (CRIU has ended it, it just has not
+/// died yet).
+pub fn alive_in(pid: i32, container_id: &str) -> bool {
+    let read = |file: &str| std::fs::read_to_string(format!("/proc/{pid}/{file}"));
+    let (Ok(stat), Ok(status), Ok(cgroup)) = (read("stat"), read("status"), read("cgroup")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold anything.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    let dying = status.lines().any(|line| {
+        line.strip_prefix("SigPnd:")
+            .or_else(|| line.strip_prefix("ShdPnd:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (Signal::SIGKILL as u64 - 1)) != 0)
+    });
+    !matches!(state, None | Some("Z" | "X" | "x")) && !dying && cgroup.contains(container_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_only_in_its_own_cgroup() {
+        let pid = std::process::id() as i32;
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let ours = cgroup
+            .lines()
+            .next()
+            .and_then(|l| l.rsplit('/').next())
+            .unwrap();
+        if !ours.is_empty() {
+            assert!(alive_in(pid, ours));
+        }
+        assert!(!alive_in(pid, "no-such-container-0123456789abcdef"));
+        assert!(!alive_in(i32::MAX, ours));
+    }
+}

@@ -38,7 +38,9 @@
 //!      container's own address on one end;
 //!    - `Restore` -> `Restored`: restores the archive of this connection's migration, and
 //!      only the container declared with it. The destination records that it owns the
-//!      container before it answers (the decision point, [`crate::migration::ownership`]);
+//!      container before it answers (the decision point, [`crate::migration::ownership`]).
+//!      A [`LazyRestore`] with `until_resumed` instead leaves a stopped copy that it does
+//!      not own yet (a replica): its memory fills in from the source's page server;
 //!    - `TrafficSwitched` -> `HoldReleased`, after `Restored`, on the session the source
 //!      keeps through the tunnel (so that it arrives behind the packets it names): the
 //!      source has routed the container's address into the tunnel and let through the
@@ -47,15 +49,20 @@
 //!      through, so that the container gets them after the source's, in order
 //!      ([`crate::hold`]). They are let through too if the migration's connection closes
 //!      first;
-//!    - `AwaitPages` -> `PagesArrived`, after `Restored` of a post-copy migration (whose
-//!      `Restore` named the source's page server, [`PostCopy`]): answered once every page
-//!      of the container's memory is on the destination, or with `Error`
+//!    - `AwaitPages` -> `PagesArrived`, after `Restored` of a migration whose `Restore`
+//!      named the source's page server ([`LazyRestore`]): answered once every page of the
+//!      container's memory is on the destination, or with `Error`
 //!      [`ErrorCode::PostCopyFailed`] when the transfer failed, the container then
 //!      stopped ([`crate::lazy_pages`]);
+//!    - `Resume` -> `Resumed`, on any connection, for a replica whose memory is all here:
+//!      the source's processes are gone (CRIU ended them once their last page left). The
+//!      destination records that it owns the container, then lets it run. Asked again of
+//!      a migration it owns, it answers the same. A replica that is gone (its transfer
+//!      failed, or it was fenced) is refused with [`ErrorCode::ReplicaGone`];
 //!    - `Finish` -> `Finished` (the source is gone; forget the session);
 //!    - `Resolve` -> `Resolved`, on any connection: who owns the container of migration
-//!      `migration_id`. Unless the destination owns it, it is fenced first: any copy is
-//!      removed and none will be started. Waits for a request of that migration still
+//!      `migration_id`. Unless the destination owns it, it is fenced first: any copy (a
+//!      replica too) is removed and none will be started. Waits for a request of that migration still
 //!      being handled (a restore) to end;
 //!    - `Settle` -> `Settled`, on any connection: the source has removed its copy of a
 //!      migration the destination owns; the destination forgets the migration;
@@ -79,7 +86,7 @@ pub use crate::migration::ownership::Verdict;
 use crate::podman::PublishedPort;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Default TCP port of `agent-server`.
 pub const DEFAULT_PORT: u16 = 7878;
@@ -141,10 +148,13 @@ pub enum ClientMessage {
     },
     Restore {
         container: ContainerRef,
-        /// Post-copy: the memory comes later, from this page server.
-        post_copy: Option<PostCopy>,
+        /// The memory is not in the archive: it comes from this page server.
+        lazy: Option<LazyRestore>,
     },
     AwaitPages {
+        migration_id: String,
+    },
+    Resume {
         migration_id: String,
     },
     TrafficSwitched {
@@ -209,6 +219,8 @@ pub enum ServerMessage {
         /// Pages (4 KiB) fetched from the source.
         pages: u64,
     },
+    /// The stopped copy of a streamed stop-copy migration runs, and the destination owns it.
+    Resumed,
     Finished,
     Resolved {
         verdict: Verdict,
@@ -253,14 +265,22 @@ pub enum ErrorCode {
     /// The pages of a post-copy migration stopped arriving: the container was stopped.
     #[error("post-copy failed")]
     PostCopyFailed,
+    /// No replica of this migration is here to resume: it was fenced, or its memory could
+    /// not all arrive and it was stopped.
+    #[error("no replica to resume")]
+    ReplicaGone,
 }
 
-/// The source's page server of a post-copy migration. It listens on the source's end of
-/// the tunnel (the destination knows that address; only the port is sent), so pages
-/// travel encrypted.
+/// A restore whose memory comes from the source's page server. It listens on the
+/// source's end of the tunnel (the destination knows that address; only the port is
+/// sent), so pages travel encrypted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PostCopy {
+pub struct LazyRestore {
     pub page_server_port: u16,
+    /// Streamed stop-copy: the restored processes stay stopped, and the destination does
+    /// not own them, until every page is here and the source says `Resume`. Otherwise
+    /// (post-copy) they run at once, and fault their pages in.
+    pub until_resumed: bool,
 }
 
 /// Identifies the container being migrated.

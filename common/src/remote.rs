@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::{authenticate_to_server, Token};
 use crate::protocol::{
-    ClientMessage, ContainerRef, ErrorCode, HoldReport, HostReport, PostCopy, RestoreTimes,
+    ClientMessage, ContainerRef, ErrorCode, HoldReport, HostReport, LazyRestore, RestoreTimes,
     ServerMessage, Verdict, DEFAULT_PORT,
 };
 use crate::transfer::{send_file, send_stream};
@@ -194,13 +194,13 @@ impl RemoteAgent {
     pub async fn restore(
         &mut self,
         container: &ContainerRef,
-        post_copy: Option<PostCopy>,
+        lazy: Option<LazyRestore>,
         sent: impl FnOnce(),
     ) -> Result<RestoreTimes> {
         self.stream
             .send(&ClientMessage::Restore {
                 container: container.clone(),
-                post_copy,
+                lazy,
             })
             .await?;
         sent();
@@ -221,6 +221,20 @@ impl RemoteAgent {
         {
             ServerMessage::Resolved { verdict } => Ok(verdict),
             other => bail!("unexpected reply to resolve: {other:?}"),
+        }
+    }
+
+    /// Lets the destination's replica of a streamed stop-copy migration run: the source's
+    /// processes are gone. From the answer on, the destination owns the container.
+    pub async fn resume(&mut self, migration_id: &str) -> Result<()> {
+        match self
+            .request(&ClientMessage::Resume {
+                migration_id: migration_id.to_string(),
+            })
+            .await?
+        {
+            ServerMessage::Resumed => Ok(()),
+            other => bail!("unexpected reply to resume: {other:?}"),
         }
     }
 

@@ -21,6 +21,8 @@ mod operator;
 mod peer_input;
 #[path = "migration/post_copy.rs"]
 mod post_copy;
+#[path = "migration/streamed.rs"]
+mod streamed;
 
 type Scenario = fn(&Lab) -> Result<()>;
 
@@ -29,7 +31,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         "counter_continues_h1_h2_h1_and_podman_sees_a_normal_container",
         counter_round_trip,
     ),
-    ("memhog_256mib_memory_intact", memhog_memory_intact),
+    (
+        "stop_copy_archive_memhog_256mib_memory_intact",
+        memhog_memory_intact,
+    ),
     (
         "post_copy_memhog_256mib_memory_intact_and_source_keeps_nothing",
         post_copy::memory_intact_and_source_keeps_nothing,
@@ -45,6 +50,22 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     (
         "post_copy_link_cut_while_pages_move_stops_the_container",
         post_copy::link_cut_while_pages_move_stops_the_container,
+    ),
+    (
+        "streamed_memhog_256mib_memory_intact_and_source_keeps_nothing",
+        streamed::memory_intact_and_source_keeps_nothing,
+    ),
+    (
+        "streamed_link_cut_while_memory_streams_rolls_back",
+        streamed::link_cut_while_memory_streams_rolls_back,
+    ),
+    (
+        "streamed_client_killed_while_memory_streams_rolls_back",
+        streamed::client_killed_while_memory_streams_rolls_back,
+    ),
+    (
+        "streamed_client_killed_after_the_last_page_resumes_the_replica",
+        streamed::client_killed_after_the_last_page_resumes_the_replica,
     ),
     (
         "missing_image_is_sent_before_the_freeze",
@@ -386,7 +407,13 @@ fn start_memhog(lab: &Lab, host: &str, name: &str, mib: u64, dirty_percent: u32)
 
 fn memhog_memory_intact(lab: &Lab) -> Result<()> {
     start_memhog(lab, "h1", "memhog", 256, 5)?;
-    let report = migrate_with(lab, "h1", "memhog", "h3", &["--mode", "stop-copy"])?;
+    let report = migrate_with(
+        lab,
+        "h1",
+        "memhog",
+        "h3",
+        &["--mode", "stop-copy", "--archive"],
+    )?;
     let bytes = report["checkpoint_bytes"].as_u64().unwrap_or(0);
     ensure!(
         bytes > 256 << 20,
@@ -516,7 +543,7 @@ fn destination_down(lab: &Lab) -> Result<()> {
 
 fn destination_killed_mid_transfer(lab: &Lab) -> Result<()> {
     start_memhog(lab, "h1", "bigvictim", 512, 5)?;
-    // Stop-copy: the memory is in the archive, so its transfer takes a while.
+    // Stop-copy through the archive: the memory is in it, so its transfer takes a while.
     let mut child = lab.spawn(
         "h1",
         &[
@@ -527,6 +554,7 @@ fn destination_killed_mid_transfer(lab: &Lab) -> Result<()> {
             "h2",
             "--mode",
             "stop-copy",
+            "--archive",
         ],
     )?;
     let stderr = child.stderr.take().expect("piped");

@@ -21,11 +21,14 @@ const DAEMON_LOG: &str = "lazy-pages.log";
 
 /// Makes `archive` restore lazily with the daemon of `work_dir`: its spec names a CRIU
 /// configuration there (`lazy-pages`, and the work directory, where the daemon's socket
-/// is), and its images are unpacked there for the daemon. Returns the archive to import.
-pub fn prepare_import(archive: &Path, work_dir: &Path) -> Result<PathBuf> {
+/// is), and its images are unpacked there for the daemon. `stopped`: the restored
+/// processes stay stopped (`leave-stopped`) until they get SIGCONT. Returns the archive
+/// to import.
+pub fn prepare_import(archive: &Path, work_dir: &Path, stopped: bool) -> Result<PathBuf> {
     crate::files::create_private_dir(work_dir)?;
     let conf = work_dir.join(RESTORE_CONF);
-    let options = format!("lazy-pages\nwork-dir {}\n", work_dir.display());
+    let stop = if stopped { "leave-stopped\n" } else { "" };
+    let options = format!("lazy-pages\n{stop}work-dir {}\n", work_dir.display());
     crate::files::write_atomic(&conf, options.as_bytes())?;
     let images = work_dir.join("images");
     let import = work_dir.join("import.tar");

@@ -77,6 +77,8 @@ pub trait DestinationActions {
     /// Stops a container at once, without letting it run another instruction: its
     /// memory may be incomplete (a failed post-copy).
     async fn stop_container(&self, id: &str) -> Result<()>;
+    /// Lets a replica's stopped processes go on (SIGCONT to each).
+    async fn resume_container(&self, id: &str) -> Result<()>;
     async fn delete_flow(&self, flow: &Flow) -> Result<()>;
     /// Ends the hold on `ip` (its blackhole, and its held packets): it is routed locally
     /// again. Says what the packet hold did, if this process held packets.
@@ -109,6 +111,19 @@ impl DestinationActions for PodmanClient {
             tokio::task::spawn_blocking(move || crate::freezer::thaw(&cgroup)).await??;
         }
         Ok(self.remove(id).await?)
+    }
+
+    async fn resume_container(&self, id: &str) -> Result<()> {
+        let info = self.inspect(id).await?;
+        let cgroup = info
+            .cgroup_path
+            .with_context(|| format!("podman did not say which cgroup container {id} is in"))?;
+        let pids =
+            tokio::task::spawn_blocking(move || crate::freezer::processes(&cgroup)).await??;
+        for pid in pids {
+            crate::process::resume(pid).with_context(|| format!("resume pid {pid} of {id}"))?;
+        }
+        Ok(())
     }
 
     async fn delete_flow(&self, flow: &Flow) -> Result<()> {
@@ -276,7 +291,7 @@ impl IncomingMigration {
     pub async fn discard(&mut self, host: &impl DestinationActions) -> Result<()> {
         if matches!(
             self.stage,
-            DestinationStage::Restoring | DestinationStage::Owns
+            DestinationStage::Restoring | DestinationStage::Replica | DestinationStage::Owns
         ) && host.container(&self.container.id).await?.is_some()
         {
             tracing::info!(container = %self.container.name, "removing this host's copy");
@@ -349,7 +364,9 @@ impl IncomingMigration {
             return Ok(false);
         }
         match action {
-            DestinationAction::Keep if self.pages_pending && self.pages.is_none() => {
+            DestinationAction::Keep | DestinationAction::Wait
+                if self.pages_pending && self.pages.is_none() =>
+            {
                 // Restored post-copy by an agent that is gone: nothing here knows whether
                 // its memory all arrived, so it must not run on.
                 tracing::error!(container = %self.container.name, "post-copy restore without a watcher (the agent restarted): stopping the container");
@@ -361,6 +378,10 @@ impl IncomingMigration {
                 // It runs: its sockets exist and the archive is of no use any more.
                 self.release_held_ip(host).await?;
                 self.discard_archive();
+                self.save()?;
+                Ok(true)
+            }
+            DestinationAction::Wait => {
                 self.save()?;
                 Ok(true)
             }
@@ -466,6 +487,38 @@ impl Registry {
         }
         Ok(verdict)
     }
+}
+
+impl IncomingMigration {
+    /// Answers `Resume`: a replica whose memory is all here becomes this host's (journaled
+    /// first: the decision point), then runs. One resumed already is resumed again (a
+    /// SIGCONT to a running process does nothing).
+    pub async fn resume(&mut self, host: &impl DestinationActions) -> Result<(), ResumeError> {
+        if !ownership::may_resume(self.stage) || self.done {
+            return Err(ResumeError::Gone);
+        }
+        if self.pages_pending {
+            return Err(ResumeError::Other(anyhow::anyhow!(
+                "the memory of {} is not all here yet",
+                self.container.name
+            )));
+        }
+        self.enter(DestinationStage::Owns)?;
+        host.resume_container(&self.container.id).await?;
+        self.route_here().await?;
+        Ok(self.save()?)
+    }
+}
+
+/// Why a `Resume` did not let a copy run.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    /// No copy of the migration is here to run: it was fenced, or its memory could not all
+    /// arrive.
+    #[error("no copy of this migration is here to run")]
+    Gone,
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
 }
 
 /// The migration [`Registry::insert`] refused.
@@ -588,6 +641,10 @@ mod tests {
             self.remove_container(id).await
         }
 
+        async fn resume_container(&self, _: &str) -> Result<()> {
+            self.step(|_| ()).await
+        }
+
         async fn delete_flow(&self, _: &Flow) -> Result<()> {
             // A flow already gone is fine, as for conntrack (ENOENT).
             self.step(|w| w.flows = w.flows.saturating_sub(1)).await
@@ -690,6 +747,7 @@ mod tests {
             (DestinationStage::Restoring, None),
             (DestinationStage::Restoring, Some(false)),
             (DestinationStage::Restoring, Some(true)),
+            (DestinationStage::Replica, Some(true)),
             (DestinationStage::Owns, Some(true)),
         ];
         for (stage, container) in cases {
@@ -698,7 +756,10 @@ mod tests {
                 let (end, kept, _) = lose_then_restart(stage, container, crash).await;
                 let case = format!("{stage:?} podman={container:?} {crash:?}: {end:?}");
                 assert!(!end.removed_an_owned_copy, "removed what it owns: {case}");
-                assert!(!end.held, "the address is still held: {case}");
+                // A replica waits for the source's word with its address held: it does
+                // not run.
+                let waits = stage == DestinationStage::Replica;
+                assert_eq!(end.held, waits, "the address held or not: {case}");
                 // Kept exactly when a copy runs, and then with its flows; otherwise nothing
                 // is left. Owned stays owned; a restore podman finished without the agent
                 // may be kept (if the agent died before removing it) or not.
@@ -710,7 +771,9 @@ mod tests {
                     assert_eq!(end.flows, 0, "flows left: {case}");
                 }
                 match stage {
-                    DestinationStage::Owns => assert!(kept, "gave up what it owns: {case}"),
+                    DestinationStage::Owns | DestinationStage::Replica => {
+                        assert!(kept, "gave up what it holds for the source: {case}")
+                    }
                     DestinationStage::Receiving => assert!(!kept, "kept nothing it had: {case}"),
                     _ => {}
                 }

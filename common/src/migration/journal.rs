@@ -32,6 +32,10 @@ pub struct JournalRecord {
     pub steps: Vec<Undo>,
     /// How to switch the traffic to the destination, known before the restore request.
     pub switch: Option<SwitchPlan>,
+    /// A lazy checkpoint's: the init of the container's processes, which CRIU holds here
+    /// while it serves their memory (and ends once the last page has gone).
+    #[serde(default)]
+    pub held_init: Option<i32>,
 }
 
 /// The open, locked journal of a migration this process runs (or has adopted).
@@ -194,6 +198,7 @@ mod tests {
             stage: SourceStage::Running,
             steps: Vec::new(),
             switch: None,
+            held_init: None,
         }
     }
 

@@ -57,7 +57,9 @@ pub enum Phase {
     /// Route the container's address (and new connections to its published ports) into
     /// the tunnel, so flows that still arrive here reach it.
     SwitchTraffic,
-    /// Post-copy: the rest of the memory moves while the container runs there.
+    /// The memory moves from CRIU's page server: post-copy, while the container runs
+    /// there (after the traffic is switched); streamed stop-copy, into the stopped
+    /// replica, which then runs (before it).
     Pages,
     /// Remove the source copy and the migration's leftovers.
     CleanUp,
@@ -112,6 +114,8 @@ pub struct MigrationRequest {
     pub hold_packets: u32,
     /// Stop-copy, post-copy, or either by the container's memory ([`mode`]).
     pub mode: mode::ModeRequest,
+    /// How a stop-copy moves the memory where both hosts can serve lazy pages.
+    pub stop_copy_memory: mode::MemoryPath,
     /// Cancelled by the operator: the migration stops at the next safe point before the
     /// restore request and rolls back. Later it is ignored: from then on only the
     /// destination decides.
@@ -172,7 +176,11 @@ pub struct FreezeSteps {
     pub flows_ms: f64,
     /// The restore request, from sending it to the answer: the destination's restore.
     pub restore_ms: f64,
-    /// Of that: podman's restore there, runc's part of it, and CRIU's part of runc's.
+    /// Streamed stop-copy: from the restore's answer until the replica ran (every page
+    /// moved, then `Resume`).
+    pub pages_ms: Option<f64>,
+    /// Of the restore: podman's restore there, runc's part of it, and CRIU's part of
+    /// runc's.
     pub destination_podman_ms: f64,
     pub destination_runtime_ms: Option<f64>,
     pub destination_criu_ms: Option<f64>,
@@ -183,7 +191,10 @@ struct Frozen {
     prepared: phases::Prepared,
     checkpoint_bytes: u64,
     archive: PathBuf,
+    /// Post-copy: the memory still to come.
     lazy: Option<phases::LazyDump>,
+    /// Streamed stop-copy: how the memory came, during the freeze.
+    streamed: Option<phases::PagesReport>,
     frozen_at: Instant,
     resumed_at: Instant,
     steps: FreezeSteps,
@@ -224,7 +235,7 @@ impl std::fmt::Display for MigrationFailure {
             Resolution::Lost { warnings } => {
                 write!(
                     f,
-                    "\n  the container could not go on: post-copy needs both hosts until the last page has moved; it runs on neither host"
+                    "\n  the container could not go on: neither host has all of its memory, and it runs on neither host"
                 )?;
                 for w in warnings {
                     write!(f, "\n  {w}")?;
@@ -260,6 +271,12 @@ pub enum Undo {
     /// CRIU serves the container's memory here (post-copy, [`crate::lazy_pages`]): stop
     /// it. Before the destination restored it, that lets the processes run again.
     StopPageServer(crate::lazy_pages::PageServer),
+    /// The destination may hold a stopped replica (streamed stop-copy): fence it (it is
+    /// removed there, and never runs).
+    FenceReplica {
+        destination: String,
+        migration_id: String,
+    },
 }
 
 impl std::fmt::Display for Undo {
@@ -277,6 +294,9 @@ impl std::fmt::Display for Undo {
                 "stop CRIU's page server on {}:{}",
                 server.address, server.port
             ),
+            Undo::FenceReplica { destination, .. } => {
+                write!(f, "fence the stopped replica on {destination}")
+            }
         }
     }
 }
@@ -412,6 +432,7 @@ pub async fn migrate(
                 stage: SourceStage::Running,
                 steps: Vec::new(),
                 switch: None,
+                held_init: None,
             },
         )?);
         let t = clock.start_unless_cancelled(phase, cancel)?;
@@ -435,7 +456,14 @@ pub async fn migrate(
         let t = clock.start_unless_cancelled(phase, cancel)?;
         let prepared = cancellable(
             cancel,
-            phases::prepare(&request.podman, agent, &info.id, request.mode, state_dir),
+            phases::prepare(
+                &request.podman,
+                agent,
+                &info.id,
+                request.mode,
+                request.stop_copy_memory,
+                state_dir,
+            ),
         )
         .await?;
         clock.finish(phase, t);
@@ -455,17 +483,19 @@ pub async fn migrate(
         // Not cancellable halfway: podman would finish the checkpoint anyway. A cancel
         // is seen right after it, and the container restarted.
         let work_dir = state_dir.join("outgoing");
-        let post_copy = prepared.mode.mode == mode::Mode::PostCopy;
+        let lazy_pages = prepared.mode.memory == mode::MemoryPath::PageServer;
+        // Streamed stop-copy: the memory moves during the freeze, into a stopped replica.
+        let replica = lazy_pages && prepared.mode.mode == mode::Mode::StopCopy;
         let checkpoint = phases::checkpoint(
             &request.podman,
             &prepared.container,
             &work_dir,
             request.hold_packets,
-            post_copy.then_some(tunnel.local_address),
+            lazy_pages.then_some(tunnel.local_address),
             log,
         )
         .await?;
-        let lazy = checkpoint.lazy;
+        let mut lazy = checkpoint.lazy;
         warnings.extend(checkpoint.problems);
         let cgroup_freeze_ms = checkpoint.cgroup_frozen_in.map(millis);
         let archive = checkpoint.archive;
@@ -499,10 +529,11 @@ pub async fn migrate(
         }
         let flows_ms = millis(t.elapsed());
         let requested = Instant::now();
-        let page_server = lazy.as_ref().map(|l| crate::protocol::PostCopy {
+        let page_server = lazy.as_ref().map(|l| crate::protocol::LazyRestore {
             page_server_port: l.server.port,
+            until_resumed: replica,
         });
-        let (resumed_at, destination) = phases::restore(
+        let (mut resumed_at, destination) = phases::restore(
             agent,
             &prepared.container.to_ref(),
             page_server,
@@ -511,17 +542,31 @@ pub async fn migrate(
         )
         .await?;
         let restore_ms = millis(requested.elapsed());
-        if lazy.is_some() {
+        if lazy.is_some() && !replica {
             if let Err(e) = phases::end_source_processes(&prepared.container) {
                 warnings.push(format!("{e:#}"));
             }
         }
         clock.finish(phase, t);
+
+        let mut streamed = None;
+        let mut pages_ms = None;
+        if let Some(dump) = lazy.take_if(|_| replica) {
+            phase = Phase::Pages;
+            let t = clock.start(phase);
+            crate::fault::at(state_dir, "pages")?;
+            streamed = Some(phases::await_pages(Some(&mut *agent), log, dump).await?);
+            phases::resume(agent, log).await?;
+            resumed_at = Instant::now();
+            pages_ms = Some(millis(t.elapsed()));
+            clock.finish(phase, t);
+        }
         Ok(Frozen {
             prepared,
             checkpoint_bytes: bytes,
             archive,
             lazy,
+            streamed,
             frozen_at,
             resumed_at,
             steps: FreezeSteps {
@@ -531,6 +576,7 @@ pub async fn migrate(
                 transfer_ms,
                 flows_ms,
                 restore_ms,
+                pages_ms,
                 destination_podman_ms: millis(Duration::from_micros(destination.podman_us)),
                 destination_runtime_ms: destination
                     .runtime_us
@@ -554,6 +600,7 @@ pub async fn migrate(
         checkpoint_bytes,
         archive,
         lazy,
+        streamed,
         frozen_at,
         resumed_at,
         mut steps,
@@ -609,7 +656,7 @@ pub async fn migrate(
         None => None,
     };
     clock.finish(Phase::SwitchTraffic, t);
-    let mut pages = None;
+    let mut pages = streamed;
     if let Some(lazy) = lazy {
         let t = clock.start(Phase::Pages);
         if let Err(e) = crate::fault::at(state_dir, "pages") {
@@ -651,9 +698,13 @@ pub async fn migrate(
     history.freeze_to_resume_ms = Some(millis(freeze_to_resume));
     history.total_ms = Some(millis(started.elapsed()));
     record_history(state_dir, &history);
-    let last_page_ms = pages
-        .as_ref()
-        .map(|p| millis(freeze_to_resume) + p.after_restore_ms);
+    let last_page_ms = match prepared.mode.mode {
+        mode::Mode::PostCopy => pages
+            .as_ref()
+            .map(|p| millis(freeze_to_resume) + p.after_restore_ms),
+        // Before the container ran again.
+        mode::Mode::StopCopy => pages.as_ref().map(|_| millis(freeze_to_resume)),
+    };
     Ok(MigrationReport {
         container: prepared.container.name.clone(),
         container_id: prepared.container.id.clone(),

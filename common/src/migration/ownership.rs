@@ -9,6 +9,15 @@
 //! fences the migration (removes any copy, and will start none) and says so. A lost
 //! connection is never an answer.
 //!
+//! A streamed stop-copy moves the decision: the destination restores a stopped replica
+//! ([`DestinationStage::Replica`]) whose memory fills in from CRIU's page server here,
+//! while the processes here stay alive, held by CRIU. CRIU ends them only once their last
+//! page has gone. So, with CRIU stopped, the processes here decide
+//! ([`after_streaming`]): alive, the migration rolls back and the replica is fenced; gone,
+//! the destination must resume the replica (`Resume`), and owns it from then on. The
+//! replica never runs on its own: only the source says `Resume`, and only once its own
+//! processes are gone.
+//!
 //! The functions below are the whole policy; the source ([`super::migrate`], the journal's
 //! recovery) and the destination ([`super::destination`]) only carry it out.
 
@@ -26,6 +35,10 @@ pub enum SourceStage {
     /// A `Restore` was (or may have been) sent: ownership is in doubt until the
     /// destination answers.
     RestoreRequested,
+    /// Streamed stop-copy: the destination holds a stopped replica that fills with the
+    /// memory from CRIU's page server here; the processes here live on, held by CRIU,
+    /// until their last page has gone ([`after_streaming`]).
+    Streaming,
     /// The destination said it runs the container.
     DestinationOwns,
 }
@@ -50,6 +63,8 @@ pub enum SourceAction {
     RollForward,
     /// Ask the destination; the container stays stopped here until it answers.
     Ask,
+    /// Neither host has a whole copy (the processes here are gone, and so is the replica).
+    Lost,
 }
 
 /// The source's next step at `stage`, given the destination's answer if it gave one.
@@ -62,6 +77,20 @@ pub fn source_action(stage: SourceStage, verdict: Option<Verdict>) -> SourceActi
         }
         (SourceStage::RestoreRequested, Some(Verdict::Fenced)) => SourceAction::RollBack,
         (SourceStage::RestoreRequested, None) => SourceAction::Ask,
+        // Decided by the processes here: [`after_streaming`].
+        (SourceStage::Streaming, _) => SourceAction::Ask,
+    }
+}
+
+/// The source's next step at [`SourceStage::Streaming`], once CRIU's page server here is
+/// stopped: whether the processes here survived it, and the destination's answer to
+/// `Resume` if it was asked (only when they did not).
+pub fn after_streaming(source_alive: bool, resumed: Option<Verdict>) -> SourceAction {
+    match (source_alive, resumed) {
+        (true, _) => SourceAction::RollBack,
+        (false, Some(Verdict::DestinationOwns)) => SourceAction::RollForward,
+        (false, Some(Verdict::Fenced)) => SourceAction::Lost,
+        (false, None) => SourceAction::Ask,
     }
 }
 
@@ -73,6 +102,9 @@ pub enum DestinationStage {
     Receiving,
     /// podman restores it; a copy may exist, not yet confirmed.
     Restoring,
+    /// Streamed stop-copy: a stopped copy exists here, its memory filling in from the
+    /// source's page server. It runs only when the source says `Resume`.
+    Replica,
     /// It runs here and that is recorded: the decision point.
     Owns,
     /// The source was told this host holds no copy and will start none.
@@ -84,6 +116,9 @@ pub enum DestinationStage {
 pub enum DestinationAction {
     /// Keep the container (and the record, until the source settles).
     Keep,
+    /// Leave the stopped replica as it is: only the source knows whether it must run
+    /// (`Resume`) or go (`Resolve`).
+    Wait,
     /// Remove whatever the migration made here, any copy included.
     Discard,
     /// A restore may have finished without the agent: if podman runs the container,
@@ -95,6 +130,7 @@ pub enum DestinationAction {
 pub fn on_connection_lost(stage: DestinationStage) -> DestinationAction {
     match stage {
         DestinationStage::Owns => DestinationAction::Keep,
+        DestinationStage::Replica => DestinationAction::Wait,
         // The handler finished with podman before it got here: no restore is in flight.
         DestinationStage::Receiving | DestinationStage::Restoring | DestinationStage::Fenced => {
             DestinationAction::Discard
@@ -106,6 +142,7 @@ pub fn on_connection_lost(stage: DestinationStage) -> DestinationAction {
 pub fn on_restart(stage: DestinationStage) -> DestinationAction {
     match stage {
         DestinationStage::Owns => DestinationAction::Keep,
+        DestinationStage::Replica => DestinationAction::Wait,
         DestinationStage::Restoring => DestinationAction::Reconcile,
         DestinationStage::Receiving | DestinationStage::Fenced => DestinationAction::Discard,
     }
@@ -119,6 +156,12 @@ pub fn resolve(stage: DestinationStage) -> (DestinationAction, Verdict) {
     }
 }
 
+/// Whether a `Resume` may let the copy at `stage` run (a replica, or the copy it already
+/// resumed); anything else has no copy to run.
+pub fn may_resume(stage: DestinationStage) -> bool {
+    matches!(stage, DestinationStage::Replica | DestinationStage::Owns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,9 +172,10 @@ mod tests {
         SourceStage::RestoreRequested,
         SourceStage::DestinationOwns,
     ];
-    const DESTINATION_STAGES: [DestinationStage; 4] = [
+    const DESTINATION_STAGES: [DestinationStage; 5] = [
         DestinationStage::Receiving,
         DestinationStage::Restoring,
+        DestinationStage::Replica,
         DestinationStage::Owns,
         DestinationStage::Fenced,
     ];
@@ -189,7 +233,7 @@ mod tests {
         // After a crash anywhere and the recovery of both sides, one copy runs.
         for dest in DESTINATION_STAGES {
             let dest_after_restart = match on_restart(dest) {
-                DestinationAction::Keep => dest,
+                DestinationAction::Keep | DestinationAction::Wait => dest,
                 // Reconcile keeps a copy podman runs, discards otherwise: both cases.
                 DestinationAction::Reconcile => DestinationStage::Restoring,
                 DestinationAction::Discard => DestinationStage::Fenced,
@@ -200,6 +244,45 @@ mod tests {
                     running_copies(SourceStage::RestoreRequested, reconciled, Some(verdict));
                 assert_eq!(copies, 1, "{dest:?} -> {reconciled:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_streamed_migration_is_decided_by_the_source_processes() {
+        // Alive once CRIU is stopped: they run again, whatever the replica; the replica
+        // is fenced by the roll-back.
+        for answer in [None, Some(Verdict::Fenced), Some(Verdict::DestinationOwns)] {
+            assert_eq!(after_streaming(true, answer), SourceAction::RollBack);
+        }
+        // Gone: only the replica can run, and it runs only once resumed.
+        assert_eq!(after_streaming(false, None), SourceAction::Ask);
+        assert_eq!(
+            after_streaming(false, Some(Verdict::DestinationOwns)),
+            SourceAction::RollForward
+        );
+        assert_eq!(
+            after_streaming(false, Some(Verdict::Fenced)),
+            SourceAction::Lost
+        );
+        // The replica never runs unasked, nor survives a source that rolls back.
+        assert_eq!(
+            on_connection_lost(DestinationStage::Replica),
+            DestinationAction::Wait
+        );
+        assert_eq!(
+            on_restart(DestinationStage::Replica),
+            DestinationAction::Wait
+        );
+        assert_eq!(
+            resolve(DestinationStage::Replica),
+            (DestinationAction::Discard, Verdict::Fenced)
+        );
+        for stage in DESTINATION_STAGES {
+            assert_eq!(
+                may_resume(stage),
+                matches!(stage, DestinationStage::Replica | DestinationStage::Owns),
+                "{stage:?}"
+            );
         }
     }
 

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::mode::{ModeChoice, ModeRequest};
+use super::mode::{MemoryPath, ModeChoice, ModeRequest};
 use super::ownership::SourceStage;
 use super::source::UndoLog;
 use super::{Progress, Undo};
@@ -22,7 +22,7 @@ use crate::nft::Firewall;
 use crate::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::podman::{ContainerInfo, PodmanClient};
 use crate::preflight::{self, Finding};
-use crate::protocol::{ContainerRef, HostReport, PostCopy, RestoreTimes, MAX_FLOWS_PER_BATCH};
+use crate::protocol::{ContainerRef, HostReport, LazyRestore, RestoreTimes, MAX_FLOWS_PER_BATCH};
 use crate::remote::RemoteAgent;
 use crate::routing::{Route, Routing};
 use crate::wireguard::KeyPair;
@@ -139,6 +139,7 @@ pub async fn prepare(
     remote: &mut RemoteAgent,
     container: &str,
     mode: ModeRequest,
+    stop_copy_memory: MemoryPath,
     state_dir: &Path,
 ) -> Result<Prepared> {
     let survey = survey(podman, Some(&mut *remote), container, state_dir).await?;
@@ -147,6 +148,7 @@ pub async fn prepare(
         mode,
         survey.memory_bytes,
         post_copy_problem(&survey).as_deref(),
+        stop_copy_memory,
     )?;
     let info = survey.container;
     let image_transferred = !survey.destination.is_some_and(|d| d.has_image);
@@ -205,10 +207,10 @@ pub struct LazyDump {
 /// address locally again, then let the held packets through (in that order, for the same
 /// reason).
 ///
-/// Post-copy (`page_server` is the address to serve the memory on): CRIU dumps lazily
-/// ([`crate::lazy_pages`]); the phase ends as soon as CRIU serves the memory, with the
-/// other images packed here. Undo then first stops CRIU's page server, which lets the
-/// processes run again.
+/// Post-copy or streamed stop-copy (`page_server` is the address to serve the memory on):
+/// CRIU dumps lazily ([`crate::lazy_pages`]); the phase ends as soon as CRIU serves the
+/// memory, with the other images packed here. Undo then first stops CRIU's page server,
+/// which lets the processes run again.
 pub async fn checkpoint(
     podman: &PodmanClient,
     container: &ContainerInfo,
@@ -227,6 +229,9 @@ pub async fn checkpoint(
         Some(address) => Some(crate::lazy_pages::arm(address).await?),
         None => None,
     };
+    if armed.is_some() {
+        undo.record.held_init = container.pid;
+    }
     // Registered before the call: a checkpoint that fails halfway may still have stopped it.
     undo.freeze(
         [Undo::RemoveFile(archive.clone())]
@@ -333,10 +338,11 @@ pub struct PagesReport {
     pub pages: u64,
 }
 
-/// Pages (post-copy): wait until the destination has every page, then for podman's
-/// checkpoint call here, which ends with CRIU's page server. If the transfer failed (the
-/// destination says so, or cannot be reached), the page server is stopped: the
-/// destination has stopped its copy, and the processes here were killed at the restore.
+/// Pages: wait until the destination has every page, then for podman's checkpoint call
+/// here, which ends with CRIU's page server. If the transfer failed (the destination says
+/// so, or cannot be reached), the page server is stopped: the destination has stopped its
+/// copy. Post-copy killed the processes here at the restore; a streamed stop-copy's run
+/// on once CRIU lets them go.
 pub async fn await_pages(
     remote: Option<&mut RemoteAgent>,
     undo: &mut UndoLog,
@@ -518,24 +524,58 @@ pub async fn transfer(
 /// it once it answers. The request is journaled before it is sent: from then on, who owns
 /// the container is in doubt until the destination answers ([`super::ownership`]). Returns
 /// when the answer came (the container runs again), and what the restore took there.
+///
+/// A streamed stop-copy (`lazy.until_resumed`) leaves a stopped replica there instead,
+/// which the destination does not own: the migration goes on [`SourceStage::Streaming`],
+/// and the replica is fenced if it rolls back.
 pub async fn restore(
     remote: &mut RemoteAgent,
     container: &ContainerRef,
-    post_copy: Option<PostCopy>,
+    lazy: Option<LazyRestore>,
     undo: &mut UndoLog,
     state_dir: &Path,
 ) -> Result<(std::time::Instant, RestoreTimes)> {
+    let replica = lazy.is_some_and(|l| l.until_resumed);
+    if replica {
+        undo.record.steps.push(Undo::FenceReplica {
+            destination: undo.record.destination.clone(),
+            migration_id: undo.record.migration_id.clone(),
+        });
+    }
     undo.enter(SourceStage::RestoreRequested)?;
     let times = remote
-        .restore(container, post_copy, || {
+        .restore(container, lazy, || {
             if let Err(e) = crate::fault::at(state_dir, "restore-requested") {
                 tracing::error!("{e:#}");
             }
         })
         .await?;
-    let resumed_at = std::time::Instant::now();
-    undo.enter(SourceStage::DestinationOwns)?;
-    Ok((resumed_at, times))
+    let answered_at = std::time::Instant::now();
+    undo.enter(if replica {
+        SourceStage::Streaming
+    } else {
+        SourceStage::DestinationOwns
+    })?;
+    Ok((answered_at, times))
+}
+
+/// Streamed stop-copy, once every page is on the destination and CRIU here has ended: the
+/// replica runs if the processes here are gone (CRIU ends them once their last page has
+/// left); the destination owns the container from its answer. Processes still alive here
+/// fail the migration, which then rolls back.
+pub async fn resume(remote: &mut RemoteAgent, undo: &mut UndoLog) -> Result<()> {
+    if held_processes_alive(&undo.record) {
+        bail!("the processes here outlived CRIU's page server: the replica must not run");
+    }
+    remote.resume(&undo.record.migration_id).await?;
+    undo.enter(SourceStage::DestinationOwns)
+}
+
+/// Whether the processes a lazy checkpoint held here live on (a record without them: no).
+pub fn held_processes_alive(record: &super::journal::JournalRecord) -> bool {
+    record
+        .held_init
+        .is_some_and(|pid| crate::process::alive_in(pid, &record.container_id))
 }
 
 /// Undo of [`checkpoint`]: bring the container back on the source. The checkpoint kept with

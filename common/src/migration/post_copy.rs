@@ -1,8 +1,10 @@
-//! The destination's side of a post-copy migration: the restore reads its memory from the
-//! source's page server, through the lazy-pages daemon ([`crate::lazy_pages`]), and until
-//! the last page is here the container needs both hosts. If the transfer fails, the
-//! container is stopped before it can read a page that never came, and the source hears
-//! so (`AwaitPages` -> [`crate::protocol::ErrorCode::PostCopyFailed`]).
+//! The destination's side of a restore whose memory comes from the source's page server,
+//! through the lazy-pages daemon ([`crate::lazy_pages`]): post-copy (the container runs at
+//! once, and until the last page is here it needs both hosts), or a streamed stop-copy
+//! (a replica that stays stopped until the source says `Resume`). If the transfer fails,
+//! the container is stopped before it can read a page that never came, and the source
+//! hears so (`AwaitPages` -> [`crate::protocol::ErrorCode::PostCopyFailed`]); a replica
+//! is discarded with it.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -11,6 +13,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 
 use super::destination::{DestinationActions, PagesState, Shared};
+use super::ownership::DestinationStage;
 use crate::lazy_pages::{PageServer, PagesArrived, PagesDaemon};
 use crate::podman::PodmanClient;
 
@@ -21,13 +24,20 @@ pub struct Prepared {
     work_dir: PathBuf,
 }
 
-/// Prepares the restore of `archive` in `work_dir`, its pages coming from `source`.
-pub async fn prepare(archive: &Path, work_dir: &Path, source: PageServer) -> Result<Prepared> {
+/// Prepares the restore of `archive` in `work_dir`, its pages coming from `source`;
+/// `stopped`: a replica, whose processes stay stopped.
+pub async fn prepare(
+    archive: &Path,
+    work_dir: &Path,
+    source: PageServer,
+    stopped: bool,
+) -> Result<Prepared> {
     let (from, dir) = (archive.to_path_buf(), work_dir.to_path_buf());
     let prepared = async {
-        let import =
-            tokio::task::spawn_blocking(move || crate::lazy_pages::prepare_import(&from, &dir))
-                .await??;
+        let import = tokio::task::spawn_blocking(move || {
+            crate::lazy_pages::prepare_import(&from, &dir, stopped)
+        })
+        .await??;
         let daemon = PagesDaemon::start(work_dir, source).await?;
         anyhow::Ok((import, daemon))
     };
@@ -53,9 +63,9 @@ impl Prepared {
         remove_dir(&self.work_dir);
     }
 
-    /// The container runs: watch the page transfer until it ends. On failure the
-    /// container is stopped (and removed); either way the migration's `pages_pending`
-    /// is cleared and the outcome published.
+    /// The container is restored: watch the page transfer until it ends. On failure the
+    /// container is stopped (and removed), and a replica's migration discarded; either
+    /// way the migration's `pages_pending` is cleared and the outcome published.
     pub fn watch(self, migration: Shared, host: PodmanClient) -> watch::Receiver<PagesState> {
         let (tell, outcome) = watch::channel(PagesState::Pending);
         let Prepared {
@@ -84,6 +94,12 @@ impl Prepared {
                     let mut why = format!("{e:#}");
                     if let Err(stop) = host.stop_container(&migration.container.id).await {
                         why.push_str(&format!("; and stopping the container failed: {stop:#}"));
+                    }
+                    if migration.stage == DestinationStage::Replica {
+                        // Never to run: the source's processes live on.
+                        if let Err(e) = migration.discard(&host).await {
+                            why.push_str(&format!("; and discarding the replica failed: {e:#}"));
+                        }
                     }
                     PagesState::Failed(why)
                 }

@@ -18,7 +18,8 @@ use super::{Progress, Undo};
 use crate::auth::Token;
 use crate::hold::HoldReport;
 use crate::podman::PodmanClient;
-use crate::remote::RemoteAgent;
+use crate::protocol::ErrorCode;
+use crate::remote::{RemoteAgent, RemoteError};
 
 /// What resolving a migration does to this host and asks of the destination, one call per
 /// step: [`SourceHost`] is the real one; the unit tests below use a fake world that can
@@ -39,6 +40,11 @@ pub trait SourceActions {
     /// Waits, on a connection of its own, until the destination has every page of a
     /// post-copy migration (or says the transfer failed).
     async fn pages_arrived(&self, record: &JournalRecord) -> Result<()>;
+    /// Whether the processes CRIU held here for a lazy checkpoint live on.
+    fn held_processes_alive(&self, record: &JournalRecord) -> bool;
+    /// Asks the destination, for up to `patience`, to resume its replica:
+    /// [`Verdict::DestinationOwns`] once it runs, [`Verdict::Fenced`] if it has none.
+    async fn resume(&self, record: &JournalRecord, patience: Duration) -> Result<Verdict>;
 }
 
 /// This host, and its token for the destination.
@@ -54,7 +60,36 @@ impl SourceActions for SourceHost<'_> {
     }
 
     async fn ask(&self, record: &JournalRecord, patience: Duration) -> Result<Verdict> {
-        ask(record, self.token, patience).await
+        let destination = &record.destination;
+        with_patience(destination, patience, || async {
+            let mut agent = RemoteAgent::connect(destination, self.token).await?;
+            let verdict = agent.resolve(&record.migration_id).await?;
+            let _ = agent.finish().await;
+            Ok(verdict)
+        })
+        .await
+    }
+
+    fn held_processes_alive(&self, record: &JournalRecord) -> bool {
+        phases::held_processes_alive(record)
+    }
+
+    async fn resume(&self, record: &JournalRecord, patience: Duration) -> Result<Verdict> {
+        let destination = &record.destination;
+        with_patience(destination, patience, || async {
+            let mut agent = RemoteAgent::connect(destination, self.token).await?;
+            let resumed = agent.resume(&record.migration_id).await;
+            let verdict = match resumed {
+                Ok(()) => Verdict::DestinationOwns,
+                Err(e) => match e.downcast_ref::<RemoteError>() {
+                    Some(refused) if refused.code == ErrorCode::ReplicaGone => Verdict::Fenced,
+                    _ => return Err(e),
+                },
+            };
+            let _ = agent.finish().await;
+            Ok(verdict)
+        })
+        .await
     }
 
     async fn undo(&self, step: &Undo) -> Result<()> {
@@ -70,6 +105,23 @@ impl SourceActions for SourceHost<'_> {
                 tokio::task::spawn_blocking(move || crate::freezer::thaw(&cgroup)).await?
             }
             Undo::StopPageServer(server) => crate::lazy_pages::stop_serving(*server).await,
+            Undo::FenceReplica {
+                destination,
+                migration_id,
+            } => {
+                let fenced = with_patience(destination, Duration::ZERO, || async {
+                    let mut agent = RemoteAgent::connect(destination, self.token).await?;
+                    let verdict = agent.resolve(migration_id).await?;
+                    let _ = agent.finish().await;
+                    Ok(verdict)
+                })
+                .await?;
+                anyhow::ensure!(
+                    fenced == Verdict::Fenced,
+                    "{destination} says it runs the container"
+                );
+                Ok(())
+            }
         }
     }
 
@@ -181,15 +233,32 @@ pub async fn settle(
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Resolution {
     let stage = log.record.stage;
-    let mut verdict = None;
     let mut unanswered = String::new();
-    if stage == SourceStage::RestoreRequested {
-        match host.ask(&log.record, patience).await {
-            Ok(answer) => verdict = Some(answer),
-            Err(e) => unanswered = format!("{e:#}"),
+    let action = match stage {
+        SourceStage::RestoreRequested => {
+            let verdict = match host.ask(&log.record, patience).await {
+                Ok(answer) => Some(answer),
+                Err(e) => {
+                    unanswered = format!("{e:#}");
+                    None
+                }
+            };
+            ownership::source_action(stage, verdict)
         }
-    }
-    match ownership::source_action(stage, verdict) {
+        SourceStage::Streaming => match after_streaming(log, host, patience).await {
+            Ok((action, why)) => {
+                unanswered = why;
+                action
+            }
+            Err(e) => {
+                return Resolution::InDoubt {
+                    reason: format!("{e:#}"),
+                }
+            }
+        },
+        _ => ownership::source_action(stage, None),
+    };
+    match action {
         SourceAction::RollBack => roll_back(log, host, progress).await,
         SourceAction::RollForward => {
             if let Err(e) = log.enter(SourceStage::DestinationOwns) {
@@ -207,34 +276,93 @@ pub async fn settle(
                 log.record.destination, log.record.container
             ),
         },
+        SourceAction::Lost => {
+            // Nothing runs it: its address is routed here again, and the rest goes.
+            let mut warnings = vec![format!(
+                "the processes here are gone and {} has no replica to resume",
+                log.record.destination
+            )];
+            let routes: Vec<Undo> = log
+                .record
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Undo::RemoveContainerRoute(_)))
+                .cloned()
+                .collect();
+            for step in routes {
+                if let Err(e) = host.undo(&step).await {
+                    warnings.push(format!("could not {step}: {e:#}"));
+                }
+            }
+            warnings.extend(release_source(log, host, None).await);
+            Resolution::Lost { warnings }
+        }
     }
 }
 
-/// How long one `Resolve` may take: the destination answers once a restore under way has
-/// ended, so this is generous; a destination slower than this is asked again.
+/// [`ownership::after_streaming`], carried out as far as it asks: CRIU's page server here
+/// is stopped first (until it is gone it may still end the processes); then, if the
+/// processes did not survive it, the destination is asked to resume its replica. Returns
+/// the action, and why the destination did not answer if it did not.
+async fn after_streaming(
+    log: &mut UndoLog,
+    host: &impl SourceActions,
+    patience: Duration,
+) -> Result<(SourceAction, String)> {
+    let serving: Vec<Undo> = log
+        .record
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Undo::StopPageServer(_)))
+        .cloned()
+        .collect();
+    for step in serving {
+        host.undo(&step).await?;
+        log.drop_step(&step)?;
+    }
+    let alive = host.held_processes_alive(&log.record);
+    let mut unanswered = String::new();
+    let resumed = if alive {
+        None
+    } else {
+        match host.resume(&log.record, patience).await {
+            Ok(verdict) => Some(verdict),
+            Err(e) => {
+                unanswered = format!("{e:#}");
+                None
+            }
+        }
+    };
+    Ok((ownership::after_streaming(alive, resumed), unanswered))
+}
+
+/// How long one `Resolve` (or `Resume`) may take: the destination answers once a restore
+/// under way has ended, so this is generous; a destination slower than this is asked
+/// again.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Asks the destination who owns the migration, on fresh connections (the migration's own
-/// may be mid-frame or dead), until it answers or `patience` runs out.
-async fn ask(record: &JournalRecord, token: &Token, patience: Duration) -> Result<Verdict> {
+/// Puts one question to the destination at `destination` (`attempt`, on a fresh
+/// connection: the migration's own may be mid-frame or dead) until it answers or
+/// `patience` runs out.
+async fn with_patience<T, F>(
+    destination: &str,
+    patience: Duration,
+    attempt: impl Fn() -> F,
+) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        let attempt = async {
-            let mut agent = RemoteAgent::connect(&record.destination, token).await?;
-            let verdict = agent.resolve(&record.migration_id).await?;
-            let _ = agent.finish().await;
-            anyhow::Ok(verdict)
-        };
-        let answer = tokio::time::timeout(RESOLVE_TIMEOUT, attempt)
+        let answer = tokio::time::timeout(RESOLVE_TIMEOUT, attempt())
             .await
             .unwrap_or_else(|_| {
                 Err(anyhow::anyhow!(
-                    "{} did not answer within {RESOLVE_TIMEOUT:?}",
-                    record.destination
+                    "{destination} did not answer within {RESOLVE_TIMEOUT:?}"
                 ))
             });
         match answer {
-            Ok(verdict) => return Ok(verdict),
+            Ok(answer) => return Ok(answer),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
             Err(e) => tracing::info!("asking the destination again: {e:#}"),
         }
@@ -460,6 +588,10 @@ mod tests {
         blackholed: bool,
         held: bool,
         dest_runs: bool,
+        /// Streamed stop-copy: the destination holds a stopped replica, with every page.
+        replica: bool,
+        /// The processes CRIU held here for the lazy checkpoint live on.
+        held_alive: bool,
         dest_fenced: bool,
         dest_settled: bool,
         switched: bool,
@@ -499,8 +631,30 @@ mod tests {
                     Ok(Verdict::DestinationOwns)
                 } else {
                     w.dest_fenced = true;
+                    w.replica = false;
                     Ok(Verdict::Fenced)
                 }
+            })
+            .await
+        }
+
+        fn held_processes_alive(&self, _: &JournalRecord) -> bool {
+            self.world.lock().unwrap().held_alive
+        }
+
+        async fn resume(&self, _: &JournalRecord, _: Duration) -> Result<Verdict> {
+            self.step(|w| {
+                anyhow::ensure!(w.reachable, "unreachable");
+                if w.replica {
+                    w.two_copies_seen |= w.source_runs;
+                    w.replica = false;
+                    w.dest_runs = true;
+                }
+                Ok(if w.dest_runs {
+                    Verdict::DestinationOwns
+                } else {
+                    Verdict::Fenced
+                })
             })
             .await
         }
@@ -519,6 +673,12 @@ mod tests {
                     Undo::RemoveContainerRoute(_) => w.blackholed = false,
                     Undo::ReleaseHold(_) => w.held = false,
                     Undo::Thaw(_) | Undo::StopPageServer(_) => {}
+                    Undo::FenceReplica { .. } => {
+                        anyhow::ensure!(w.reachable, "unreachable");
+                        anyhow::ensure!(!w.dest_runs, "the destination runs it");
+                        w.replica = false;
+                        w.dest_fenced = true;
+                    }
                 }
                 Ok(())
             })
@@ -594,6 +754,7 @@ mod tests {
                 stage,
                 steps,
                 switch: Some(plan()),
+                held_init: None,
             },
         )
         .unwrap();
@@ -610,6 +771,30 @@ mod tests {
         (log, world)
     }
 
+    /// A streamed stop-copy journaled at [`SourceStage::Streaming`]: CRIU's page server
+    /// still runs here; the processes it holds live on (`held_alive`) or it ended them; the
+    /// destination has a replica with every page (`replica`) or none.
+    fn streaming(state_dir: &Path, held_alive: bool, replica: bool) -> (UndoLog, World) {
+        let (mut log, mut world) = journaled(state_dir, SourceStage::Streaming, false);
+        log.record.steps.extend([
+            Undo::StopPageServer(crate::lazy_pages::PageServer {
+                address: "100.127.0.1".parse().unwrap(),
+                port: 40000,
+            }),
+            Undo::FenceReplica {
+                destination: "h2:7878".into(),
+                migration_id: "0".repeat(32),
+            },
+        ]);
+        log.save().unwrap();
+        // Its archive holds no memory: only the live processes can run again here.
+        world.archive = false;
+        world.source_copy = held_alive;
+        world.held_alive = held_alive;
+        world.replica = replica;
+        (log, world)
+    }
+
     /// Resolves, dying at `crash`; then the adopter resolves what is left (the destination
     /// reachable again). Returns the world at the end.
     async fn resolve_with(
@@ -618,8 +803,22 @@ mod tests {
         reachable_at_first: bool,
         crash: Option<Crash>,
     ) -> (World, usize) {
+        resolve_from(
+            |dir| journaled(dir, stage, dest_runs),
+            reachable_at_first,
+            crash,
+        )
+        .await
+    }
+
+    async fn resolve_from(
+        start: impl Fn(&Path) -> (UndoLog, World),
+        reachable_at_first: bool,
+        crash: Option<Crash>,
+    ) -> (World, usize) {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, mut start) = journaled(dir.path(), stage, dest_runs);
+        let (mut log, mut start) = start(dir.path());
+        let stage = log.record.stage;
         start.reachable = reachable_at_first;
         let world = Arc::new(Mutex::new(start));
         let first = Fake::new(&world, dir.path(), crash);
@@ -656,9 +855,29 @@ mod tests {
             );
         } else {
             assert!(
-                !end.blackholed && !end.archive && !end.held,
+                !end.blackholed && !end.archive && !end.held && !end.replica,
                 "rolled back only in part: {case}: {end:?}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_migration_ends_with_exactly_one_copy_after_a_crash_anywhere() {
+        // The processes here outlived CRIU (whatever the replica), or CRIU ended them once
+        // every page was on the destination's replica.
+        for (held_alive, replica) in [(true, true), (true, false), (false, true)] {
+            for reachable in [true, false] {
+                let start = |dir: &Path| streaming(dir, held_alive, replica);
+                let (_, steps) = resolve_from(start, reachable, None).await;
+                for crash in Crash::all(steps) {
+                    let (end, _) = resolve_from(start, reachable, crash).await;
+                    let case = format!(
+                        "streaming held_alive={held_alive} replica={replica} reachable={reachable} {crash:?}"
+                    );
+                    assert_resolved(&end, &case);
+                    assert_eq!(end.dest_runs, !held_alive, "the wrong copy runs: {case}");
+                }
+            }
         }
     }
 

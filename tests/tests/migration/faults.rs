@@ -406,8 +406,10 @@ pub(super) struct Client {
 }
 
 impl Client {
+    /// A stop-copy through the archive: the matrix's points are the archive's steps (a
+    /// streamed stop-copy has its own tests, in `streamed`).
     fn start(lab: &Lab, name: &str, fault: Option<&str>) -> Result<Self> {
-        Self::start_with(lab, name, fault, &[])
+        Self::start_with(lab, name, fault, &["--mode", "stop-copy", "--archive"])
     }
 
     /// [`Self::start`] with more options for `agent-client`.

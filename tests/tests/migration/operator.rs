@@ -98,7 +98,7 @@ pub fn check_reports_conflicts(lab: &Lab) -> Result<()> {
 /// the transfer starts; returns the client's exit status.
 fn interrupt_at_transfer(lab: &Lab, name: &str, signal: &str) -> Result<ExitStatus> {
     start_memhog(lab, "h1", name, 512, 5)?;
-    // Stop-copy: the memory is in the archive, so its transfer takes a while.
+    // Stop-copy through the archive: the memory is in it, so its transfer takes a while.
     let mut child = lab.spawn(
         "h1",
         &[
@@ -109,6 +109,7 @@ fn interrupt_at_transfer(lab: &Lab, name: &str, signal: &str) -> Result<ExitStat
             "h2",
             "--mode",
             "stop-copy",
+            "--archive",
         ],
     )?;
     let stderr = child.stderr.take().expect("piped");

@@ -123,7 +123,7 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
                 "a restore with no upload",
                 ClientMessage::Restore {
                     container: valid.clone(),
-                    post_copy: None,
+                    lazy: None,
                 },
                 ErrorCode::State,
             ),
@@ -195,7 +195,7 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
                 "a restore of another container",
                 ClientMessage::Restore {
                     container: other_container,
-                    post_copy: None,
+                    lazy: None,
                 },
                 ErrorCode::Invalid,
             ),
@@ -234,7 +234,7 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
         stream
             .send(&ClientMessage::Restore {
                 container: valid.clone(),
-                post_copy: None,
+                lazy: None,
             })
             .await?;
         match stream.recv::<ServerMessage>().await? {

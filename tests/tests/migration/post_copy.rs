@@ -14,9 +14,37 @@ use super::{
     wait_for,
 };
 
+/// The CRIU processes of `host` (page servers, lazy-pages daemons, dumps and restores).
+pub(super) fn criu_processes(lab: &Lab, host: &str) -> Result<Vec<u32>> {
+    // Processes of every host show here: only those of this host's network count.
+    let listed = lab.exec_stdout(
+        host,
+        &[
+            "sh",
+            "-c",
+            "for p in $(pgrep -x criu); do [ \"$(readlink /proc/$p/ns/net)\" = \"$(readlink /proc/self/ns/net)\" ] && echo $p; done; true",
+        ],
+    )?;
+    Ok(listed
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect())
+}
+
+/// Both hosts are done with every migration: no journal, session or archive is left.
+pub(super) fn wait_settled(lab: &Lab) -> Result<()> {
+    wait_for("both hosts to settle", Duration::from_secs(60), || {
+        Ok(["h1", "h2"].iter().all(|h| {
+            ["journals", "sessions", "incoming", "outgoing"]
+                .iter()
+                .all(|d| lab.agent_state(h, d).is_ok_and(|s| s.is_empty()))
+        }))
+    })
+}
+
 /// Nothing of a post-copy checkpoint is left on `host`: no lazy-dump configuration, no
 /// CRIU process (page server or lazy-pages daemon), no archive, journal or session.
-fn no_post_copy_left(lab: &Lab, host: &str) -> Result<()> {
+pub(super) fn no_post_copy_left(lab: &Lab, host: &str) -> Result<()> {
     let conf = lab.exec_stdout(
         host,
         &["sh", "-c", "cat /etc/criu/runc.conf 2>/dev/null || true"],
@@ -25,18 +53,7 @@ fn no_post_copy_left(lab: &Lab, host: &str) -> Result<()> {
     wait_for(
         &format!("CRIU to end on {host}"),
         Duration::from_secs(30),
-        || {
-            // Processes of every host show here: only those of this host's network count.
-            let criu = lab.exec_stdout(
-            host,
-            &[
-                "sh",
-                "-c",
-                "for p in $(pgrep -x criu); do [ \"$(readlink /proc/$p/ns/net)\" = \"$(readlink /proc/self/ns/net)\" ] && echo $p; done; true",
-            ],
-        )?;
-            Ok(criu.is_empty())
-        },
+        || Ok(criu_processes(lab, host)?.is_empty()),
     )?;
     for dir in ["journals", "sessions", "incoming"] {
         let left = lab.agent_state(host, dir)?;
@@ -166,13 +183,7 @@ pub fn link_cut_while_pages_move_stops_the_container(lab: &Lab) -> Result<()> {
     }
     lab.join_link()?;
     // The source's agent-server settles with the destination once it can reach it.
-    wait_for("both hosts to settle", Duration::from_secs(60), || {
-        Ok(["h1", "h2"].iter().all(|h| {
-            ["journals", "sessions", "incoming", "outgoing"]
-                .iter()
-                .all(|d| lab.agent_state(h, d).is_ok_and(|s| s.is_empty()))
-        }))
-    })?;
+    wait_settled(lab)?;
     for host in ["h1", "h2"] {
         ensure!(!super::exists(lab, host, "cuthog")?, "{host} keeps a copy");
         no_post_copy_left(lab, host)?;

@@ -1,0 +1,174 @@
+//! Streamed stop-copy (`--mode stop-copy` where both hosts serve lazy pages): the memory
+//! goes from CRIU's page server into a stopped replica on the destination, which runs only
+//! once all of it is there and the source's processes are gone. Memory intact and nothing
+//! left; and the faults that decide it: the link cut while the memory streams (the source
+//! runs it again), and the source's agent-client killed before and after the last page
+//! (its agent-server rolls back, or has the destination resume the replica).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use lab::Lab;
+
+use super::faults::Client;
+use super::post_copy::{criu_processes, no_post_copy_left, wait_settled};
+use super::{exists, is_running, memhog_verify, migrate_with, start_memhog, wait_for};
+
+/// The state letter of the container's init (`T`: stopped), or `None` if it has none.
+fn init_state(lab: &Lab, host: &str, name: &str) -> Result<Option<char>> {
+    let pid = lab.podman(host, &["inspect", "--format", "{{.State.Pid}}", name])?;
+    let pid: u32 = pid.trim().parse().context("podman's pid")?;
+    if pid == 0 {
+        return Ok(None);
+    }
+    // One PID namespace for all the lab's hosts: its /proc is ours.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    Ok(stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next()))
+}
+
+/// Starts a 1 GiB memhog's migration to h2 and holds it at the `pages` phase, with the
+/// source's page server stopped (SIGSTOP), so that the memory is still streaming,
+/// whatever the machine's speed. Returns the client and the page server's PID.
+fn hold_while_streaming(lab: &Lab, name: &str) -> Result<(Client, u32)> {
+    start_memhog(lab, "h1", name, 1024, 0)?;
+    let client = Client::start_with(lab, name, Some("pages:stop"), &["--mode", "stop-copy"])?;
+    wait_for("the pages phase", Duration::from_secs(120), || {
+        Ok(lab::cleanup::is_stopped(client.pid))
+    })?;
+    let servers = criu_processes(lab, "h1")?;
+    ensure!(
+        servers.len() == 1,
+        "h1 has not one CRIU page server: {servers:?}"
+    );
+    lab::cleanup::kill(servers[0], libc::SIGSTOP);
+    ensure!(
+        init_state(lab, "h2", name)? == Some('T'),
+        "h2's replica is not stopped"
+    );
+    Ok((client, servers[0]))
+}
+
+pub fn memory_intact_and_source_keeps_nothing(lab: &Lab) -> Result<()> {
+    start_memhog(lab, "h1", "streamhog", 256, 20)?;
+    let report = migrate_with(lab, "h1", "streamhog", "h2", &["--mode", "stop-copy"])?;
+    ensure!(
+        report["mode"]["mode"] == "stop-copy" && report["mode"]["memory"] == "page-server",
+        "ran as {}",
+        report["mode"]
+    );
+    let archive = report["checkpoint_bytes"].as_u64().unwrap_or(u64::MAX);
+    ensure!(
+        archive < 32 << 20,
+        "the archive holds {archive} bytes: the memory did not stream"
+    );
+    let streamed = report["pages"]["pages"].as_u64().unwrap_or(0);
+    ensure!(
+        streamed >= 256 * 256,
+        "only {streamed} pages streamed: {}",
+        report["pages"]
+    );
+    ensure!(
+        report["freeze_steps"]["pages_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        "the freeze does not cover the memory: {}",
+        report["freeze_steps"]
+    );
+    ensure!(
+        init_state(lab, "h2", "streamhog")? != Some('T'),
+        "h2's copy is still stopped"
+    );
+    memhog_verify(lab, "h2", "streamhog", 256 * 256)?;
+    ensure!(!exists(lab, "h1", "streamhog")?, "h1 keeps its copy");
+    no_post_copy_left(lab, "h1")?;
+    no_post_copy_left(lab, "h2")?;
+    lab.podman("h2", &["rm", "-f", "-t", "0", "streamhog"])?;
+    Ok(())
+}
+
+/// The link goes while the memory streams: the replica never runs and goes; the
+/// processes on h1, which CRIU still held, run on with their memory intact.
+pub fn link_cut_while_memory_streams_rolls_back(lab: &Lab) -> Result<()> {
+    let (client, server) = hold_while_streaming(lab, "cutstream")?;
+    lab.cut_link("h1", "h2")?;
+    lab::cleanup::kill(server, libc::SIGCONT);
+    lab::cleanup::kill(client.pid, libc::SIGCONT);
+    let (ok, said) = client.finish_with_status()?;
+    ensure!(!ok, "the migration claims success");
+    ensure!(
+        said.contains("rolling back: start cutstream on this host again"),
+        "agent-client does not say the container runs on h1: {said}"
+    );
+    ensure!(is_running(lab, "h1", "cutstream")?, "h1 does not run it");
+    // h2 sees its page transfer fail within the dead-peer timeouts.
+    wait_for("h2 to drop its replica", Duration::from_secs(40), || {
+        Ok(!exists(lab, "h2", "cutstream")?)
+    })?;
+    lab.join_link()?;
+    wait_settled(lab)?;
+    memhog_verify(lab, "h1", "cutstream", 1024 * 256)?;
+    for host in ["h1", "h2"] {
+        no_post_copy_left(lab, host)?;
+    }
+    ensure!(!exists(lab, "h2", "cutstream")?, "h2 keeps a copy");
+    lab.podman("h1", &["rm", "-f", "-t", "0", "cutstream"])?;
+    Ok(())
+}
+
+/// agent-client dies while the memory streams: h1's agent-server adopts the migration,
+/// stops the page server, finds the processes alive and rolls back; the replica is
+/// fenced.
+pub fn client_killed_while_memory_streams_rolls_back(lab: &Lab) -> Result<()> {
+    // The page server stays stopped: the adopter stops it for good.
+    let (client, _server) = hold_while_streaming(lab, "killstream")?;
+    lab::cleanup::kill(client.pid, libc::SIGKILL);
+    let _ = client.finish_with_status()?;
+    wait_settled(lab)?;
+    ensure!(is_running(lab, "h1", "killstream")?, "h1 does not run it");
+    ensure!(!exists(lab, "h2", "killstream")?, "h2 keeps its replica");
+    memhog_verify(lab, "h1", "killstream", 1024 * 256)?;
+    for host in ["h1", "h2"] {
+        no_post_copy_left(lab, host)?;
+    }
+    lab.podman("h1", &["rm", "-f", "-t", "0", "killstream"])?;
+    Ok(())
+}
+
+/// agent-client dies once the last page is on h2 (CRIU has ended the processes on h1):
+/// only the replica can run, and h1's agent-server has h2 resume it.
+pub fn client_killed_after_the_last_page_resumes_the_replica(lab: &Lab) -> Result<()> {
+    start_memhog(lab, "h1", "laststream", 256, 0)?;
+    let client = Client::start_with(
+        lab,
+        "laststream",
+        Some("pages:stop"),
+        &["--mode", "stop-copy"],
+    )?;
+    wait_for("the pages phase", Duration::from_secs(120), || {
+        Ok(lab::cleanup::is_stopped(client.pid))
+    })?;
+    // The page server ends once h2 has every page, and CRIU with it ends the processes.
+    wait_for(
+        "the last page to leave h1",
+        Duration::from_secs(120),
+        || Ok(criu_processes(lab, "h1")?.is_empty()),
+    )?;
+    ensure!(
+        init_state(lab, "h2", "laststream")? == Some('T'),
+        "h2's replica runs before it was resumed"
+    );
+    lab::cleanup::kill(client.pid, libc::SIGKILL);
+    let _ = client.finish_with_status()?;
+    wait_settled(lab)?;
+    ensure!(!exists(lab, "h1", "laststream")?, "h1 keeps its copy");
+    ensure!(
+        is_running(lab, "h2", "laststream")? && init_state(lab, "h2", "laststream")? != Some('T'),
+        "h2 does not run its replica"
+    );
+    memhog_verify(lab, "h2", "laststream", 256 * 256)?;
+    for host in ["h1", "h2"] {
+        no_post_copy_left(lab, host)?;
+    }
+    lab.podman("h2", &["rm", "-f", "-t", "0", "laststream"])?;
+    Ok(())
+}
