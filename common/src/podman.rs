@@ -57,6 +57,10 @@ pub struct ContainerInfo {
     /// Its IPv4 attachments, as `network.status` of an archive needs them.
     #[serde(default)]
     pub networks: Vec<crate::lazy_pages::NetworkAttachment>,
+    /// The CRIU configuration its annotation `org.criu.config` names (runc then reads it
+    /// in place of `/etc/criu/runc.conf`).
+    #[serde(default)]
+    pub criu_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +195,13 @@ impl PodmanClient {
             .as_deref()
             .and_then(|p| Path::new(p).parent())
             .map(Path::to_path_buf);
+        let criu_config = data
+            .config
+            .as_ref()
+            .and_then(|c| c.annotations.as_ref())
+            .and_then(|a| a.get(crate::lazy_pages::CONFIG_ANNOTATION))
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
         let pid = data
             .state
             .as_ref()
@@ -213,6 +224,7 @@ impl PodmanClient {
             bundle,
             upper_dir,
             networks: attachments,
+            criu_config,
         })
     }
 

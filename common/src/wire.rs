@@ -13,10 +13,11 @@ use crate::protocol::{DATA_CHUNK_LEN, FRAME_DATA, FRAME_MESSAGE, MAX_FRAME_LEN};
 /// this, not after TCP's 15 minutes of retransmissions.
 pub const DEAD_PEER_SECONDS: u32 = 10;
 
-/// Sets up an agent connection: no Nagle delay for the small request frames, and
-/// [`detect_dead_peer`].
-pub fn tune_connection(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
-    tcp.set_nodelay(true)?;
+/// Sets up a request-response connection (the agents', CRIU's page server's): no Nagle
+/// delay for the small requests (held behind the peer's delayed ACK, up to 200 ms each),
+/// and [`detect_dead_peer`].
+pub fn tune_connection(tcp: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    nix::sys::socket::setsockopt(tcp, nix::sys::socket::sockopt::TcpNoDelay, &true)?;
     detect_dead_peer(tcp)
 }
 

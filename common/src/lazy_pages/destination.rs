@@ -11,12 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::procfs::{borrow_fd, descriptors, tcp_sockets};
-use super::{append_bytes, PageServer};
+use super::{append_bytes, PageServer, RESTORE_CONF};
 
 /// The socket `criu lazy-pages` opens in its work directory for the restore.
 const DAEMON_SOCKET: &str = "lazy-pages.socket";
-/// The configuration file the destination's restore reads.
-const RESTORE_CONF: &str = "criu-restore.conf";
 const DAEMON_LOG: &str = "lazy-pages.log";
 
 /// Makes `archive` restore lazily with the daemon of `work_dir`: its spec names a CRIU
@@ -46,7 +44,7 @@ pub fn prepare_import(archive: &Path, work_dir: &Path, stopped: bool) -> Result<
                 .ok_or_else(|| anyhow!("spec.dump is not a JSON object"))?
                 .entry("annotations")
                 .or_insert_with(|| serde_json::json!({}));
-            annotations["org.criu.config"] = conf.display().to_string().into();
+            annotations[super::CONFIG_ANNOTATION] = conf.display().to_string().into();
             append_bytes(&mut out, "spec.dump", &serde_json::to_vec(&spec)?)?;
             continue;
         }
@@ -135,7 +133,8 @@ impl PagesDaemon {
     /// After the restore, once it is connected to the source:
     /// - its connection gets the agents' dead-peer timeouts
     ///   ([`crate::wire::DEAD_PEER_SECONDS`]), so a cut link fails it within seconds,
-    ///   not after TCP's 15 minutes with the container stalled on a fault;
+    ///   not after TCP's 15 minutes with the container stalled on a fault, and it is
+    ///   uncorked ([`super::tune_page_connection`]);
     /// - this agent holds duplicates of its userfaultfds until [`Self::release`]: if it
     ///   dies, a closed userfaultfd would let the container read zeros where its pages
     ///   are missing, while a held one keeps a faulting thread waiting until the
@@ -169,7 +168,7 @@ impl PagesDaemon {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        crate::wire::detect_dead_peer(&borrow_fd(pid, fd)?)?;
+        super::tune_page_connection(&borrow_fd(pid, fd)?)?;
         Ok(())
     }
 

@@ -24,17 +24,51 @@ mod source;
 
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub use destination::{prepare_import, PagesDaemon};
 pub use source::{
-    arm, pack_images, remove_stale_config, stop_serving, wait_serving, ArmedDump, NetworkAttachment,
+    arm, pack_images, remove_stale_config, stop_serving, tune_serving, wait_serving, ArmedDump,
+    NetworkAttachment,
 };
 
 /// The CRIU configuration runc reads when the container names none.
 pub const RUNC_CONF: &str = "/etc/criu/runc.conf";
+/// The spec annotation by which a container names a CRIU configuration of its own, which
+/// runc then reads in place of [`RUNC_CONF`].
+pub const CONFIG_ANNOTATION: &str = "org.criu.config";
+/// The destination's configuration of one lazy restore, in its work directory
+/// (`incoming/<migration>.pages/`).
+const RESTORE_CONF: &str = "criu-restore.conf";
+
+/// Where the options of a lazy dump go for a container whose `org.criu.config` is
+/// `annotated`: [`RUNC_CONF`] if it names none; the file it names if that is one of this
+/// agent's restore configurations (a container restored lazily keeps naming it, long
+/// after the file went); otherwise nowhere (Err says why): the options would replace the
+/// container's own.
+pub fn dump_config(annotated: Option<&Path>) -> Result<PathBuf, String> {
+    let Some(path) = annotated else {
+        return Ok(PathBuf::from(RUNC_CONF));
+    };
+    fn name(p: Option<&Path>) -> Option<&str> {
+        p.and_then(Path::file_name).and_then(|n| n.to_str())
+    }
+    let dir = path.parent();
+    let ours = name(Some(path)) == Some(RESTORE_CONF)
+        && name(dir).is_some_and(|d| d.ends_with(".pages"))
+        && name(dir.and_then(Path::parent)) == Some("incoming");
+    if ours {
+        Ok(path.to_path_buf())
+    } else {
+        Err(format!(
+            "the container names a CRIU configuration of its own ({CONFIG_ANNOTATION} {})",
+            path.display()
+        ))
+    }
+}
 /// First line of a configuration this module wrote (CRIU skips `#` lines).
 const MARKER: &str = "# live-migrate: options of one post-copy checkpoint, removed once it started";
 
@@ -115,4 +149,29 @@ fn append_bytes(tar: &mut tar::Builder<impl Write>, name: &str, bytes: &[u8]) ->
     header.set_cksum();
     tar.append_data(&mut header, name, bytes)
         .with_context(|| format!("pack {name}"))
+}
+
+/// Tunes a page-server connection CRIU holds (a duplicate of its descriptor), on either
+/// end: CRIU corks it (TCP_CORK) and flushes after each batch of pages, but not after its
+/// last messages (the daemon's close, the server's answer), which the kernel then holds
+/// for 200 ms each. Uncorked and without Nagle, they go at once; and a cut link fails it
+/// within [`crate::wire::DEAD_PEER_SECONDS`].
+fn tune_page_connection(socket: &std::os::fd::OwnedFd) -> anyhow::Result<()> {
+    rustix::net::sockopt::set_tcp_cork(socket, false)?;
+    Ok(crate::wire::tune_connection(socket)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dump_takes_its_options_where_runc_reads_them_and_never_over_the_containers_own() {
+        assert_eq!(dump_config(None), Ok(PathBuf::from(RUNC_CONF)));
+        let restored = Path::new("/var/lib/live-migrate/incoming/0123.pages/criu-restore.conf");
+        assert_eq!(dump_config(Some(restored)), Ok(restored.to_path_buf()));
+        for own in ["/etc/criu/mine.conf", "/tmp/incoming/x/criu-restore.conf"] {
+            assert!(dump_config(Some(Path::new(own))).is_err(), "{own}");
+        }
+    }
 }

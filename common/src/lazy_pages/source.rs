@@ -11,24 +11,26 @@ use anyhow::{bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use super::procfs::{listening, socket_holder, tcp_sockets};
+use super::procfs::{borrow_fd, descriptors, listening, socket_holder, tcp_sockets};
 use super::{append_bytes, foreign_config, PageServer, MARKER, RUNC_CONF};
 
 /// Held while a configuration of ours exists: one post-copy checkpoint starts at a time.
 const LOCK: &str = "/run/live-migrate/criu.lock";
 
-/// The host's runc configuration says to dump lazily, for one checkpoint; it goes with
-/// [`ArmedDump::disarm`] (or when this is dropped).
+/// The CRIU configuration runc reads says to dump lazily, for one checkpoint; it goes
+/// with [`ArmedDump::disarm`] (or when this is dropped).
 pub struct ArmedDump {
     pub server: PageServer,
     _lock: Flock<File>,
+    config: PathBuf,
     armed: bool,
 }
 
-/// Makes the next checkpoint on this host a lazy one, serving pages on `address`. Waits up
-/// to 10 s for another post-copy checkpoint of this host to start first. A runc
+/// Makes the next checkpoint on this host a lazy one, serving pages on `address`, with
+/// options in `config` (where runc reads them for the container, [`super::dump_config`]).
+/// Waits up to 10 s for another lazy checkpoint of this host to start first. A runc
 /// configuration of the operator's own is left alone: post-copy is refused instead.
-pub async fn arm(address: Ipv4Addr) -> Result<ArmedDump> {
+pub async fn arm(address: Ipv4Addr, config: &Path) -> Result<ArmedDump> {
     let lock = open_lock()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut lock = lock;
@@ -42,21 +44,31 @@ pub async fn arm(address: Ipv4Addr) -> Result<ArmedDump> {
             Err((_, e)) => bail!("another post-copy checkpoint is starting on this host: {e}"),
         }
     };
-    if let Some(foreign) = foreign_config()? {
-        bail!("{RUNC_CONF} holds options of its own ({foreign}); post-copy would change them for this checkpoint: use --mode stop-copy");
+    if config == Path::new(RUNC_CONF) {
+        if let Some(foreign) = foreign_config()? {
+            bail!("{RUNC_CONF} holds options of its own ({foreign}); post-copy would change them for this checkpoint: use --mode stop-copy --archive");
+        }
+    } else if config.exists() {
+        bail!(
+            "{} exists: a lazy restore of this container is under way here",
+            config.display()
+        );
     }
     let port = std::net::TcpListener::bind((address, 0))
         .with_context(|| format!("find a free port on {address}"))?
         .local_addr()?
         .port();
     let server = PageServer { address, port };
-    let dir = Path::new(RUNC_CONF).parent().expect("has a parent");
+    let dir = config
+        .parent()
+        .context("a configuration file in no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let content = format!("{MARKER}\nlazy-pages\naddress {address}\nport {port}\n");
-    crate::files::write_atomic(Path::new(RUNC_CONF), content.as_bytes())?;
+    crate::files::write_atomic(config, content.as_bytes())?;
     Ok(ArmedDump {
         server,
         _lock: lock,
+        config: config.to_path_buf(),
         armed: true,
     })
 }
@@ -65,8 +77,12 @@ impl ArmedDump {
     /// Later checkpoints on this host are plain ones again.
     pub fn disarm(&mut self) -> Result<()> {
         if std::mem::take(&mut self.armed) {
-            crate::files::remove_if_present(Path::new(RUNC_CONF))
-                .with_context(|| format!("remove {RUNC_CONF}"))?;
+            crate::files::remove_if_present(&self.config)
+                .with_context(|| format!("remove {}", self.config.display()))?;
+            if self.config != Path::new(RUNC_CONF) {
+                // The gone restore's directory, made again for this file.
+                let _ = std::fs::remove_dir(self.config.parent().expect("has a parent"));
+            }
         }
         Ok(())
     }
@@ -114,18 +130,16 @@ pub fn remove_stale_config() -> Result<Option<String>> {
 /// or `checkpoint` ends first (it failed: a lazy one ends only once the pages moved).
 pub async fn wait_serving<T>(
     server: PageServer,
-    checkpoint: &mut tokio::task::JoinHandle<T>,
+    checkpoint: &tokio::task::JoinHandle<T>,
 ) -> Result<()> {
-    loop {
-        if listening(server)? {
-            return Ok(());
+    // Not awaited here: the caller reads the call's error from it.
+    while !listening(server)? {
+        if checkpoint.is_finished() {
+            bail!("the checkpoint ended before CRIU served the container's memory");
         }
-        tokio::select! {
-            biased;
-            _ = &mut *checkpoint => bail!("the checkpoint ended before CRIU served the container's memory"),
-            () = tokio::time::sleep(Duration::from_millis(5)) => {}
-        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    Ok(())
 }
 
 /// Stops the CRIU process that serves pages on `server`, if one still does: the
@@ -153,6 +167,26 @@ pub async fn stop_serving(server: PageServer) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// Once the destination's daemon is connected (its restore has answered): CRIU's end of
+/// the connection is tuned ([`super::tune_page_connection`]).
+pub async fn tune_serving(server: PageServer) -> Result<()> {
+    let at = SocketAddrV4::new(server.address, server.port);
+    let tuned = tokio::task::spawn_blocking(move || {
+        let inode = tcp_sockets()?
+            .into_iter()
+            .find(|s| s.local == at && !s.listening)
+            .map(|s| s.inode)
+            .context("no connection to CRIU's page server")?;
+        let pid = socket_holder(inode).context("no process holds the page server's connection")?;
+        let wanted = format!("socket:[{inode}]");
+        let fd = *descriptors(pid, |link| link == wanted)
+            .first()
+            .context("the page server's connection is gone")?;
+        super::tune_page_connection(&borrow_fd(pid, fd)?)
+    });
+    tuned.await?
 }
 
 /// What the source knows of the container's network, for `network.status` in the archive:

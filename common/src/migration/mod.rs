@@ -542,6 +542,11 @@ pub async fn migrate(
         )
         .await?;
         let restore_ms = millis(requested.elapsed());
+        if let Some(dump) = &lazy {
+            if let Err(e) = crate::lazy_pages::tune_serving(dump.server).await {
+                tracing::warn!("CRIU's page server keeps its defaults: {e:#}");
+            }
+        }
         if lazy.is_some() && !replica {
             if let Err(e) = phases::end_source_processes(&prepared.container) {
                 warnings.push(format!("{e:#}"));
@@ -555,7 +560,15 @@ pub async fn migrate(
             phase = Phase::Pages;
             let t = clock.start(phase);
             crate::fault::at(state_dir, "pages")?;
-            streamed = Some(phases::await_pages(Some(&mut *agent), log, dump).await?);
+            streamed = Some(
+                phases::await_pages(
+                    Some(&mut *agent),
+                    log,
+                    dump,
+                    phases::PagesEnd::ProcessesEnded,
+                )
+                .await?,
+            );
             phases::resume(agent, log).await?;
             resumed_at = Instant::now();
             pages_ms = Some(millis(t.elapsed()));
@@ -662,7 +675,8 @@ pub async fn migrate(
         if let Err(e) = crate::fault::at(state_dir, "pages") {
             warnings.push(format!("{e:#}"));
         }
-        match phases::await_pages(remote.as_mut(), log, lazy).await {
+        match phases::await_pages(remote.as_mut(), log, lazy, phases::PagesEnd::CallReturned).await
+        {
             Ok(report) => pages = Some(report),
             Err(error) => {
                 // Its processes here were killed at the restore; the destination stopped its

@@ -109,6 +109,9 @@ pub fn post_copy_problem(survey: &Survey) -> Option<String> {
     if survey.destination.is_none() {
         return Some("the destination was not reached".into());
     }
+    if let Err(problem) = crate::lazy_pages::dump_config(survey.container.criu_config.as_deref()) {
+        return Some(problem);
+    }
     if survey.container.ipv4().is_none() {
         // The destination learns the source's tunnel end, where the pages come from, with
         // the container's flows.
@@ -226,11 +229,19 @@ pub async fn checkpoint(
     let export = work_dir.join(format!("{id}.export.tar"));
     let container_ip = container.ipv4();
     let mut armed = match page_server {
-        Some(address) => Some(crate::lazy_pages::arm(address).await?),
+        Some(address) => {
+            let config = crate::lazy_pages::dump_config(container.criu_config.as_deref())
+                .map_err(|problem| anyhow::anyhow!(problem))?;
+            Some(crate::lazy_pages::arm(address, &config).await?)
+        }
         None => None,
     };
     if armed.is_some() {
-        undo.record.held_init = container.pid;
+        // Whether the processes outlive CRIU decides a streamed stop-copy.
+        let pid = container
+            .pid
+            .context("podman did not say which process is the container's init")?;
+        undo.record.held_init = Some(pid);
     }
     // Registered before the call: a checkpoint that fails halfway may still have stopped it.
     undo.freeze(
@@ -274,9 +285,9 @@ pub async fn checkpoint(
         }
         Some(armed) => {
             let (podman, name, to) = (podman.clone(), container.name.clone(), export.clone());
-            let mut podman_call =
+            let podman_call =
                 tokio::spawn(async move { podman.checkpoint_to_file(&name, &to).await });
-            let serving = crate::lazy_pages::wait_serving(armed.server, &mut podman_call).await;
+            let serving = crate::lazy_pages::wait_serving(armed.server, &podman_call).await;
             armed.disarm()?;
             if let Err(e) = serving {
                 if podman_call.is_finished() {
@@ -347,6 +358,7 @@ pub async fn await_pages(
     remote: Option<&mut RemoteAgent>,
     undo: &mut UndoLog,
     lazy: LazyDump,
+    until: PagesEnd,
 ) -> Result<PagesReport> {
     let LazyDump {
         server,
@@ -361,9 +373,20 @@ pub async fn await_pages(
         None => Err(anyhow::anyhow!("no connection to the destination")),
     };
     let ended = arrived.is_ok()
-        && tokio::time::timeout(CALL_AFTER_PAGES, &mut podman_call)
-            .await
-            .is_ok();
+        && tokio::time::timeout(CALL_AFTER_PAGES, async {
+            match until {
+                PagesEnd::CallReturned => drop((&mut podman_call).await),
+                // podman's call goes on (runc, its export); its container lock keeps the
+                // clean-up behind it.
+                PagesEnd::ProcessesEnded => {
+                    while held_processes_alive(&undo.record) && !podman_call.is_finished() {
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    }
+                }
+            }
+        })
+        .await
+        .is_ok();
     if !ended {
         crate::lazy_pages::stop_serving(server).await?;
         let _ = tokio::time::timeout(CALL_AFTER_PAGES, podman_call).await;
@@ -374,6 +397,15 @@ pub async fn await_pages(
         after_restore_ms: super::millis(arrived.after_restore),
         pages: arrived.pages,
     })
+}
+
+/// What [`await_pages`] waits for once the pages are through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagesEnd {
+    /// podman's checkpoint call has returned (post-copy: nothing waits for the source).
+    CallReturned,
+    /// CRIU has ended the processes here (streamed stop-copy: the replica waits for it).
+    ProcessesEnded,
 }
 
 /// How long the last page of a post-copy migration may take to arrive; a cut link fails

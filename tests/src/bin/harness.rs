@@ -53,8 +53,14 @@ struct Args {
     /// Dirty rates of the sweep, percent of the pages rewritten per second.
     #[arg(long, default_value = "0,20", value_delimiter = ',')]
     dirty: Vec<u64>,
-    /// Modes of the sweep, side by side (agent-client --mode).
-    #[arg(long, default_value = "stop-copy,post-copy", value_delimiter = ',')]
+    /// Modes of the sweep, side by side: agent-client's --mode values, stop-copy-archive
+    /// (--mode stop-copy --archive), and podman (plain podman checkpoint/restore, the
+    /// baseline).
+    #[arg(
+        long,
+        default_value = "podman,stop-copy-archive,stop-copy,post-copy",
+        value_delimiter = ','
+    )]
     sweep_modes: Vec<String>,
     /// Migrate the small TCP echo workload N times (h1 <-> h2) and report the p50, p95 and
     /// worst of the client-observed pause, the freeze, and the pause beyond the freeze, where

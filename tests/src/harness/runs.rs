@@ -424,12 +424,27 @@ fn sleep_until(t0: Instant, at: f64, pb: &ProgressBar) {
     }
 }
 
+/// How the sweep moves a memhog for `mode`: one of agent-client's `--mode` values,
+/// `stop-copy-archive` (`--mode stop-copy --archive`: the memory in podman's archive), or
+/// `podman` (plain podman checkpoint/restore: the baseline).
+fn sweep_method(mode: &str) -> (Method, Vec<&str>) {
+    match mode {
+        "podman" => (Method::PodmanCheckpoint, Vec::new()),
+        "stop-copy-archive" => (
+            Method::LiveMigrate,
+            vec!["--mode", "stop-copy", "--archive"],
+        ),
+        mode => (Method::LiveMigrate, vec!["--mode", mode]),
+    }
+}
+
 /// One point of the memory sweep.
 #[derive(Clone, Debug, Serialize)]
 pub struct SensitivityPoint {
     pub mib: u64,
     pub dirty_percent: u64,
-    /// `stop-copy` or `post-copy`.
+    /// `stop-copy` (streamed where the hosts can), `stop-copy-archive`, `post-copy` or
+    /// `podman` ([`sweep_method`]).
     pub mode: String,
     #[serde(flatten)]
     pub migration: Migration,
@@ -473,14 +488,8 @@ pub fn sensitivity(
                 wait_logged(lab, on, &name, "memhog: ready", 0)?;
                 // Let the dirtying run for a moment.
                 std::thread::sleep(Duration::from_secs(1));
-                let m = migrate_with(
-                    lab,
-                    Method::LiveMigrate,
-                    &name,
-                    on,
-                    other,
-                    &["--mode", mode],
-                );
+                let (method, options) = sweep_method(mode);
+                let m = migrate_with(lab, method, &name, on, other, &options);
                 let here = if m.ok { other } else { on };
                 let memory_intact = memhog_intact(lab, here, &name, mib).unwrap_or(false);
                 let report = m.agent_report.as_ref();

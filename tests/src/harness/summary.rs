@@ -304,13 +304,13 @@ fn step_spreads(hops: &[EchoHop]) -> Vec<(String, Spread)> {
 
 /// The post-copy freeze at each size beside the smallest size's, per dirty rate (the
 /// target: at most 1.5 times); and the time until the last page beside what the bytes
-/// moved would take at the stop-copy transfer's rate (the target: at most 1.5 times
-/// that, plus 1 s).
+/// moved would take at the rate the archive of a stop-copy through it was sent at (the
+/// target: at most 1.5 times that, plus 1 s).
 fn post_copy_ratios(points: &[SensitivityPoint]) -> Vec<String> {
     let mut lines = freeze_ratios(points);
     let mut rates: Vec<f64> = points
         .iter()
-        .filter(|p| p.mode == "stop-copy" && p.migration.ok && p.mib >= 256)
+        .filter(|p| p.mode == "stop-copy-archive" && p.migration.ok && p.mib >= 256)
         .filter_map(|p| {
             let report = p.migration.agent_report.as_ref()?;
             let ms = report["freeze_steps"]["transfer_ms"].as_f64()?;
@@ -336,7 +336,7 @@ fn post_copy_ratios(points: &[SensitivityPoint]) -> Vec<String> {
         })
         .collect();
     lines.push(format!(
-        "Post-copy, until the last page, against 1.5 x bytes moved / {:.0} MB/s (the stop-copy transfer's median rate) + 1 s: {}",
+        "Post-copy, until the last page, against 1.5 x bytes moved / {:.0} MB/s (the median rate of the stop-copy archives' transfer) + 1 s: {}",
         rate / 1e6,
         checks.join("; ")
     ));
