@@ -260,8 +260,10 @@ fn host_findings(report: &HostReport, memory_bytes: Option<u64>, out: &mut Vec<F
         host,
         "post-copy",
         match &report.post_copy_problem {
-            None => "available".to_string(),
-            Some(problem) => format!("unavailable, stop-copy only: {problem}"),
+            None => "available, and a streamed stop-copy".to_string(),
+            Some(problem) => {
+                format!("unavailable, stop-copy through the archive only: {problem}")
+            }
         },
     ));
     out.push(match report.oci_runtime.as_str() {

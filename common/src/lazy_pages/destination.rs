@@ -141,13 +141,20 @@ impl PagesDaemon {
     ///   container is stopped.
     ///
     /// Both through `pidfd_getfd`: the options are set on the daemon's own socket.
-    pub async fn guard(&mut self) -> Result<()> {
+    ///
+    /// Returns whether any memory is to come: the restore hands the daemon a userfaultfd
+    /// for each process with lazy memory. None (CRIU wrote every page into the images
+    /// after all) means nothing waits for the source; the daemon then has nothing to do.
+    pub async fn guard(&mut self) -> Result<bool> {
         let pid = self
             .child
             .id()
             .ok_or_else(|| anyhow!("criu lazy-pages has exited"))? as i32;
         for fd in descriptors(pid, |link| link == "anon_inode:[userfaultfd]") {
             self.held_uffds.push(borrow_fd(pid, fd)?);
+        }
+        if self.held_uffds.is_empty() {
+            return Ok(false);
         }
         let to = SocketAddrV4::new(self.source.address, self.source.port);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -169,7 +176,7 @@ impl PagesDaemon {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         super::tune_page_connection(&borrow_fd(pid, fd)?)?;
-        Ok(())
+        Ok(true)
     }
 
     /// Lets go of the userfaultfds [`Self::guard`] held: every page is here, or the

@@ -76,7 +76,11 @@ impl Prepared {
         tokio::spawn(async move {
             let restored_at = Instant::now();
             let transfer = match daemon.guard().await {
-                Ok(()) => daemon.wait().await,
+                Ok(true) => daemon.wait().await,
+                Ok(false) => {
+                    tracing::warn!("the archive held all of the memory: no page to fetch");
+                    daemon.kill().await.map(|()| 0)
+                }
                 Err(e) => Err(e.context("cannot watch the page transfer")),
             };
             let mut migration = migration.lock().await;
