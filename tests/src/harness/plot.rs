@@ -182,6 +182,8 @@ pub fn sensitivity(path: &Path, points: &[SensitivityPoint]) -> Result<()> {
         RGBColor(0, 90, 200),
         RGBColor(200, 60, 0),
         RGBColor(0, 150, 60),
+        RGBColor(130, 60, 170),
+        RGBColor(110, 110, 110),
     ];
     for (i, mode) in modes.iter().enumerate() {
         let color = palette[i % palette.len()];
