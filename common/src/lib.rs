@@ -23,6 +23,7 @@ pub mod process;
 pub mod protocol;
 pub mod remote;
 pub mod routing;
+pub mod sock_diag;
 pub mod transfer;
 pub mod validate;
 pub mod wire;

@@ -133,11 +133,17 @@ fn has_cap_sys_resource() -> bool {
 
 /// What the runc configuration holds if it is not ours: `None` if there is none, or ours.
 fn foreign_config() -> Result<Option<String>> {
-    match std::fs::read_to_string(RUNC_CONF) {
+    foreign_options(Path::new(RUNC_CONF))
+}
+
+/// The options in the CRIU configuration `path`, unless it is absent or one this module
+/// wrote for a lazy dump.
+fn foreign_options(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
         Ok(text) if text.starts_with(MARKER) => Ok(None),
         Ok(text) => Ok(Some(text.lines().collect::<Vec<_>>().join("; "))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(anyhow!("read {RUNC_CONF}: {e}")),
+        Err(e) => Err(anyhow!("read {}: {e}", path.display())),
     }
 }
 

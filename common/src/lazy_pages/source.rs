@@ -12,7 +12,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use super::procfs::{borrow_fd, descriptors, listening, socket_holder, tcp_sockets};
-use super::{append_bytes, foreign_config, PageServer, MARKER, RUNC_CONF};
+use super::{append_bytes, foreign_config, foreign_options, PageServer, MARKER, RUNC_CONF};
 
 /// Held while a configuration of ours exists: one post-copy checkpoint starts at a time.
 const LOCK: &str = "/run/live-migrate/criu.lock";
@@ -44,15 +44,9 @@ pub async fn arm(address: Ipv4Addr, config: &Path) -> Result<ArmedDump> {
             Err((_, e)) => bail!("another post-copy checkpoint is starting on this host: {e}"),
         }
     };
-    if config == Path::new(RUNC_CONF) {
-        if let Some(foreign) = foreign_config()? {
-            bail!("{RUNC_CONF} holds options of its own ({foreign}); post-copy would change them for this checkpoint: use --mode stop-copy --archive");
-        }
-    } else if config.exists() {
-        bail!(
-            "{} exists: a lazy restore of this container is under way here",
-            config.display()
-        );
+    // One of ours, under this lock, is left by a dump that died: it is replaced.
+    if let Some(foreign) = foreign_options(config)? {
+        bail!("{} holds options of its own ({foreign}); a lazy dump would change them for this checkpoint: use --mode stop-copy --archive", config.display());
     }
     let port = std::net::TcpListener::bind((address, 0))
         .with_context(|| format!("find a free port on {address}"))?
@@ -63,7 +57,10 @@ pub async fn arm(address: Ipv4Addr, config: &Path) -> Result<ArmedDump> {
         .parent()
         .context("a configuration file in no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let content = format!("{MARKER}\nlazy-pages\naddress {address}\nport {port}\n");
+    // No network lock of CRIU's: a failed lazy dump never lifts it (`cr_dump_finish`),
+    // and the agent's packet hold, outside the container, keeps its traffic away anyway.
+    let content =
+        format!("{MARKER}\nlazy-pages\nnetwork-lock skip\naddress {address}\nport {port}\n");
     crate::files::write_atomic(config, content.as_bytes())?;
     Ok(ArmedDump {
         server,
@@ -143,30 +140,79 @@ pub async fn wait_serving<T>(
 }
 
 /// Stops the CRIU process that serves pages on `server`, if one still does: the
-/// processes it holds run again (undo before the destination restored them), or were
-/// killed already (after).
-pub async fn stop_serving(server: PageServer) -> Result<()> {
+/// processes it holds (those of cgroup `held`) run again (undo before the destination
+/// restored them), or were killed already (after). Its sockets are destroyed
+/// ([`crate::sock_diag`]), so that CRIU fails its dump as on a broken connection and lets
+/// the processes go; killing it would leave them seized. CRIU does not take a failed lazy
+/// dump's TCP connections out of repair mode: this does ([`release_repair`]). Only a
+/// CRIU that does not end within 10 s is killed.
+pub async fn stop_serving(server: PageServer, held: Option<&str>) -> Result<()> {
     let at = SocketAddrV4::new(server.address, server.port);
     // Listening, or (CRIU serves one restore) connected to the destination.
-    let inodes: Vec<u64> = tcp_sockets()?
+    let sockets: Vec<_> = tcp_sockets()?
         .into_iter()
         .filter(|s| s.local == at)
-        .map(|s| s.inode)
         .collect();
+    let inodes: Vec<u64> = sockets.iter().map(|s| s.inode).collect();
     let holder = tokio::task::spawn_blocking(move || inodes.into_iter().find_map(socket_holder));
     let Some(pid) = holder.await? else {
         return Ok(());
     };
-    crate::process::kill(pid).with_context(|| format!("stop CRIU's page server (pid {pid})"))?;
-    // runc, its parent, reaps it.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let destroyed = tokio::task::spawn_blocking(move || {
+        sockets.iter().try_for_each(|s| {
+            crate::sock_diag::destroy_tcp(s.local, (!s.listening).then_some(s.remote))
+        })
+    });
+    if let Err(e) = destroyed.await? {
+        tracing::warn!("CRIU's page server is killed: {e:#}");
+        crate::process::kill(pid)
+            .with_context(|| format!("stop CRIU's page server (pid {pid})"))?;
+    }
+    if !ended_within(pid, Duration::from_secs(10)).await {
+        tracing::warn!("CRIU's page server (pid {pid}) did not end on its own: killed");
+        crate::process::kill(pid)
+            .with_context(|| format!("stop CRIU's page server (pid {pid})"))?;
+        if !ended_within(pid, Duration::from_secs(10)).await {
+            bail!("CRIU's page server (pid {pid}) did not stop");
+        }
+    }
+    if let Some(cgroup) = held.map(str::to_string) {
+        tokio::task::spawn_blocking(move || release_repair(&cgroup)).await??;
+    }
+    Ok(())
+}
+
+/// Takes the TCP connections of the processes in `cgroup` out of repair mode, as CRIU
+/// does when a dump fails before the lazy pages (`libsoccr_resume`); after a failed lazy
+/// transfer it does not, and they would stay dead. A socket that is not a TCP
+/// connection refuses, and is left as it is. A cgroup that is gone has none.
+fn release_repair(cgroup: &str) -> Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let Ok(pids) = crate::freezer::processes(cgroup) else {
+        return Ok(());
+    };
+    for pid in pids {
+        for fd in descriptors(pid, |link| link.starts_with("socket:[")) {
+            let Ok(socket) = borrow_fd(pid, fd) else {
+                continue; // it has gone meanwhile
+            };
+            // Off (0) is also what the kernel's TCP_REPAIR_OFF is.
+            let _ = setsockopt(&socket, sockopt::TcpRepair, &0);
+        }
+    }
+    Ok(())
+}
+
+/// Whether process `pid` is gone within `patience` (runc, CRIU's parent, reaps it).
+async fn ended_within(pid: i32, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
     while crate::process::exists(pid) {
         if Instant::now() > deadline {
-            bail!("CRIU's page server (pid {pid}) did not stop");
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(())
+    true
 }
 
 /// Once the destination's daemon is connected (its restore has answered): CRIU's end of

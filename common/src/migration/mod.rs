@@ -268,9 +268,13 @@ pub enum Undo {
     ReleaseHold(std::net::Ipv4Addr),
     /// The container's cgroup was frozen here ([`crate::freezer`]): thaw it.
     Thaw(String),
-    /// CRIU serves the container's memory here (post-copy, [`crate::lazy_pages`]): stop
-    /// it. Before the destination restored it, that lets the processes run again.
-    StopPageServer(crate::lazy_pages::PageServer),
+    /// CRIU serves the container's memory here ([`crate::lazy_pages`]), holding the
+    /// processes of cgroup `held`: stop it. Before their last page has gone, that lets
+    /// them run again.
+    StopPageServer {
+        server: crate::lazy_pages::PageServer,
+        held: Option<String>,
+    },
     /// The destination may hold a stopped replica (streamed stop-copy): fence it (it is
     /// removed there, and never runs).
     FenceReplica {
@@ -289,7 +293,7 @@ impl std::fmt::Display for Undo {
             Undo::RemoveContainerRoute(ip) => write!(f, "route {ip} to this host again"),
             Undo::ReleaseHold(ip) => write!(f, "let the held packets for {ip} through"),
             Undo::Thaw(cgroup) => write!(f, "thaw cgroup {cgroup}"),
-            Undo::StopPageServer(server) => write!(
+            Undo::StopPageServer { server, .. } => write!(
                 f,
                 "stop CRIU's page server on {}:{}",
                 server.address, server.port

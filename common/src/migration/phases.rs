@@ -195,6 +195,8 @@ pub struct Checkpoint {
 /// A post-copy checkpoint that is still serving the container's memory.
 pub struct LazyDump {
     pub server: PageServer,
+    /// The cgroup of the processes CRIU holds.
+    pub held: Option<String>,
     /// podman's checkpoint call: it returns once the last page has moved (its export,
     /// of what CRIU wrote without the memory, is of no use).
     pub podman_call: tokio::task::JoinHandle<Result<u64, crate::podman::PodmanError>>,
@@ -258,7 +260,10 @@ pub async fn checkpoint(
                 container: container.name.clone(),
                 archive: archive.clone(),
             }])
-            .chain(armed.as_ref().map(|a| Undo::StopPageServer(a.server))),
+            .chain(armed.as_ref().map(|a| Undo::StopPageServer {
+                server: a.server,
+                held: container.cgroup_path.clone(),
+            })),
     )?;
     let mut problems = Vec::new();
     if let Some(ip) = container_ip.filter(|_| hold_packets > 0) {
@@ -297,6 +302,7 @@ pub async fn checkpoint(
             }
             Some(LazyDump {
                 server: armed.server,
+                held: container.cgroup_path.clone(),
                 podman_call,
             })
         }
@@ -362,6 +368,7 @@ pub async fn await_pages(
 ) -> Result<PagesReport> {
     let LazyDump {
         server,
+        held,
         mut podman_call,
     } = lazy;
     let migration_id = undo.record.migration_id.clone();
@@ -388,10 +395,10 @@ pub async fn await_pages(
         .await
         .is_ok();
     if !ended {
-        crate::lazy_pages::stop_serving(server).await?;
+        crate::lazy_pages::stop_serving(server, held.as_deref()).await?;
         let _ = tokio::time::timeout(CALL_AFTER_PAGES, podman_call).await;
     }
-    undo.drop_step(&Undo::StopPageServer(server))?;
+    undo.drop_step(&Undo::StopPageServer { server, held })?;
     let arrived = arrived?;
     Ok(PagesReport {
         after_restore_ms: super::millis(arrived.after_restore),

@@ -104,7 +104,9 @@ impl SourceActions for SourceHost<'_> {
                 let cgroup = cgroup.clone();
                 tokio::task::spawn_blocking(move || crate::freezer::thaw(&cgroup)).await?
             }
-            Undo::StopPageServer(server) => crate::lazy_pages::stop_serving(*server).await,
+            Undo::StopPageServer { server, held } => {
+                crate::lazy_pages::stop_serving(*server, held.as_deref()).await
+            }
             Undo::FenceReplica {
                 destination,
                 migration_id,
@@ -313,7 +315,7 @@ async fn after_streaming(
         .record
         .steps
         .iter()
-        .filter(|s| matches!(s, Undo::StopPageServer(_)))
+        .filter(|s| matches!(s, Undo::StopPageServer { .. }))
         .cloned()
         .collect();
     for step in serving {
@@ -449,7 +451,7 @@ pub async fn release_source(
         .record
         .steps
         .iter()
-        .filter(|s| matches!(s, Undo::StopPageServer(_)))
+        .filter(|s| matches!(s, Undo::StopPageServer { .. }))
         .cloned()
         .collect();
     for step in serving {
@@ -672,7 +674,7 @@ mod tests {
                     Undo::RemoveFile(_) => w.archive = false,
                     Undo::RemoveContainerRoute(_) => w.blackholed = false,
                     Undo::ReleaseHold(_) => w.held = false,
-                    Undo::Thaw(_) | Undo::StopPageServer(_) => {}
+                    Undo::Thaw(_) | Undo::StopPageServer { .. } => {}
                     Undo::FenceReplica { .. } => {
                         anyhow::ensure!(w.reachable, "unreachable");
                         anyhow::ensure!(!w.dest_runs, "the destination runs it");
@@ -777,10 +779,13 @@ mod tests {
     fn streaming(state_dir: &Path, held_alive: bool, replica: bool) -> (UndoLog, World) {
         let (mut log, mut world) = journaled(state_dir, SourceStage::Streaming, false);
         log.record.steps.extend([
-            Undo::StopPageServer(crate::lazy_pages::PageServer {
-                address: "100.127.0.1".parse().unwrap(),
-                port: 40000,
-            }),
+            Undo::StopPageServer {
+                server: crate::lazy_pages::PageServer {
+                    address: "100.127.0.1".parse().unwrap(),
+                    port: 40000,
+                },
+                held: None,
+            },
             Undo::FenceReplica {
                 destination: "h2:7878".into(),
                 migration_id: "0".repeat(32),

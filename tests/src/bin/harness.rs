@@ -76,10 +76,32 @@ struct Args {
     /// Output directory (default target/harness/<unix time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Draw the memory sweep's plot again from a run's report.json (into --out, or
+    /// beside it), without running anything.
+    #[arg(long, value_name = "REPORT")]
+    replot: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
+    if let Some(report) = &args.replot {
+        #[derive(serde::Deserialize)]
+        struct Swept {
+            sensitivity: Vec<harness::runs::SensitivityPoint>,
+        }
+        let swept: Swept = serde_json::from_slice(
+            &std::fs::read(report).with_context(|| format!("reading {}", report.display()))?,
+        )
+        .with_context(|| format!("{} is no harness report", report.display()))?;
+        let dir = match &args.out {
+            Some(dir) => dir.clone(),
+            None => report.parent().map(PathBuf::from).unwrap_or_default(),
+        };
+        let plot = dir.join("sensitivity.png");
+        harness::plot::sensitivity(&plot, &swept.sensitivity)?;
+        eprintln!("wrote {}", plot.display());
+        return Ok(());
+    }
     if args.smoke {
         args.mode = vec!["tcp".into()];
         args.duration = 12;

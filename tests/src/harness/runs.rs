@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use lab::flow::FlowClient;
 use lab::Lab;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::analysis::{direction_stats, parse_iperf, DirectionStats, Series};
@@ -33,7 +33,7 @@ impl Method {
 }
 
 /// What one migration took, measured from outside.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Migration {
     pub from: String,
     pub to: String,
@@ -439,7 +439,7 @@ fn sweep_method(mode: &str) -> (Method, Vec<&str>) {
 }
 
 /// One point of the memory sweep.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SensitivityPoint {
     pub mib: u64,
     pub dirty_percent: u64,
