@@ -188,6 +188,16 @@ impl UndoLog {
         self.save()
     }
 
+    /// The undo steps that `wanted` picks, oldest first.
+    pub fn steps_where(&self, wanted: impl Fn(&Undo) -> bool) -> Vec<Undo> {
+        self.record
+            .steps
+            .iter()
+            .filter(|s| wanted(s))
+            .cloned()
+            .collect()
+    }
+
     /// A step that is done by other means (CRIU's page server ended): no undo needs it.
     pub fn drop_step(&mut self, done: &Undo) -> Result<()> {
         self.record.steps.retain(|s| s != done);
@@ -284,18 +294,8 @@ pub async fn settle(
                 "the processes here are gone and {} has no replica to resume",
                 log.record.destination
             )];
-            let routes: Vec<Undo> = log
-                .record
-                .steps
-                .iter()
-                .filter(|s| matches!(s, Undo::RemoveContainerRoute(_)))
-                .cloned()
-                .collect();
-            for step in routes {
-                if let Err(e) = host.undo(&step).await {
-                    warnings.push(format!("could not {step}: {e:#}"));
-                }
-            }
+            let routes = log.steps_where(|s| matches!(s, Undo::RemoveContainerRoute(_)));
+            warnings.extend(undo_each(host, routes).await);
             warnings.extend(release_source(log, host, None).await);
             Resolution::Lost { warnings }
         }
@@ -311,13 +311,7 @@ async fn after_streaming(
     host: &impl SourceActions,
     patience: Duration,
 ) -> Result<(SourceAction, String)> {
-    let serving: Vec<Undo> = log
-        .record
-        .steps
-        .iter()
-        .filter(|s| matches!(s, Undo::StopPageServer { .. }))
-        .cloned()
-        .collect();
+    let serving = log.steps_where(|s| matches!(s, Undo::StopPageServer { .. }));
     for step in serving {
         host.undo(&step).await?;
         log.drop_step(&step)?;
@@ -447,13 +441,7 @@ pub async fn release_source(
     let mut warnings = Vec::new();
     // A post-copy page server still runs (its migration's process died): it serves until
     // the destination has every page, and holds podman's lock on the source copy.
-    let serving: Vec<Undo> = log
-        .record
-        .steps
-        .iter()
-        .filter(|s| matches!(s, Undo::StopPageServer { .. }))
-        .cloned()
-        .collect();
+    let serving = log.steps_where(|s| matches!(s, Undo::StopPageServer { .. }));
     for step in serving {
         if let Err(e) = host.pages_arrived(&log.record).await {
             warnings.push(format!("post-copy pages: {e:#}"));
@@ -472,18 +460,8 @@ pub async fn release_source(
         ));
     }
     // Its files, and the hold if switching the traffic did not end it.
-    let leftovers: Vec<Undo> = log
-        .record
-        .steps
-        .iter()
-        .filter(|s| matches!(s, Undo::RemoveFile(_) | Undo::ReleaseHold(_)))
-        .cloned()
-        .collect();
-    for step in leftovers {
-        if let Err(e) = host.undo(&step).await {
-            warnings.push(format!("could not {step}: {e:#}"));
-        }
-    }
+    let leftovers = log.steps_where(|s| matches!(s, Undo::RemoveFile(_) | Undo::ReleaseHold(_)));
+    warnings.extend(undo_each(host, leftovers).await);
     log.record.steps.clear();
     let told = match remote {
         Some(agent) => agent.finish().await,
@@ -503,6 +481,17 @@ pub async fn release_source(
         }
     }
     warnings
+}
+
+/// Runs each of `steps` where nothing may stop for one that fails; returns what failed.
+async fn undo_each(host: &impl SourceActions, steps: Vec<Undo>) -> Vec<String> {
+    let mut failed = Vec::new();
+    for step in steps {
+        if let Err(e) = host.undo(&step).await {
+            failed.push(format!("could not {step}: {e:#}"));
+        }
+    }
+    failed
 }
 
 /// Resolves the migrations whose process died; returns one line per migration saying what
