@@ -200,8 +200,27 @@ impl PagesDaemon {
         )
     }
 
-    /// Stops it at once (its uffds close: only after the container is stopped).
+    /// Stops it at once (its uffds close: only after the container is stopped). Its
+    /// connection to the source is destroyed first, which resets it: a daemon that just
+    /// exits may close it in order, and CRIU's page server takes an orderly close for the
+    /// end of a complete transfer, after which it ends the source's processes.
     pub async fn kill(&mut self) -> Result<()> {
+        if let Some(pid) = self.child.id() {
+            let source = SocketAddrV4::new(self.source.address, self.source.port);
+            let reset = tokio::task::spawn_blocking(move || {
+                tcp_sockets()?
+                    .into_iter()
+                    .filter(|s| s.remote == source && !s.listening)
+                    .filter(|s| {
+                        let link = format!("socket:[{}]", s.inode);
+                        !descriptors(pid as i32, |l| l == link).is_empty()
+                    })
+                    .try_for_each(|s| crate::sock_diag::destroy_tcp(s.local, Some(s.remote)))
+            });
+            if let Err(e) = reset.await? {
+                tracing::error!("the source's page server may take the lazy-pages daemon's end for a finished transfer: {e:#}");
+            }
+        }
         Ok(self.child.kill().await?)
     }
 }
