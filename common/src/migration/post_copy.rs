@@ -17,6 +17,9 @@ use super::ownership::DestinationStage;
 use crate::lazy_pages::{PageServer, PagesArrived, PagesDaemon};
 use crate::podman::PodmanClient;
 
+/// How long a lazy-pages daemon that holds no userfaultfd may take to end on its own.
+const NOTHING_TO_FETCH: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What a post-copy restore imports, and the daemon that will serve its faults.
 pub struct Prepared {
     pub import: PathBuf,
@@ -77,10 +80,16 @@ impl Prepared {
             let restored_at = Instant::now();
             let transfer = match daemon.guard().await {
                 Ok(true) => daemon.wait().await,
-                Ok(false) => {
-                    tracing::warn!("the archive held all of the memory: no page to fetch");
-                    daemon.kill().await.map(|()| 0)
-                }
+                // No userfaultfd: the daemon has finished already (a small container's
+                // pages come within milliseconds), or the archive held all of the memory,
+                // and then it may never end on its own.
+                Ok(false) => match tokio::time::timeout(NOTHING_TO_FETCH, daemon.wait()).await {
+                    Ok(finished) => finished,
+                    Err(_) => {
+                        tracing::warn!("the archive held all of the memory: no page to fetch");
+                        daemon.kill().await.map(|()| 0)
+                    }
+                },
                 Err(e) => Err(e.context("cannot watch the page transfer")),
             };
             let mut migration = migration.lock().await;
