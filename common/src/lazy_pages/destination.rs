@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::procfs::{borrow_fd, descriptors, tcp_sockets};
+use super::procfs::{borrow_fd, connections_to, descriptors};
 use super::{append_bytes, PageServer, RESTORE_CONF};
 
 /// The socket `criu lazy-pages` opens in its work directory for the restore.
@@ -159,15 +159,7 @@ impl PagesDaemon {
         let to = SocketAddrV4::new(self.source.address, self.source.port);
         let deadline = Instant::now() + Duration::from_secs(10);
         let fd = loop {
-            let inodes: Vec<u64> = tcp_sockets()?
-                .into_iter()
-                .filter(|s| s.remote == to && !s.listening)
-                .map(|s| s.inode)
-                .collect();
-            let found = descriptors(pid, |link| {
-                inodes.iter().any(|i| link == format!("socket:[{i}]"))
-            });
-            if let Some(&fd) = found.first() {
+            if let Some(&(_, fd)) = connections_to(pid, to)?.first() {
                 break fd;
             }
             if Instant::now() > deadline {
@@ -208,14 +200,9 @@ impl PagesDaemon {
         if let Some(pid) = self.child.id() {
             let source = SocketAddrV4::new(self.source.address, self.source.port);
             let reset = tokio::task::spawn_blocking(move || {
-                tcp_sockets()?
+                connections_to(pid as i32, source)?
                     .into_iter()
-                    .filter(|s| s.remote == source && !s.listening)
-                    .filter(|s| {
-                        let link = format!("socket:[{}]", s.inode);
-                        !descriptors(pid as i32, |l| l == link).is_empty()
-                    })
-                    .try_for_each(|s| crate::sock_diag::destroy_tcp(s.local, Some(s.remote)))
+                    .try_for_each(|(s, _)| crate::sock_diag::destroy_tcp(s.local, Some(s.remote)))
             });
             if let Err(e) = reset.await? {
                 tracing::error!("the source's page server may take the lazy-pages daemon's end for a finished transfer: {e:#}");

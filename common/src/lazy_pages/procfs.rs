@@ -17,8 +17,8 @@ pub(super) struct TcpSocket {
     pub(super) inode: u64,
 }
 
-/// The IPv4 TCP sockets of this network namespace. procfs, because sock_diag over netlink
-/// would need a crate of its own for this one lookup.
+/// The IPv4 TCP sockets of this network namespace, with the inode that finds each one's
+/// holder ([`socket_holder`], [`connections_to`]).
 pub(super) fn tcp_sockets() -> Result<Vec<TcpSocket>> {
     let text = std::fs::read_to_string("/proc/net/tcp").context("read /proc/net/tcp")?;
     Ok(text.lines().skip(1).filter_map(parse_tcp_line).collect())
@@ -60,6 +60,19 @@ pub(super) fn descriptors(pid: i32, wanted: impl Fn(&str) -> bool) -> Vec<i32> {
         })
         .filter_map(|fd| fd.file_name().to_str()?.parse().ok())
         .collect()
+}
+
+/// The connections to `remote` that process `pid` holds, each with its descriptor there.
+pub(super) fn connections_to(pid: i32, remote: SocketAddrV4) -> Result<Vec<(TcpSocket, i32)>> {
+    Ok(tcp_sockets()?
+        .into_iter()
+        .filter(|s| s.remote == remote && !s.listening)
+        .filter_map(|s| {
+            let link = format!("socket:[{}]", s.inode);
+            let fd = *descriptors(pid, |l| l == link).first()?;
+            Some((s, fd))
+        })
+        .collect())
 }
 
 /// The process that holds socket `inode`.
