@@ -568,16 +568,17 @@ async fn restore(
             if page_server_port == 0 {
                 return Err(invalid(anyhow!("page server port 0")));
             }
-            let work_dir = destination::archive_dir(&context.state_dir)
-                .join(format!("{}.pages", migration.migration_id));
+            let work_dir = post_copy::work_dir(&context.state_dir, &migration.migration_id);
             let source = PageServer {
                 address,
                 port: page_server_port,
             };
+            migration.page_server = Some(source);
             Some(post_copy::prepare(&archive, &work_dir, source, replica).await?)
         }
     };
     migration.pages_pending = lazy.is_some();
+    migration.replica = replica;
     migration.enter(DestinationStage::Restoring)?;
     let started = Instant::now();
     let restored = match (common::fault::at(&context.state_dir, "restore"), &lazy) {

@@ -68,6 +68,14 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         streamed::client_killed_after_the_last_page_resumes_the_replica,
     ),
     (
+        "streamed_destination_agent_killed_while_memory_streams_takes_over",
+        streamed::destination_agent_killed_while_memory_streams_takes_over,
+    ),
+    (
+        "streamed_destination_agent_down_until_the_last_page_keeps_the_replica",
+        streamed::destination_agent_down_until_the_last_page_keeps_the_replica,
+    ),
+    (
         "missing_image_is_sent_before_the_freeze",
         missing_image_is_sent,
     ),

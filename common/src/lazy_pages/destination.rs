@@ -6,11 +6,15 @@ use std::io::Write;
 use std::net::SocketAddrV4;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::procfs::{borrow_fd, connections_to, descriptors};
+use rustix::event::{poll, PollFd, PollFlags};
+use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+
+use super::procfs::{borrow_fd, connections_to, descriptors, processes_running};
 use super::{append_bytes, PageServer, RESTORE_CONF};
 
 /// The socket `criu lazy-pages` opens in its work directory for the restore.
@@ -74,7 +78,7 @@ pub fn prepare_import(archive: &Path, work_dir: &Path, stopped: bool) -> Result<
 /// fault on, fetched from the source's page server, and copies the rest in the
 /// background; it exits once every page is here.
 pub struct PagesDaemon {
-    child: tokio::process::Child,
+    process: Process,
     work_dir: PathBuf,
     source: PageServer,
     /// Duplicates of its userfaultfds ([`Self::guard`]).
@@ -123,7 +127,7 @@ impl PagesDaemon {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(Self {
-            child,
+            process: Process::Child(child),
             work_dir: work_dir.to_path_buf(),
             source,
             held_uffds: Vec::new(),
@@ -147,9 +151,9 @@ impl PagesDaemon {
     /// after all) means nothing waits for the source; the daemon then has nothing to do.
     pub async fn guard(&mut self) -> Result<bool> {
         let pid = self
-            .child
-            .id()
-            .ok_or_else(|| anyhow!("criu lazy-pages has exited"))? as i32;
+            .process
+            .pid()
+            .ok_or_else(|| anyhow!("criu lazy-pages has exited"))?;
         for fd in descriptors(pid, |link| link == "anon_inode:[userfaultfd]") {
             self.held_uffds.push(borrow_fd(pid, fd)?);
         }
@@ -179,17 +183,26 @@ impl PagesDaemon {
 
     /// Waits until it exits: `Ok` once every page arrived, with how many it fetched.
     pub async fn wait(&mut self) -> Result<u64> {
-        let status = self.child.wait().await?;
-        if status.success() {
-            let log = std::fs::read_to_string(self.work_dir.join(DAEMON_LOG)).unwrap_or_default();
-            return Ok(transferred_pages(&log));
+        let failed = match &mut self.process {
+            Process::Child(child) => {
+                let status = child.wait().await?;
+                (!status.success()).then(|| status.to_string())
+            }
+            Process::Adopted { pidfd, exited, .. } => {
+                exit_of(pidfd).await?;
+                *exited = true;
+                ended_in_order(&self.log()).err()
+            }
+        };
+        match failed {
+            None => Ok(transferred_pages(&self.log())),
+            Some(how) => bail!(
+                "the page transfer from {}:{} failed ({how}): {}",
+                self.source.address,
+                self.source.port,
+                last_error(&self.work_dir)
+            ),
         }
-        bail!(
-            "the page transfer from {}:{} failed ({status}): {}",
-            self.source.address,
-            self.source.port,
-            last_error(&self.work_dir)
-        )
     }
 
     /// Stops it at once (its uffds close: only after the container is stopped). Its
@@ -197,10 +210,10 @@ impl PagesDaemon {
     /// exits may close it in order, and CRIU's page server takes an orderly close for the
     /// end of a complete transfer, after which it ends the source's processes.
     pub async fn kill(&mut self) -> Result<()> {
-        if let Some(pid) = self.child.id() {
+        if let Some(pid) = self.process.pid() {
             let source = SocketAddrV4::new(self.source.address, self.source.port);
             let reset = tokio::task::spawn_blocking(move || {
-                connections_to(pid as i32, source)?
+                connections_to(pid, source)?
                     .into_iter()
                     .try_for_each(|(s, _)| crate::sock_diag::destroy_tcp(s.local, Some(s.remote)))
             });
@@ -208,8 +221,121 @@ impl PagesDaemon {
                 tracing::error!("the source's page server may take the lazy-pages daemon's end for a finished transfer: {e:#}");
             }
         }
-        Ok(self.child.kill().await?)
+        match &mut self.process {
+            Process::Child(child) => Ok(child.kill().await?),
+            Process::Adopted { pidfd, exited, .. } => {
+                if !*exited {
+                    // Gone already is as good.
+                    let _ = pidfd_send_signal(&**pidfd, Signal::KILL);
+                    exit_of(pidfd).await?;
+                    *exited = true;
+                }
+                Ok(())
+            }
+        }
     }
+
+    /// Finds the daemon of `work_dir` that a previous run of this agent started, if it did:
+    /// a daemon goes on without its agent, and its end decides the source's processes (in
+    /// order: CRIU ends them), so the restarted agent must learn how it ended, or watch it
+    /// end.
+    pub fn find_left_behind(work_dir: &Path, source: PageServer) -> Result<LeftBehind> {
+        let dir = work_dir.to_string_lossy();
+        let running = processes_running(|args| {
+            args[0].ends_with("criu")
+                && args.get(1) == Some(&"lazy-pages")
+                && args
+                    .windows(2)
+                    .any(|pair| pair[0] == "--work-dir" && pair[1] == dir)
+        });
+        if let Some(&pid) = running.first() {
+            let opened = Pid::from_raw(pid)
+                .ok_or_else(|| anyhow!("pid {pid}"))
+                .and_then(|p| Ok(pidfd_open(p, PidfdFlags::empty())?));
+            match opened {
+                Ok(pidfd) => {
+                    return Ok(LeftBehind::Running(Box::new(Self {
+                        process: Process::Adopted {
+                            pid,
+                            pidfd: Arc::new(pidfd),
+                            exited: false,
+                        },
+                        work_dir: work_dir.to_path_buf(),
+                        source,
+                        held_uffds: Vec::new(),
+                    })))
+                }
+                // It ended in between: its log says how.
+                Err(e) => tracing::debug!("criu lazy-pages {pid} is gone: {e:#}"),
+            }
+        }
+        let log = std::fs::read_to_string(work_dir.join(DAEMON_LOG));
+        Ok(LeftBehind::Ended(match log {
+            Ok(log) => ended_in_order(&log).map(|()| transferred_pages(&log)),
+            Err(e) => Err(format!("no log of a lazy-pages daemon: {e}")),
+        }))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.work_dir.join(DAEMON_LOG)).unwrap_or_default()
+    }
+}
+
+/// The daemon's process.
+enum Process {
+    Child(tokio::process::Child),
+    /// Left running by a previous run of the agent ([`PagesDaemon::find_left_behind`]): not
+    /// a child of this one, so its exit status is lost, and its log tells how it ended.
+    Adopted {
+        pid: i32,
+        pidfd: Arc<OwnedFd>,
+        exited: bool,
+    },
+}
+
+/// Waits until the process of `pidfd` has exited (its pidfd turns readable). On a thread
+/// of its own: registering the descriptor with tokio's reactor takes `unsafe`.
+async fn exit_of(pidfd: &Arc<OwnedFd>) -> Result<()> {
+    let pidfd = pidfd.clone();
+    tokio::task::spawn_blocking(move || loop {
+        let mut ready = [PollFd::new(&*pidfd, PollFlags::IN)];
+        match poll(&mut ready, None) {
+            Err(rustix::io::Errno::INTR) => continue,
+            done => return done.map(drop).context("wait for criu lazy-pages to exit"),
+        }
+    })
+    .await?
+}
+
+impl Process {
+    fn pid(&self) -> Option<i32> {
+        match self {
+            Process::Child(child) => child.id().map(|pid| pid as i32),
+            Process::Adopted { pid, exited, .. } => (!exited).then_some(*pid),
+        }
+    }
+}
+
+/// What a previous run of the agent left of a lazy restore's daemon.
+pub enum LeftBehind {
+    /// It still runs: to be watched as one started here.
+    Running(Box<PagesDaemon>),
+    /// It ended while no agent watched: every page came (how many), or why not.
+    Ended(Result<u64, String>),
+}
+
+/// Whether a daemon ended in order, by its log: it said goodbye to the page server
+/// ("Disconnect from the page server") and logged no error. A daemon that fails logs an
+/// `Error (file:line)` first (and still says goodbye); one that was killed says nothing
+/// more.
+fn ended_in_order(log: &str) -> Result<(), String> {
+    if let Some(error) = log.lines().find(|l| l.contains("Error (")) {
+        return Err(error.trim().to_string());
+    }
+    if !log.contains("Disconnect from the page server") {
+        return Err("it stopped before the end of the transfer".to_string());
+    }
+    Ok(())
 }
 
 /// The pages the daemon copied in, by its log: one "UFFD transferred pages: (N/M)" per
@@ -248,5 +374,19 @@ mod tests {
     fn transferred_pages_are_summed_over_processes() {
         let log = "(01.3) uffd: 1-12: UFFD transferred pages: (65619/65619)\n(01.4) uffd: 7-14: UFFD transferred pages: (20/20)\n";
         assert_eq!(transferred_pages(log), 65_639);
+    }
+
+    #[test]
+    fn an_orderly_end_is_told_from_a_failure_by_the_log() {
+        let done = "(00.2) uffd: 1-12: UFFD transferred pages: (256/256)\n(00.2) Disconnect from the page server\n";
+        assert_eq!(ended_in_order(done), Ok(()));
+        // A failing daemon still says goodbye, after its error.
+        let failed = "(00.1) Error (criu/page-xfer.c:1660): Remote side closed connection\n(00.1) Disconnect from the page server\n";
+        assert!(ended_in_order(failed)
+            .unwrap_err()
+            .contains("Remote side closed"));
+        // Killed mid-transfer: no goodbye.
+        let killed = "(00.1) uffd: 1-12: xfer pages\n";
+        assert!(ended_in_order(killed).is_err());
     }
 }

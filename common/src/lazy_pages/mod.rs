@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use destination::{prepare_import, PagesDaemon};
+pub use destination::{prepare_import, LeftBehind, PagesDaemon};
 pub use source::{
     arm, pack_images, remove_stale_config, stop_serving, tune_serving, wait_serving, ArmedDump,
     NetworkAttachment,

@@ -84,6 +84,23 @@ pub(super) fn socket_holder(inode: u64) -> Option<i32> {
         .find(|&pid| !descriptors(pid, |link| link == wanted).is_empty())
 }
 
+/// The processes whose command line (program first) `matches`. A zombie has none.
+pub(super) fn processes_running(matches: impl Fn(&[&str]) -> bool) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &i32| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|line| {
+                let line = String::from_utf8_lossy(&line);
+                let args: Vec<&str> = line.split_terminator('\0').collect();
+                !args.is_empty() && matches(&args)
+            })
+        })
+        .collect()
+}
+
 /// A duplicate of descriptor `fd` of process `pid`.
 pub(super) fn borrow_fd(pid: i32, fd: i32) -> Result<OwnedFd> {
     use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
@@ -104,5 +121,13 @@ mod tests {
         assert!(s.listening);
         assert_eq!(s.inode, 4367687);
         assert!(parse_tcp_line("  sl  local_address rem_address").is_none());
+    }
+
+    #[test]
+    fn finds_a_process_by_its_command_line() {
+        let me = std::env::args().next().unwrap();
+        let found = processes_running(|args| args[0] == me);
+        assert!(found.contains(&(std::process::id() as i32)), "{found:?}");
+        assert!(processes_running(|args| args[0] == "no such program").is_empty());
     }
 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::ownership::{self, DestinationAction, DestinationStage, Verdict};
 use crate::conntrack::{self, Flow};
 use crate::hold::HoldReport;
+use crate::lazy_pages::PageServer;
 use crate::podman::PodmanClient;
 use crate::protocol::ContainerRef;
 
@@ -83,6 +84,15 @@ pub trait DestinationActions {
     /// Ends the hold on `ip` (its blackhole, and its held packets): it is routed locally
     /// again. Says what the packet hold did, if this process held packets.
     async fn release_ip(&self, ip: Ipv4Addr) -> Result<Option<HoldReport>>;
+    /// Takes over the page transfer of `migration`, restored lazily by a previous run of
+    /// the agent with its memory still coming ([`super::post_copy::take_over`]). Returns
+    /// what it found, for the report.
+    fn take_over_pages(
+        &self,
+        state_dir: &Path,
+        shared: &Shared,
+        migration: &mut IncomingMigration,
+    ) -> String;
 }
 
 impl DestinationActions for PodmanClient {
@@ -133,6 +143,15 @@ impl DestinationActions for PodmanClient {
     async fn release_ip(&self, ip: Ipv4Addr) -> Result<Option<HoldReport>> {
         super::phases::route_container_locally(ip).await?;
         crate::hold::release(ip).await
+    }
+
+    fn take_over_pages(
+        &self,
+        state_dir: &Path,
+        shared: &Shared,
+        migration: &mut IncomingMigration,
+    ) -> String {
+        super::post_copy::take_over(state_dir, shared, migration, self.clone())
     }
 }
 
@@ -216,6 +235,12 @@ pub struct IncomingMigration {
     /// page server until then ([`crate::lazy_pages`]).
     #[serde(default)]
     pub pages_pending: bool,
+    /// Where the memory of a lazy restore comes from.
+    #[serde(default)]
+    pub page_server: Option<PageServer>,
+    /// Restored as a replica, to run only on the source's `Resume`.
+    #[serde(default)]
+    pub replica: bool,
     /// How the page transfer of this process's restore goes; `None` when no process of
     /// this agent watches it (after a restart).
     #[serde(skip)]
@@ -261,6 +286,8 @@ impl IncomingMigration {
             ahead_of_restore: Vec::new(),
             source_tunnel_address: None,
             pages_pending: false,
+            page_server: None,
+            replica: false,
             pages: None,
             done: false,
         };
@@ -391,9 +418,14 @@ impl IncomingMigration {
             }
             DestinationAction::Reconcile => {
                 if self.restore_finished_without_us(host).await? {
-                    tracing::info!(container = %self.container.name, "a restore finished while the agent was down: this host owns it");
-                    self.stage = DestinationStage::Owns;
-                    Box::pin(self.apply(DestinationAction::Keep, host)).await
+                    // A replica stays one: only the source's `Resume` lets it run.
+                    self.stage = if self.replica {
+                        DestinationStage::Replica
+                    } else {
+                        DestinationStage::Owns
+                    };
+                    tracing::info!(container = %self.container.name, stage = ?self.stage, "a restore finished while the agent was down");
+                    Box::pin(self.apply(ownership::on_restart(self.stage), host)).await
                 } else {
                     self.discard(host).await?;
                     Ok(false)
@@ -542,7 +574,7 @@ pub async fn recover(
         Err(e) => report.push(format!("could not look for torn journal writes: {e}")),
     }
     for journaled in list(state_dir) {
-        let mut migration = match journaled {
+        let migration = match journaled {
             Journaled::Readable(m) => *m,
             Journaled::Unreadable { path, error } => {
                 tracing::error!(journal = %path.display(), "unreadable migration journal: {error}");
@@ -553,8 +585,25 @@ pub async fn recover(
                 continue;
             }
         };
-        let stage = migration.stage;
-        let name = migration.container.name.clone();
+        let (id, stage, name) = (
+            migration.migration_id.clone(),
+            migration.stage,
+            migration.container.name.clone(),
+        );
+        let shared = match registry.insert(migration) {
+            Ok(shared) => shared,
+            Err(busy) => {
+                report.push(format!(
+                    "{}: {busy}; journal left for a look",
+                    busy.0.journal.display()
+                ));
+                continue;
+            }
+        };
+        let mut migration = shared.lock().await;
+        if migration.pages_pending {
+            report.push(host.take_over_pages(state_dir, &shared, &mut migration));
+        }
         let kept = match migration.apply(ownership::on_restart(stage), host).await {
             Ok(true) => {
                 report.push(format!(
@@ -577,13 +626,8 @@ pub async fn recover(
                 true
             }
         };
-        if kept {
-            if let Err(busy) = registry.insert(migration) {
-                report.push(format!(
-                    "{}: {busy}; journal left for a look",
-                    busy.0.journal.display()
-                ));
-            }
+        if !kept {
+            registry.remove(&id);
         }
     }
     Ok(report)
@@ -653,6 +697,11 @@ mod tests {
         async fn release_ip(&self, _: Ipv4Addr) -> Result<Option<HoldReport>> {
             self.step(|w| w.held = false).await?;
             Ok(None)
+        }
+
+        fn take_over_pages(&self, _: &Path, _: &Shared, _: &mut IncomingMigration) -> String {
+            // No daemon here: nothing vouches for the memory.
+            "no lazy-pages daemon".into()
         }
     }
 
@@ -738,6 +787,33 @@ mod tests {
             "the registry and the journal disagree"
         );
         (end, kept, dying.crash.taken())
+    }
+
+    /// The agent died during a replica's restore, which podman finished without it: the
+    /// copy stays a stopped replica, its address held, for the source's word.
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_restored_while_the_agent_was_down_stays_a_replica() {
+        let (dir, start) = journaled(DestinationStage::Restoring, Some(true));
+        let path = dir
+            .path()
+            .join("sessions")
+            .join(format!("{}.json", "0".repeat(32)));
+        let mut journal: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        journal["replica"] = true.into();
+        std::fs::write(&path, serde_json::to_vec(&journal).unwrap()).unwrap();
+        let world = Arc::new(Mutex::new(start));
+        let host = Fake {
+            world: world.clone(),
+            owned: false,
+            crash: CrashPoint::new(None),
+        };
+        let registry = Registry::default();
+        recover(dir.path(), &host, &registry).await.unwrap();
+        let kept = registry.get(&"0".repeat(32)).expect("kept");
+        assert_eq!(kept.lock().await.stage, DestinationStage::Replica);
+        let end = world.lock().unwrap().clone();
+        assert!(end.held && end.container == Some(true), "{end:?}");
     }
 
     #[tokio::test(start_paused = true)]

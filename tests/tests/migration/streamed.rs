@@ -2,8 +2,10 @@
 //! goes from CRIU's page server into a stopped replica on the destination, which runs only
 //! once all of it is there and the source's processes are gone. Memory intact and nothing
 //! left; and the faults that decide it: the link cut while the memory streams (the source
-//! runs it again), and the source's agent-client killed before and after the last page
-//! (its agent-server rolls back, or has the destination resume the replica).
+//! runs it again), the source's agent-client killed before and after the last page (its
+//! agent-server rolls back, or has the destination resume the replica), and the
+//! destination's agent-server killed while it streams (restarted, it takes over the
+//! transfer, or learns that it ended, and keeps the replica).
 
 use std::time::Duration;
 
@@ -170,5 +172,66 @@ pub fn client_killed_after_the_last_page_resumes_the_replica(lab: &Lab) -> Resul
         no_post_copy_left(lab, host)?;
     }
     lab.podman("h2", &["rm", "-f", "-t", "0", "laststream"])?;
+    Ok(())
+}
+
+/// h2's agent-server dies while the memory streams; its lazy-pages daemon goes on
+/// without it. Restarted, the agent watches the daemon again; once the last page is
+/// there (and CRIU has ended the processes on h1), the replica is the only copy, and it
+/// runs when the source says so.
+pub fn destination_agent_killed_while_memory_streams_takes_over(lab: &Lab) -> Result<()> {
+    let (client, server) = hold_while_streaming(lab, "orphanstream")?;
+    lab.kill_agent("h2")?;
+    ensure!(
+        !criu_processes(lab, "h2")?.is_empty(),
+        "h2's lazy-pages daemon died with its agent"
+    );
+    lab.start_agent("h2")?;
+    lab::cleanup::kill(server, libc::SIGCONT);
+    resumed_on_h2_after_the_last_page(lab, client, "orphanstream")
+}
+
+/// h2's agent-server dies while the memory streams, and every page arrives while it is
+/// down: restarted, it learns so from the daemon's log and keeps the replica, which
+/// runs when the source says so.
+pub fn destination_agent_down_until_the_last_page_keeps_the_replica(lab: &Lab) -> Result<()> {
+    let (client, server) = hold_while_streaming(lab, "downstream")?;
+    lab.kill_agent("h2")?;
+    lab::cleanup::kill(server, libc::SIGCONT);
+    wait_for(
+        "h2's lazy-pages daemon to end",
+        Duration::from_secs(120),
+        || Ok(criu_processes(lab, "h2")?.is_empty()),
+    )?;
+    lab.start_agent("h2")?;
+    resumed_on_h2_after_the_last_page(lab, client, "downstream")
+}
+
+/// Once CRIU has ended the processes on h1 (the last page left), the held agent-client
+/// goes on: the migration ends with h2 running the replica, the memory intact, and
+/// nothing of it left on either host.
+fn resumed_on_h2_after_the_last_page(lab: &Lab, client: Client, name: &str) -> Result<()> {
+    wait_for(
+        "the last page to leave h1",
+        Duration::from_secs(120),
+        || Ok(criu_processes(lab, "h1")?.is_empty()),
+    )?;
+    lab::cleanup::kill(client.pid, libc::SIGCONT);
+    let (_, said) = client.finish_with_status()?;
+    ensure!(
+        said.contains("the destination runs the container"),
+        "agent-client does not say h2 runs it: {said}"
+    );
+    wait_settled(lab)?;
+    ensure!(!exists(lab, "h1", name)?, "h1 keeps its copy: {said}");
+    ensure!(
+        is_running(lab, "h2", name)? && init_state(lab, "h2", name)? != Some('T'),
+        "h2 does not run its replica: {said}"
+    );
+    memhog_verify(lab, "h2", name, 1024 * 256)?;
+    for host in ["h1", "h2"] {
+        no_post_copy_left(lab, host)?;
+    }
+    lab.podman("h2", &["rm", "-f", "-t", "0", name])?;
     Ok(())
 }
