@@ -157,22 +157,26 @@ impl PagesDaemon {
         for fd in descriptors(pid, |link| link == "anon_inode:[userfaultfd]") {
             self.held_uffds.push(borrow_fd(pid, fd)?);
         }
-        if self.held_uffds.is_empty() {
-            return Ok(false);
-        }
+        let lazy = !self.held_uffds.is_empty();
         let to = SocketAddrV4::new(self.source.address, self.source.port);
         let deadline = Instant::now() + Duration::from_secs(10);
         let fd = loop {
             if let Some(&(_, fd)) = connections_to(pid, to)?.first() {
                 break fd;
             }
+            // A daemon without a userfaultfd may be done already, its connection closed.
+            if !lazy {
+                return Ok(false);
+            }
             if Instant::now() > deadline {
                 bail!("criu lazy-pages did not connect to the source's page server at {to}");
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
+        // Also when it has no userfaultfd left: its goodbye to the page server may still
+        // sit corked (200 ms).
         super::tune_page_connection(&borrow_fd(pid, fd)?)?;
-        Ok(true)
+        Ok(lazy)
     }
 
     /// Lets go of the userfaultfds [`Self::guard`] held: every page is here, or the
