@@ -280,12 +280,11 @@ async fn handle(
                     }
                     Ok(())
                 }));
-                Routing::new()?
-                    .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
-                    .await?;
                 // Packets that reach this host other than through the source's tunnel
                 // (it is where the container is published, or a former host forwards to
                 // it) wait for the restore, and for the source's held packets to go first.
+                // Held before the blackhole replaces the route: the hold comes before
+                // routing, and a packet routed in between would be dropped.
                 let hold = common::hold::start(
                     container_ip,
                     common::hold::DEFAULT_BOUND,
@@ -296,6 +295,9 @@ async fn handle(
                         "packets for {container_ip} are dropped until the restore: {e:#}"
                     );
                 }
+                Routing::new()?
+                    .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))
+                    .await?;
             }
             // Journaled once per batch, not per entry (a batch is up to 2000): a crash
             // within a batch leaves its entries unrecorded; they carry the tunnel's mark
