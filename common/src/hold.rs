@@ -315,13 +315,14 @@ async fn let_through(socket: &mut TokioSocket, hold: &Queue, mut held: Held) -> 
     }
     // Removing the rule is an nftables commit, which can take tens of milliseconds: the
     // packets that still meet it meanwhile are let through as they come, so that none waits
-    // in the queue while a newer one, that no longer meets the rule, overtakes it.
-    let removing = remove_rule(ip, rule);
-    tokio::pin!(removing);
+    // in the queue while a newer one, that no longer meets the rule, overtakes it. The
+    // kernel commits within the netlink send, which blocks its thread: a task of its own
+    // keeps this one answering meanwhile.
+    let mut removing = tokio::spawn(remove_rule(ip, rule));
     loop {
         let received = tokio::select! {
             removed = &mut removing => {
-                removed?;
+                removed??;
                 break;
             }
             received = socket.recv_from_full() => received,
