@@ -166,11 +166,14 @@ verify_tcp_checkpoint() {
     # shellcheck disable=SC2064 # expand now: the values are fixed
     trap "ip netns pids $ns 2>/dev/null | xargs -r kill -9; ip netns del $ns 2>/dev/null; rm -rf $dir" EXIT
     ip -n "$ns" link set lo up
+    # disown: the EXIT trap kills these jobs, and bash would report each as "Killed".
     nsenter --net="/run/netns/$ns" busybox nc -l -p 7000 -e /bin/cat </dev/null >/dev/null 2>&1 &
+    disown
     sleep 0.3
     # setsid: CRIU dumps a whole session; the pipe keeps nc's stdin open.
     nsenter --net="/run/netns/$ns" setsid sh -c 'sleep 1000 | busybox nc 127.0.0.1 7000' </dev/null >/dev/null 2>&1 &
     pid=$!
+    disown
     sleep 0.5
     criu dump -t "$pid" -D "$dir" --tcp-established -o dump.log >/dev/null 2>&1 \
         || die "CRIU cannot checkpoint an established TCP connection: $(grep Error "$dir/dump.log" | grep -v RLIMIT | tail -n 2)"

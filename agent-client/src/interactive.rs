@@ -153,11 +153,7 @@ fn pick_destination(args: &CommonArgs, theme: &ColorfulTheme) -> Result<Option<S
     let dest: String = Input::with_theme(theme)
         .with_prompt("Destination agent (HOST[:PORT])")
         .validate_with(|s: &String| -> Result<(), String> {
-            match s.trim() {
-                "" => Err("a host name or address is needed".into()),
-                t if t.contains(char::is_whitespace) => Err("no spaces in HOST[:PORT]".into()),
-                _ => Ok(()),
-            }
+            crate::destination_arg(s.trim()).map(drop)
         })
         .interact_text()
         .context("reading the destination")?;

@@ -6,6 +6,7 @@ mod interactive;
 mod migrate;
 mod output;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -52,10 +53,10 @@ enum Command {
     /// which migrations reuse. Exits with 1 if there is a problem.
     Check {
         /// Name or ID of the running container.
-        #[arg(long)]
+        #[arg(long, value_parser = container_arg)]
         container: String,
         /// Destination agent, `HOST[:PORT]` (default port 7878).
-        #[arg(long)]
+        #[arg(long, value_parser = destination_arg)]
         dest: String,
     },
     /// Shows what the agents keep on this host: tunnels, forwarding of containers that
@@ -76,10 +77,10 @@ enum Command {
 #[derive(Args, Debug)]
 struct MigrateArgs {
     /// Name or ID of the running container to migrate. Without it, agent-client asks.
-    #[arg(long, requires = "dest")]
+    #[arg(long, requires = "dest", value_parser = container_arg)]
     container: Option<String>,
     /// Destination agent, `HOST[:PORT]` (default port 7878).
-    #[arg(long, requires = "container")]
+    #[arg(long, requires = "container", value_parser = destination_arg)]
     dest: Option<String>,
     /// Do not forward new connections to the container's published ports on this host
     /// after it moved (connections that already exist are kept either way).
@@ -107,6 +108,18 @@ struct MigrateArgs {
     /// hosts, rather than streaming it (slower; the way where a host has no userfaultfd).
     #[arg(long)]
     archive: bool,
+}
+
+/// `--container`: a name or ID podman could have.
+fn container_arg(value: &str) -> Result<String, String> {
+    common::validate::container_name(value)
+        .map(|()| value.to_string())
+        .map_err(|e| e.problem)
+}
+
+/// `--dest`: `HOST[:PORT]`, with a port in range.
+pub(crate) fn destination_arg(value: &str) -> Result<String, String> {
+    common::remote::agent_address(value).map(|_| value.to_string())
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,6 +262,8 @@ fn say(text: &str) {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
+        // Colours only for a terminal: not in a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(cli.global.log_filter())
         .with_writer(std::io::stderr)
         .init();

@@ -34,28 +34,35 @@ pub struct RemoteAgent {
     address: String,
 }
 
-/// Adds the default agent port to a `HOST` given without one.
-pub fn with_default_port(destination: &str) -> String {
-    let has_port = match destination.rsplit_once(':') {
+/// The socket address of the agent at `destination`, `HOST[:PORT]` (an IPv6 address in
+/// brackets where a port follows), with the default port where none is given; or why it
+/// is not one.
+pub fn agent_address(destination: &str) -> Result<String, String> {
+    let (host, port) = match destination.rsplit_once(':') {
         // A bare IPv6 address has colons but no port unless bracketed.
-        Some((host, port)) => {
-            port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']'))
-        }
-        None => false,
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => (host, Some(port)),
+        _ => (destination, None),
     };
-    if has_port {
-        destination.to_string()
-    } else if destination.contains(':') && !destination.starts_with('[') {
-        format!("[{destination}]:{DEFAULT_PORT}")
-    } else {
-        format!("{destination}:{DEFAULT_PORT}")
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("{destination:?} is not HOST[:PORT]"));
+    }
+    match port {
+        None if host.contains(':') && !host.starts_with('[') => {
+            Ok(format!("[{host}]:{DEFAULT_PORT}"))
+        }
+        None => Ok(format!("{host}:{DEFAULT_PORT}")),
+        Some(port) => match port.parse::<u64>() {
+            Ok(1..=65535) => Ok(destination.to_string()),
+            Ok(n) => Err(format!("port {n} is out of range (1-65535)")),
+            Err(_) => Err(format!("port {port:?} is not a number")),
+        },
     }
 }
 
 impl RemoteAgent {
     /// Connects to `destination` (`HOST[:PORT]`) and authenticates both ways.
     pub async fn connect(destination: &str, token: &Token) -> Result<Self> {
-        let address = with_default_port(destination);
+        let address = agent_address(destination).map_err(|e| anyhow!("destination {e}"))?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address))
             .await
             .map_err(|_| {
@@ -308,14 +315,29 @@ impl RemoteAgent {
 
 #[cfg(test)]
 mod tests {
-    use super::with_default_port;
+    use super::agent_address;
 
     #[test]
     fn default_port_is_added_only_when_missing() {
-        assert_eq!(with_default_port("h2"), "h2:7878");
-        assert_eq!(with_default_port("h2:9000"), "h2:9000");
-        assert_eq!(with_default_port("10.0.0.2"), "10.0.0.2:7878");
-        assert_eq!(with_default_port("[fd00::2]:9000"), "[fd00::2]:9000");
-        assert_eq!(with_default_port("fd00::2"), "[fd00::2]:7878");
+        let ok = |d| agent_address(d).unwrap();
+        assert_eq!(ok("h2"), "h2:7878");
+        assert_eq!(ok("h2:9000"), "h2:9000");
+        assert_eq!(ok("10.0.0.2"), "10.0.0.2:7878");
+        assert_eq!(ok("[fd00::2]:9000"), "[fd00::2]:9000");
+        assert_eq!(ok("[fd00::2]"), "[fd00::2]:7878");
+        assert_eq!(ok("fd00::2"), "[fd00::2]:7878");
+    }
+
+    #[test]
+    fn a_bad_port_or_host_is_named() {
+        let err = |d| agent_address(d).unwrap_err();
+        assert_eq!(err("h2:99999"), "port 99999 is out of range (1-65535)");
+        assert_eq!(err("h2:0"), "port 0 is out of range (1-65535)");
+        assert_eq!(
+            err("[fd00::2]:70000"),
+            "port 70000 is out of range (1-65535)"
+        );
+        assert_eq!(err("h2:web"), "port \"web\" is not a number");
+        assert_eq!(err(":7878"), "\":7878\" is not HOST[:PORT]");
     }
 }

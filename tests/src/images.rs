@@ -52,6 +52,16 @@ impl ImageMeta {
         format!("localhost/{}", self.name)
     }
 
+    /// The name of the image that `reference` (`NAME` or `localhost/NAME`) names: the lab's
+    /// images all live in `localhost/`.
+    pub fn name_in(reference: &str) -> Result<String> {
+        let name = reference.strip_prefix("localhost/").unwrap_or(reference);
+        if name.is_empty() || name.contains('/') {
+            bail!("image {reference:?}: give NAME or localhost/NAME (the lab's images live in localhost/)");
+        }
+        Ok(name.to_string())
+    }
+
     /// `--change` arguments for `podman import`. The `INSTRUCTION VALUE` form (not
     /// `INSTRUCTION=VALUE`): podman cuts the instruction at the first white space, so
     /// `CMD=["sh","-c","a b"]` would be rejected.
@@ -357,6 +367,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.reference(), "localhost/tcp-echo");
+        for given in ["mytool", "localhost/mytool"] {
+            assert_eq!(ImageMeta::name_in(given).unwrap(), "mytool", "{given}");
+        }
+        assert!(ImageMeta::name_in("docker.io/library/mytool").is_err());
         assert_eq!(
             m.import_changes(),
             [

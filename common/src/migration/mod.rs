@@ -419,7 +419,9 @@ pub async fn migrate(
     let mut warnings = Vec::new();
     let cancel = &request.cancel;
     let state_dir = &request.state_dir;
-    let destination = crate::remote::with_default_port(&request.destination);
+    // One that is not HOST[:PORT] fails the connection, which says why.
+    let destination = crate::remote::agent_address(&request.destination)
+        .unwrap_or_else(|_| request.destination.clone());
 
     let outcome: anyhow::Result<Frozen> = async {
         // Journaled (and locked against a second migration of it) before anything else; a
@@ -624,7 +626,12 @@ pub async fn migrate(
     } = match outcome {
         Ok(done) => done,
         Err(error) => {
-            tracing::error!(phase = phase.label(), "migration failed: {error:#}");
+            // The caller reports the failure, with its resolution: logged here only as the
+            // start of the resolution, which may take a while.
+            tracing::info!(
+                phase = phase.label(),
+                "migration failed, resolving it: {error:#}"
+            );
             // The migration's connection closes first: the destination winds down what it
             // does not own without waiting for it to time out.
             drop(remote);

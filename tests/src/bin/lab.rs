@@ -80,7 +80,7 @@ enum Cmd {
     Import {
         /// The lab's name.
         name: String,
-        /// Image name, e.g. `localhost/mytool`.
+        /// Image name, `mytool` or `localhost/mytool` (the lab's images live in localhost/).
         image: String,
         /// A tarball of the image's root filesystem.
         tarball: PathBuf,
@@ -224,7 +224,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let tarball = std::path::absolute(&tarball)?;
             lab.import_images(&[ImageSource {
                 meta: ImageMeta {
-                    name: image,
+                    name: ImageMeta::name_in(&image)?,
                     cmd,
                     env,
                     ports: Vec::new(),
