@@ -26,6 +26,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<ServerCommand>,
     /// Address and port to accept migrations on.
     #[arg(long, env = "LM_LISTEN", default_value = "0.0.0.0:7878")]
     listen: SocketAddr,
@@ -34,6 +36,17 @@ struct Args {
     /// How often to check whether forwarding kept for containers that left is still needed.
     #[arg(long, env = "LM_SWEEP_SECONDS", default_value_t = 5)]
     sweep_seconds: u64,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ServerCommand {
+    /// Writes a new random token to --token-file (mode 0600) and says how to copy it to
+    /// the other hosts. A token already there stays, unless --force.
+    Init {
+        /// Replace a token that is there already (every host then needs the new one).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Connections still in the handshake at once; more wait in the listen queue.
@@ -61,6 +74,9 @@ async fn main() -> Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    if let Some(ServerCommand::Init { force }) = args.command {
+        return init(&args.paths.token_file, force);
+    }
     let token = Token::from_file(&args.paths.token_file)?;
     let _running = destination::lock_server(&args.paths.state_dir)?;
     let keys = KeyPair::load_or_create(&args.paths.state_dir)?;
@@ -112,4 +128,14 @@ async fn main() -> Result<()> {
             }
         });
     }
+}
+
+/// `agent-server init`: a new token, and how to share it.
+fn init(path: &std::path::Path, force: bool) -> Result<()> {
+    Token::create_file(path, force)?;
+    let path = path.display();
+    println!("wrote a new token to {path} (mode 0600)");
+    println!("every host that runs agent-server or agent-client needs the same one, with the same mode, e.g.:");
+    println!("  scp -p {path} root@OTHER-HOST:{path}");
+    Ok(())
 }

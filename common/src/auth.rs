@@ -95,7 +95,44 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// Bytes of randomness in a token [`Token::create_file`] makes (written as hex).
+const NEW_TOKEN_BYTES: usize = 32;
+
+/// Why [`Token::create_file`] wrote no token.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateTokenError {
+    #[error("{0} holds a token already: it stays (give --force to replace it, and then copy the new one to every host)")]
+    Exists(String),
+    #[error("cannot write token file {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
 impl Token {
+    /// Writes a new random token to `path` (mode 0600, its directory created 0700 where it
+    /// is missing). A file already there stays, unless `replace`.
+    pub fn create_file(path: &Path, replace: bool) -> Result<Self, CreateTokenError> {
+        let display = || path.display().to_string();
+        if !replace && path.exists() {
+            return Err(CreateTokenError::Exists(display()));
+        }
+        let mut bytes = [0u8; NEW_TOKEN_BYTES];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        let token = hex::encode(bytes);
+        let written = path
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+            .map_or(Ok(()), crate::files::create_private_dir)
+            .and_then(|()| crate::files::write_atomic(path, format!("{token}\n").as_bytes()));
+        written.map_err(|source| CreateTokenError::Write {
+            path: display(),
+            source,
+        })?;
+        Ok(Self(token.into_bytes()))
+    }
+
     /// Reads the token from `path`, which only its owner may read or write (mode 0600 or
     /// stricter).
     pub fn from_file(path: &Path) -> Result<Self, AuthError> {
@@ -325,6 +362,27 @@ async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    /// `init` writes a token the agents accept, and leaves an existing one alone unless
+    /// told to replace it.
+    #[test]
+    fn a_new_token_is_private_and_never_overwrites_one_unasked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etc/token");
+        let first = Token::create_file(&path, false).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(Token::from_file(&path).unwrap().0, first.0);
+        assert!(matches!(
+            Token::create_file(&path, false),
+            Err(CreateTokenError::Exists(_))
+        ));
+        assert_eq!(Token::from_file(&path).unwrap().0, first.0, "overwritten");
+        let second = Token::create_file(&path, true).unwrap();
+        assert_ne!(second.0, first.0);
+        assert_eq!(Token::from_file(&path).unwrap().0, second.0);
+    }
+
     use super::*;
 
     async fn handshake(
