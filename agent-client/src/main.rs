@@ -163,6 +163,11 @@ struct CommonArgs {
     /// Only errors on stderr: no progress display, no warnings.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// The progress as JSON lines on stderr, in place of the progress display: one event
+    /// per phase start and end, the transfer's progress, and the outcome. The schema is in
+    /// `common/src/migration/events.rs`.
+    #[arg(long, global = true)]
+    events: bool,
 }
 
 impl CommonArgs {

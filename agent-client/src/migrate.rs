@@ -5,11 +5,14 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use common::migration::events::{Event, EventKind, EVENTS_VERSION};
 use common::migration::source::Resolution;
-use common::migration::{migrate, MigrationFailure, MigrationRequest, Phase, Progress};
+use common::migration::{
+    migrate, MigrationFailure, MigrationReport, MigrationRequest, Phase, Progress,
+};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::{output, say, CommonArgs, Interrupts};
@@ -18,7 +21,8 @@ use crate::{output, say, CommonArgs, Interrupts};
 const CANCELLED: u8 = 130;
 
 pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCode> {
-    let display = Display::new(args.quiet);
+    let display = Display::new(args.quiet || args.events);
+    let events = args.events.then(|| EventLines::new(&request.container));
     let past_restore_request = Arc::new(AtomicBool::new(false));
     let cancel = request.cancel.clone();
     let on_interrupt = tokio::spawn(abort_on_interrupt(
@@ -35,10 +39,16 @@ pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCod
         if let Progress::PhaseStarted(Phase::Restore) = event {
             past_restore_request.store(true, Ordering::SeqCst);
         }
+        if let Some(events) = &events {
+            events.progress(&event);
+        }
         display.show(event);
     };
     let outcome = migrate(request, &on_progress).await;
     on_interrupt.abort();
+    if let Some(events) = &events {
+        events.finished(&outcome);
+    }
     match outcome {
         Ok(report) => {
             output::print_report(&report, args.json)?;
@@ -190,6 +200,68 @@ impl Display {
                 }
                 say(&format!("  rolling back: {step}"));
             }
+        }
+    }
+}
+
+/// `--events`: the progress as JSON lines on stderr ([`common::migration::events`]).
+struct EventLines {
+    container: String,
+    started: Instant,
+    /// When the last `transfer` event went out: at most ten a second.
+    last_transfer: Mutex<Option<Instant>>,
+}
+
+impl EventLines {
+    const TRANSFER_EVERY: Duration = Duration::from_millis(100);
+
+    fn new(container: &str) -> Self {
+        Self {
+            container: container.to_string(),
+            started: Instant::now(),
+            last_transfer: Mutex::new(None),
+        }
+    }
+
+    fn progress(&self, progress: &Progress) {
+        if let Progress::Transferred { sent, total } = progress {
+            let mut last = self.last_transfer.lock().unwrap();
+            let due = last.is_none_or(|at| at.elapsed() >= Self::TRANSFER_EVERY);
+            if !due && sent < total {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        self.emit(progress.clone().into());
+    }
+
+    fn finished(&self, outcome: &Result<MigrationReport, MigrationFailure>) {
+        self.emit(match outcome {
+            Ok(report) => EventKind::Finished {
+                ok: true,
+                freeze_to_resume_ms: Some(report.freeze_to_resume_ms),
+                phase: None,
+                error: None,
+            },
+            Err(failure) => EventKind::Finished {
+                ok: false,
+                freeze_to_resume_ms: None,
+                phase: Some(failure.phase),
+                error: Some(failure.to_string()),
+            },
+        });
+    }
+
+    fn emit(&self, kind: EventKind) {
+        let event = Event {
+            v: EVENTS_VERSION,
+            at_ms: millis(self.started.elapsed()),
+            container: &self.container,
+            kind,
+        };
+        match serde_json::to_string(&event) {
+            Ok(line) => say(&line),
+            Err(e) => tracing::warn!("event not written: {e}"),
         }
     }
 }

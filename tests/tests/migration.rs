@@ -79,6 +79,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         "missing_image_is_sent_before_the_freeze",
         missing_image_is_sent,
     ),
+    ("events_stream_shows_every_phase", events_stream),
     ("wrong_token_is_rejected", wrong_token),
     ("unknown_container_is_an_error", unknown_container),
     ("stopped_container_is_an_error", stopped_container),
@@ -457,6 +458,70 @@ fn missing_image_is_sent(lab: &Lab) -> Result<()> {
     ensure!(image_on_h3()?, "h3 has no image after the migration");
     counter_advances(lab, "h3", "fresh", before)?;
     lab.podman("h3", &["rm", "-f", "-t", "0", "fresh"])?;
+    Ok(())
+}
+
+/// `--events`: every line of stderr that is a JSON object is an event of the schema
+/// (`common::migration::events`); each phase starts and finishes in order, and the last
+/// event says the migration succeeded.
+fn events_stream(lab: &Lab) -> Result<()> {
+    lab.run_container("h1", "evented", &[], "localhost/counter", &[])?;
+    let (ok, _, stderr) = agent_client(
+        lab,
+        "h1",
+        &["--container", "evented", "--dest", "h2", "--events"],
+    )?;
+    ensure!(ok, "migration failed: {stderr}");
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect::<Result<_>>()?;
+    ensure!(
+        events
+            .iter()
+            .all(|e| e["v"] == 1 && e["container"] == "evented" && e["at_ms"].is_number()),
+        "events without their common fields: {stderr}"
+    );
+    let of = |kind: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["event"] == kind)
+            .map(|e| e["phase"].as_str().unwrap_or("?").to_string())
+            .collect()
+    };
+    let started = of("phase_started");
+    ensure!(
+        started == of("phase_finished"),
+        "phases started {started:?}, finished {:?}",
+        of("phase_finished")
+    );
+    let expected = [
+        "connect",
+        "tunnel",
+        "prepare",
+        "checkpoint",
+        "transfer",
+        "restore",
+    ];
+    ensure!(
+        started.len() > expected.len()
+            && started[..expected.len()] == expected
+            && started.ends_with(&["switch_traffic".to_string(), "clean_up".to_string()]),
+        "phases out of order: {started:?}"
+    );
+    let last = events.last().context("no event")?;
+    ensure!(
+        last["event"] == "finished"
+            && last["ok"] == true
+            && last["freeze_to_resume_ms"].is_number(),
+        "last event: {last}"
+    );
+    ensure!(
+        !stderr.contains(" ..."),
+        "the progress display is mixed into the events: {stderr}"
+    );
+    lab.podman("h2", &["rm", "-f", "-t", "0", "evented"])?;
     Ok(())
 }
 

@@ -12,6 +12,7 @@
 #[cfg(test)]
 mod crash;
 pub mod destination;
+pub mod events;
 pub mod journal;
 pub mod mode;
 pub mod ownership;
