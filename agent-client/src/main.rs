@@ -265,7 +265,13 @@ fn say(text: &str) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match common::config::parse("client") {
+        Ok(cli) => cli,
+        Err(e) => {
+            say(&format!("error: {e:#}"));
+            return ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
         // Colours only for a terminal: not in a log file or a pipe.
         .with_ansi(std::io::stderr().is_terminal())

@@ -73,7 +73,7 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let args = Args::parse();
+    let args: Args = common::config::parse("server")?;
     if let Some(ServerCommand::Init { force }) = args.command {
         return init(&args.paths.token_file, force);
     }
