@@ -19,9 +19,11 @@ pub async fn run(context: Arc<ServerContext>, interval: Duration) {
         state_dir: &context.state_dir,
     };
     loop {
-        for line in source::recover_abandoned(&host, false).await {
+        let adopted = source::recover_abandoned(&host, false).await;
+        for line in &adopted {
             tracing::info!("adopted migration: {line}");
         }
+        context.actions.recovered("adopted", adopted.len());
         tokio::time::sleep(interval).await;
     }
 }

@@ -1,6 +1,7 @@
 //! `agent-server`: the daemon on every host that can receive a migrating container.
 
 mod adopter;
+mod metrics;
 mod session;
 mod sweeper;
 
@@ -36,6 +37,10 @@ struct Args {
     /// How often to check whether forwarding kept for containers that left is still needed.
     #[arg(long, env = "LM_SWEEP_SECONDS", default_value_t = 5)]
     sweep_seconds: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given). Anyone who
+    /// reaches ADDR can read them: container names, peers and counts, nothing secret.
+    #[arg(long, env = "LM_METRICS", value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -64,6 +69,8 @@ pub struct ServerContext {
     pub migrations: Registry,
     /// Also holds the forward records of containers that left this host.
     pub state_dir: PathBuf,
+    /// What the sweeper and recovery did, for the metrics.
+    pub actions: metrics::Actions,
 }
 
 #[tokio::main]
@@ -83,9 +90,12 @@ async fn main() -> Result<()> {
     let podman = PodmanClient::new(&args.paths.podman_socket);
     // Before accepting anything: a source that asks must get the reconciled answer.
     let migrations = Registry::default();
-    for line in destination::recover(&args.paths.state_dir, &podman, &migrations).await? {
+    let actions = metrics::Actions::default();
+    let recovered = destination::recover(&args.paths.state_dir, &podman, &migrations).await?;
+    for line in &recovered {
         tracing::info!("{line}");
     }
+    actions.recovered("restart", recovered.len());
     // A lazy-dump configuration left by a crash would make every later checkpoint here wait
     // for a destination.
     match common::lazy_pages::remove_stale_config() {
@@ -99,10 +109,15 @@ async fn main() -> Result<()> {
         podman,
         migrations,
         state_dir: args.paths.state_dir.clone(),
+        actions,
     });
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
+    if let Some(addr) = args.metrics {
+        tokio::spawn(metrics::serve(addr, context.clone())?);
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    }
     tracing::info!(listen = %args.listen, podman = %args.paths.podman_socket.display(), "agent-server ready");
     tokio::spawn(sweeper::run(
         context.clone(),

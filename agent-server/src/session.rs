@@ -130,6 +130,7 @@ async fn wind_down(context: &ServerContext, shared: &Shared, result: &anyhow::Re
     );
     entry.succeeded = owned;
     if !owned {
+        entry.failed_phase = Some(migration.stage.phase());
         entry.error = Some(match result {
             Err(e) => format!("{e:#}"),
             Ok(()) => "the source gave up or went away".to_string(),

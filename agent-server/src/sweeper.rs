@@ -14,9 +14,11 @@ use crate::ServerContext;
 pub async fn run(context: Arc<ServerContext>, interval: Duration) {
     loop {
         tokio::time::sleep(interval).await;
-        if let Err(e) = forwarding::sweep(&context.state_dir, &context.podman, &context.token).await
-        {
-            tracing::warn!("forwarding sweep failed: {e:#}");
+        match forwarding::sweep(&context.state_dir, &context.podman, &context.token).await {
+            Ok(removed) => {
+                context.actions.swept.inc_by(removed.len() as u64);
+            }
+            Err(e) => tracing::warn!("forwarding sweep failed: {e:#}"),
         }
     }
 }

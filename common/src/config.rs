@@ -44,7 +44,7 @@ const SHARED_KEYS: &[&str] = &["token_file", "podman_socket", "state_dir"];
 /// The sections of the two programs, each with its keys: the flag of the same name with
 /// `-` for `_` (`post_copy_above` sets `--post-copy-above`).
 const SECTIONS: &[(&str, &[&str])] = &[
-    ("server", &["listen", "sweep_seconds"]),
+    ("server", &["listen", "sweep_seconds", "metrics"]),
     ("client", &["mode", "post_copy_above", "hold_packets"]),
 ];
 

@@ -9,6 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::migration::{MigrationFailure, Phase};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
@@ -32,6 +34,12 @@ pub struct HistoryEntry {
     pub error: Option<String>,
     pub freeze_to_resume_ms: Option<f64>,
     pub total_ms: Option<f64>,
+    /// Where a migration that did not happen failed.
+    #[serde(default)]
+    pub failed_phase: Option<Phase>,
+    /// Checkpoint and memory sent (outgoing, once it moved).
+    #[serde(default)]
+    pub transferred_bytes: Option<u64>,
 }
 
 impl HistoryEntry {
@@ -47,7 +55,14 @@ impl HistoryEntry {
             error: None,
             freeze_to_resume_ms: None,
             total_ms: None,
+            failed_phase: None,
+            transferred_bytes: None,
         }
+    }
+
+    pub fn failed(&mut self, failure: &MigrationFailure) {
+        self.error = Some(failure.to_string());
+        self.failed_phase = Some(failure.phase);
     }
 }
 

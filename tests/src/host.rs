@@ -283,12 +283,16 @@ pub fn setup_client(desc: &LabDescription, client: &ClientDescription) -> Result
     drop_inherited_lab_mounts(&client.ns, None)
 }
 
+/// Where each host's agent serves its metrics, inside the host.
+pub const METRICS_ADDR: &str = "127.0.0.1:9187";
+
 /// The long-running processes the lab starts in each host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Daemon {
     /// `podman system service --time=0 unix:///run/podman/podman.sock`
     Podman,
-    /// `agent-server` (no flags: its defaults match the host layout).
+    /// `agent-server --metrics` [`METRICS_ADDR`] (no other flags: its defaults match the
+    /// host layout).
     Agent,
 }
 
@@ -337,7 +341,7 @@ pub fn start_daemon(host: &HostDescription, daemon: Daemon, bin_dir: Option<&Pat
                 .map(|d| d.join("agent-server"))
                 .filter(|p| p.is_file())
                 .context("agent-server binary not found: build the workspace (`cargo build --workspace`) or set LM_BIN_DIR")?;
-            c.arg(bin);
+            c.arg(bin).args(["--metrics", METRICS_ADDR]);
         }
     }
     c.env("PATH", path_env(bin_dir))

@@ -15,6 +15,8 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 #[path = "migration/faults.rs"]
 mod faults;
+#[path = "migration/metrics.rs"]
+mod metrics;
 #[path = "migration/operator.rs"]
 mod operator;
 #[path = "migration/peer_input.rs"]
@@ -80,6 +82,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         missing_image_is_sent,
     ),
     ("events_stream_shows_every_phase", events_stream),
+    (
+        "metrics_scrape_counts_migrations",
+        metrics::scrape_counts_migrations,
+    ),
     ("wrong_token_is_rejected", wrong_token),
     ("unknown_container_is_an_error", unknown_container),
     ("stopped_container_is_an_error", stopped_container),

@@ -40,7 +40,7 @@ use source::{Resolution, SourceHost, UndoLog};
 const IN_DOUBT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The phases, in the order they run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Reach the destination agent and authenticate.
@@ -647,7 +647,7 @@ pub async fn migrate(
                 error,
                 resolution,
             };
-            history.error = Some(failure.to_string());
+            history.failed(&failure);
             record_history(state_dir, &history);
             return Err(failure);
         }
@@ -703,7 +703,7 @@ pub async fn migrate(
                     error,
                     resolution: Resolution::Lost { warnings },
                 };
-                history.error = Some(failure.to_string());
+                history.failed(&failure);
                 record_history(state_dir, &history);
                 return Err(failure);
             }
@@ -723,6 +723,7 @@ pub async fn migrate(
     history.succeeded = true;
     history.freeze_to_resume_ms = Some(millis(freeze_to_resume));
     history.total_ms = Some(millis(started.elapsed()));
+    history.transferred_bytes = Some(checkpoint_bytes + pages.as_ref().map_or(0, |p| p.bytes()));
     record_history(state_dir, &history);
     let last_page_ms = match prepared.mode.mode {
         mode::Mode::PostCopy => pages

@@ -23,6 +23,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Phase;
+
 /// Where a migration stands on the source, journaled durably before the step it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -109,6 +111,18 @@ pub enum DestinationStage {
     Owns,
     /// The source was told this host holds no copy and will start none.
     Fenced,
+}
+
+impl DestinationStage {
+    /// The source's phase while the destination is at this stage.
+    pub fn phase(self) -> Phase {
+        match self {
+            DestinationStage::Receiving => Phase::Transfer,
+            DestinationStage::Restoring | DestinationStage::Fenced => Phase::Restore,
+            DestinationStage::Replica => Phase::Pages,
+            DestinationStage::Owns => Phase::SwitchTraffic,
+        }
+    }
 }
 
 /// What the destination does with an incoming migration.

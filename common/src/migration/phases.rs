@@ -355,6 +355,12 @@ pub struct PagesReport {
     pub pages: u64,
 }
 
+impl PagesReport {
+    pub fn bytes(&self) -> u64 {
+        self.pages * 4096
+    }
+}
+
 /// Pages: wait until the destination has every page, then for podman's checkpoint call
 /// here, which ends with CRIU's page server. If the transfer failed (the destination says
 /// so, or cannot be reached), the page server is stopped: the destination has stopped its
