@@ -2,6 +2,7 @@
 //! it can, and shows and cleans up what the agents keep on this host.
 
 mod check;
+mod drain;
 mod interactive;
 mod migrate;
 mod output;
@@ -72,6 +73,22 @@ enum Command {
         #[arg(long)]
         destination_lost: bool,
     },
+    /// Moves every running container off this host, for maintenance: each to the
+    /// destination with the most memory available that passes its preflight, a few at a
+    /// time, with the migration settings of the configuration file's [client] section.
+    /// One that no destination takes stays, with the reason; the exit code is then 1.
+    /// Ctrl-C stops new moves; running ones abort or finish as a single migration does.
+    Drain {
+        /// Destinations, `HOST[:PORT],...`.
+        #[arg(long, required = true, value_delimiter = ',', value_parser = destination_arg)]
+        to: Vec<String>,
+        /// Migrations at a time.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+        parallel: u16,
+        /// Print the plan only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +155,15 @@ impl MigrateArgs {
             ModeArg::PostCopy => ModeRequest::Fixed(Mode::PostCopy),
             ModeArg::StopCopy => ModeRequest::Fixed(Mode::StopCopy),
         }
+    }
+
+    /// `request` with these options.
+    fn apply(&self, mut request: MigrationRequest) -> MigrationRequest {
+        request.forward_new_connections = !self.no_forward_new;
+        request.hold_packets = self.hold_packets;
+        request.mode = self.mode();
+        request.stop_copy_memory = self.stop_copy_memory();
+        request
     }
 
     fn stop_copy_memory(&self) -> MemoryPath {
@@ -313,8 +339,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output::print_cleanup(&done, args.json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Drain {
+            to,
+            parallel,
+            dry_run,
+        }) => {
+            let request = |container: &str, destination: &str| {
+                Ok(cli.migrate.apply(args.request(container, destination)?))
+            };
+            drain::run(
+                args,
+                &args.podman(),
+                &to,
+                usize::from(parallel),
+                dry_run,
+                request,
+            )
+            .await
+        }
         None => {
-            let mut request = match (&cli.migrate.container, &cli.migrate.dest) {
+            let request = match (&cli.migrate.container, &cli.migrate.dest) {
                 (Some(container), Some(dest)) => args.request(container, dest)?,
                 _ => match interactive::choose(
                     args,
@@ -330,11 +374,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 },
             };
-            request.forward_new_connections = !cli.migrate.no_forward_new;
-            request.hold_packets = cli.migrate.hold_packets;
-            request.mode = cli.migrate.mode();
-            request.stop_copy_memory = cli.migrate.stop_copy_memory();
-            migrate::run(args, request).await
+            migrate::run(args, cli.migrate.apply(request)).await
         }
     }
 }

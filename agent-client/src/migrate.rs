@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::{output, say, CommonArgs, Interrupts};
 
 /// Exit status of a migration the operator cancelled, whatever the signal (as for SIGINT).
-const CANCELLED: u8 = 130;
+pub(crate) const CANCELLED: u8 = 130;
 
 pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCode> {
     let display = Display::new(args.quiet || args.events);
@@ -205,7 +205,7 @@ impl Display {
 }
 
 /// `--events`: the progress as JSON lines on stderr ([`common::migration::events`]).
-struct EventLines {
+pub(crate) struct EventLines {
     container: String,
     started: Instant,
     /// When the last `transfer` event went out: at most ten a second.
@@ -215,7 +215,7 @@ struct EventLines {
 impl EventLines {
     const TRANSFER_EVERY: Duration = Duration::from_millis(100);
 
-    fn new(container: &str) -> Self {
+    pub(crate) fn new(container: &str) -> Self {
         Self {
             container: container.to_string(),
             started: Instant::now(),
@@ -223,7 +223,7 @@ impl EventLines {
         }
     }
 
-    fn progress(&self, progress: &Progress) {
+    pub(crate) fn progress(&self, progress: &Progress) {
         if let Progress::Transferred { sent, total } = progress {
             let mut last = self.last_transfer.lock().unwrap();
             let due = last.is_none_or(|at| at.elapsed() >= Self::TRANSFER_EVERY);
@@ -235,7 +235,7 @@ impl EventLines {
         self.emit(progress.clone().into());
     }
 
-    fn finished(&self, outcome: &Result<MigrationReport, MigrationFailure>) {
+    pub(crate) fn finished(&self, outcome: &Result<MigrationReport, MigrationFailure>) {
         self.emit(match outcome {
             Ok(report) => EventKind::Finished {
                 ok: true,

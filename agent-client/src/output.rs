@@ -10,6 +10,8 @@ use common::preflight::Severity;
 use indicatif::{HumanBytes, HumanDuration};
 use serde::Serialize;
 
+use crate::drain::{self, Moved, Placement};
+
 fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
@@ -113,9 +115,7 @@ pub fn print_survey(survey: &Survey, as_json: bool) -> Result<()> {
         c.name,
         c.image_name,
         &c.id[..12.min(c.id.len())],
-        survey
-            .memory_bytes
-            .map_or("unknown".to_string(), |m| HumanBytes(m).to_string()),
+        memory(survey.memory_bytes),
         c.ipv4().map_or("-".to_string(), |ip| ip.to_string()),
         ports(c),
     );
@@ -266,6 +266,71 @@ pub fn print_cleanup(done: &[String], as_json: bool) -> Result<()> {
         line!(out, "{line}");
     }
     emit(&out)
+}
+
+/// `drain`: the plan (before the moves, or alone with `--dry-run`), and then with the
+/// results.
+pub fn print_drain(plan: &[Placement], results: Option<&[Moved]>, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(&drain::json(plan, results));
+    }
+    let mut out = String::new();
+    let Some(results) = results else {
+        let mut rows = table(&["container", "memory", "goes to"]);
+        for p in plan {
+            rows.add_row(vec![
+                Cell::new(&p.container),
+                Cell::new(memory(p.memory_bytes)),
+                match (&p.destination, &p.reason) {
+                    (Some(destination), _) => Cell::new(destination),
+                    (None, reason) => Cell::new(format!(
+                        "stays: {}",
+                        reason.as_deref().unwrap_or("no destination")
+                    ))
+                    .fg(Color::Red),
+                },
+            ]);
+        }
+        line!(out, "plan:\n{}", or_none(&rows, plan.is_empty()));
+        return emit(&out);
+    };
+    let mut rows = table(&["container", "to", "result", "freeze ms"]);
+    for p in plan.iter().filter(|p| p.destination.is_none()) {
+        rows.add_row(vec![
+            Cell::new(&p.container),
+            Cell::new("-"),
+            Cell::new(format!(
+                "stays: {}",
+                p.reason.as_deref().unwrap_or("no destination")
+            ))
+            .fg(Color::Red),
+            Cell::new(""),
+        ]);
+    }
+    for r in results {
+        rows.add_row(vec![
+            Cell::new(&r.container),
+            Cell::new(r.destination.as_deref().unwrap_or("-")),
+            if r.moved {
+                Cell::new("moved").fg(Color::Green)
+            } else {
+                Cell::new(format!("not moved: {}", r.error.as_deref().unwrap_or("?")))
+                    .fg(Color::Red)
+            },
+            Cell::new(
+                r.freeze_to_resume_ms
+                    .map_or(String::new(), |ms| format!("{ms:.0}")),
+            ),
+        ]);
+    }
+    let moved = results.iter().filter(|r| r.moved).count();
+    line!(out, "{}", or_none(&rows, plan.is_empty()));
+    line!(out, "{moved} of {} container(s) moved", plan.len());
+    emit(&out)
+}
+
+fn memory(bytes: Option<u64>) -> String {
+    bytes.map_or("unknown".to_string(), |m| HumanBytes(m).to_string())
 }
 
 /// A table, or `none` instead of one without rows.

@@ -46,6 +46,7 @@ pub async fn host_report(
         post_copy_problem: crate::lazy_pages::host_problem(uffd),
         oci_runtime: engine.oci_runtime,
         free_state_bytes: free_bytes(state_dir)?,
+        memory_available_bytes: memory_available()?,
         has_image: true,
         conflicting_container: None,
         address_in_use_by: None,
@@ -77,6 +78,18 @@ pub async fn host_report(
         }
     }
     Ok(report)
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn memory_available() -> Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").context("read /proc/meminfo")?;
+    meminfo_available(&meminfo).context("no MemAvailable in /proc/meminfo")
+}
+
+fn meminfo_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// How much a finding matters.
@@ -346,6 +359,14 @@ mod tests {
     use super::*;
     use crate::podman::PublishedPort;
 
+    #[test]
+    fn memory_available_is_read_from_meminfo() {
+        let meminfo = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(meminfo_available(meminfo), Some(2048 * 1024));
+        assert_eq!(meminfo_available("MemTotal: 1 kB\n"), None);
+        assert!(memory_available().unwrap() > 0);
+    }
+
     fn report(name: &str) -> HostReport {
         HostReport {
             hostname: name.into(),
@@ -356,6 +377,7 @@ mod tests {
             post_copy_problem: None,
             oci_runtime: "runc".into(),
             free_state_bytes: 10 << 30,
+            memory_available_bytes: 8 << 30,
             has_image: true,
             conflicting_container: None,
             address_in_use_by: None,

@@ -313,6 +313,10 @@ pub struct HostReport {
     pub oci_runtime: String,
     /// Free bytes where this agent keeps checkpoint archives.
     pub free_state_bytes: u64,
+    /// Memory available for new work (`MemAvailable`): `drain` sends each container to
+    /// the destination with the most.
+    #[serde(default)]
+    pub memory_available_bytes: u64,
     /// Whether the image of the container is already present.
     pub has_image: bool,
     /// Name or ID of an existing container that would collide with the incoming one.
@@ -354,6 +358,7 @@ mod tests {
             post_copy_problem: None,
             oci_runtime: "runc".into(),
             free_state_bytes: 1 << 30,
+            memory_available_bytes: 1 << 30,
             has_image: false,
             conflicting_container: Some("counter".into()),
             address_in_use_by: None,

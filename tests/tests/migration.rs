@@ -13,6 +13,8 @@ use lab::flow::FlowClient;
 use lab::{Lab, LabOptions};
 use libtest_mimic::{Arguments, Failed, Trial};
 
+#[path = "migration/drain.rs"]
+mod drain;
 #[path = "migration/faults.rs"]
 mod faults;
 #[path = "migration/metrics.rs"]
@@ -85,6 +87,14 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     (
         "metrics_scrape_counts_migrations",
         metrics::scrape_counts_migrations,
+    ),
+    (
+        "drain_empties_the_host_and_keeps_clients",
+        drain::drain_empties_the_host_and_keeps_clients,
+    ),
+    (
+        "drain_keeps_what_no_destination_takes",
+        drain::drain_keeps_what_no_destination_takes,
     ),
     ("wrong_token_is_rejected", wrong_token),
     ("unknown_container_is_an_error", unknown_container),
