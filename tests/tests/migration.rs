@@ -96,6 +96,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         "drain_keeps_what_no_destination_takes",
         drain::drain_keeps_what_no_destination_takes,
     ),
+    (
+        "drain_interrupted_starts_nothing_new",
+        drain::drain_interrupted_starts_nothing_new,
+    ),
     ("wrong_token_is_rejected", wrong_token),
     ("unknown_container_is_an_error", unknown_container),
     ("stopped_container_is_an_error", stopped_container),

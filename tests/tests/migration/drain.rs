@@ -2,6 +2,8 @@
 //! plans without changing anything (`--dry-run`), and leaves a container that no
 //! destination takes where it is, with exit code 1.
 
+use std::io::{BufRead, BufReader, Read};
+
 use anyhow::{ensure, Context, Result};
 use lab::flow::FlowClient;
 use lab::Lab;
@@ -174,4 +176,86 @@ pub fn drain_keeps_what_no_destination_takes(lab: &Lab) -> Result<()> {
         lab.podman(host, &["rm", "-f", "-t", "0", "squat"])?;
     }
     result
+}
+
+/// Ctrl-C as the first move starts (one at a time): that move aborts or finishes, the
+/// next never starts, and every container runs exactly once, on h1 or where it went.
+pub fn drain_interrupted_starts_nothing_new(lab: &Lab) -> Result<()> {
+    const HALTED: [&str; 2] = ["halt1", "halt2"];
+    for name in HALTED {
+        lab.run_container("h1", name, &[], "localhost/counter", &[])?;
+    }
+    let mut child = lab.spawn(
+        "h1",
+        &[
+            "agent-client",
+            "drain",
+            "--to",
+            "h2",
+            "--parallel",
+            "1",
+            "--json",
+            "--events",
+        ],
+    )?;
+    let stderr = child.stderr.take().expect("piped");
+    let mut sent = false;
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        eprintln!("{line}");
+        let started = serde_json::from_str::<serde_json::Value>(&line)
+            .is_ok_and(|e| e["event"] == "phase_started");
+        if started && !sent {
+            // nsenter execs agent-client: the child is the client itself.
+            lab::cmd::run(
+                std::process::Command::new("kill").args(["-INT", &child.id().to_string()]),
+            )?;
+            sent = true;
+        }
+    }
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout)?;
+    let status = child.wait()?;
+    let json: serde_json::Value = serde_json::from_str(&stdout).context("drain prints JSON")?;
+    let checked = (|| {
+        ensure!(sent, "no move started");
+        ensure!(
+            status.code() == Some(130),
+            "exit {status} after Ctrl-C: {json}"
+        );
+        let results = json["results"].as_array().context("results")?;
+        let not_started = results
+            .iter()
+            .filter(|r| {
+                r["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("not started"))
+            })
+            .count();
+        ensure!(
+            not_started + 1 == results.len(),
+            "one move runs, the others do not start: {json}"
+        );
+        for result in results {
+            let name = result["container"].as_str().context("container")?;
+            let (here, there) = (is_running(lab, "h1", name)?, is_running(lab, "h2", name)?);
+            ensure!(here != there, "{name}: runs on h1 {here}, on h2 {there}");
+            ensure!(
+                there == (result["moved"] == true),
+                "{name} on h2 contradicts {result}"
+            );
+        }
+        Ok(())
+    })();
+    remove_moved(lab, &json)?;
+    for name in HALTED {
+        if exists(lab, "h1", name)? {
+            lab.podman("h1", &["rm", "-f", "-t", "0", name])?;
+        }
+    }
+    checked
 }
