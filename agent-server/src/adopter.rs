@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::migration::source::{self, SourceHost};
+use tokio_util::sync::CancellationToken;
 
 use crate::ServerContext;
 
-/// Runs [`source::recover_abandoned`] every `interval`, for ever.
-pub async fn run(context: Arc<ServerContext>, interval: Duration) {
+/// Runs [`source::recover_abandoned`] every `interval`, until `stopping`.
+pub async fn run(context: Arc<ServerContext>, interval: Duration, stopping: CancellationToken) {
     let host = SourceHost {
         podman: &context.podman,
         token: &context.token,
@@ -24,6 +25,9 @@ pub async fn run(context: Arc<ServerContext>, interval: Duration) {
             tracing::info!("adopted migration: {line}");
         }
         context.actions.recovered("adopted", adopted.len());
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = stopping.cancelled() => return,
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 mod adopter;
 mod metrics;
+mod server;
 mod session;
 mod sweeper;
 
@@ -54,11 +55,6 @@ enum ServerCommand {
     },
 }
 
-/// Connections still in the handshake at once; more wait in the listen queue.
-const MAX_UNAUTHENTICATED: usize = 16;
-/// How often this host's outgoing migrations are checked for an `agent-client` that died.
-const ADOPT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// What every session shares.
 pub struct ServerContext {
     pub token: Token,
@@ -86,6 +82,10 @@ async fn main() -> Result<()> {
     }
     let token = Token::from_file(&args.paths.token_file)?;
     let _running = destination::lock_server(&args.paths.state_dir)?;
+    // From here on SIGTERM and SIGINT shut down in order (a signal during the recovery
+    // below waits for it).
+    let (signals, shutdown) = tokio::sync::mpsc::channel(4);
+    server::forward_signals(signals)?;
     let keys = KeyPair::load_or_create(&args.paths.state_dir)?;
     let podman = PodmanClient::new(&args.paths.podman_socket);
     // Before accepting anything: a source that asks must get the reconciled answer.
@@ -119,30 +119,13 @@ async fn main() -> Result<()> {
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
     tracing::info!(listen = %args.listen, podman = %args.paths.podman_socket.display(), "agent-server ready");
-    tokio::spawn(sweeper::run(
-        context.clone(),
+    server::run(
+        listener,
+        context,
         std::time::Duration::from_secs(args.sweep_seconds.max(1)),
-    ));
-    tokio::spawn(adopter::run(context.clone(), ADOPT_INTERVAL));
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED));
-    loop {
-        let permit = handshakes.clone().acquire_owned().await?;
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors, for one: retrying at once would only spin.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        let context = context.clone();
-        tokio::spawn(async move {
-            if let Err(e) = session::serve(stream, peer, context, permit).await {
-                tracing::warn!(%peer, "session ended with an error: {e:#}");
-            }
-        });
-    }
+        shutdown,
+    )
+    .await
 }
 
 /// `agent-server init`: a new token, and how to share it.

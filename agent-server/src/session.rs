@@ -26,6 +26,7 @@ use common::transfer::receive_stream;
 use common::validate;
 use common::wire::FramedStream;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::ServerContext;
 
@@ -85,15 +86,19 @@ pub async fn serve(
     peer: SocketAddr,
     context: Arc<ServerContext>,
     unauthenticated: tokio::sync::OwnedSemaphorePermit,
+    stopping: CancellationToken,
 ) -> anyhow::Result<()> {
     common::wire::tune_connection(&tcp)?;
     let mut stream = FramedStream::new(tcp);
-    match tokio::time::timeout(
+    let handshake = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         authenticate_client(&mut stream, &context.token),
-    )
-    .await
-    {
+    );
+    let handshake = tokio::select! {
+        done = handshake => done,
+        () = stopping.cancelled() => return Ok(()),
+    };
+    match handshake {
         Ok(Ok(())) => tracing::info!(%peer, "peer authenticated"),
         Ok(Err(e)) => anyhow::bail!("rejected {peer}: {e}"),
         Err(_) => anyhow::bail!("rejected {peer}: no handshake within {HANDSHAKE_TIMEOUT:?}"),
@@ -103,7 +108,7 @@ pub async fn serve(
         peer,
         migration: None,
     };
-    let result = handle_requests(&mut stream, &context, &mut connection).await;
+    let result = handle_requests(&mut stream, &context, &mut connection, &stopping).await;
     if let Some(shared) = connection.migration.take() {
         wind_down(&context, &shared, &result).await;
     }
@@ -145,11 +150,19 @@ async fn handle_requests(
     stream: &mut FramedStream<TcpStream>,
     context: &ServerContext,
     connection: &mut Connection,
+    stopping: &CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
-        let received = tokio::time::timeout(IDLE_TIMEOUT, stream.recv::<ClientMessage>())
-            .await
-            .map_err(|_| anyhow!("no request within {IDLE_TIMEOUT:?}"))?;
+        let next = tokio::time::timeout(IDLE_TIMEOUT, stream.recv::<ClientMessage>());
+        // Shutting down: a session with a migration goes on until the source is done.
+        let received = tokio::select! {
+            received = next => received,
+            () = stopping.cancelled(), if connection.migration.is_none() => {
+                tracing::info!(peer = %connection.peer, "closing the session: shutting down");
+                return Ok(());
+            }
+        };
+        let received = received.map_err(|_| anyhow!("no request within {IDLE_TIMEOUT:?}"))?;
         let request = match received {
             Ok(request) => request,
             Err(common::wire::WireError::Closed) => return Ok(()),

@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use anyhow::Result;
 use common::forwarding::{self, ForwardRecord};
+use tokio_util::sync::CancellationToken;
 
 use crate::ServerContext;
 
-/// Runs [`forwarding::sweep`] every `interval`, for ever.
-pub async fn run(context: Arc<ServerContext>, interval: Duration) {
+/// Runs [`forwarding::sweep`] every `interval`, until `stopping`.
+pub async fn run(context: Arc<ServerContext>, interval: Duration, stopping: CancellationToken) {
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = stopping.cancelled() => return,
+        }
         match forwarding::sweep(&context.state_dir, &context.podman, &context.token).await {
             Ok(removed) => {
                 context.actions.swept.inc_by(removed.len() as u64);
