@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use tokio::net::TcpStream;
 
 use crate::auth::{authenticate_to_server, Token};
@@ -27,6 +27,17 @@ pub struct RemoteError {
     pub agent: String,
     pub code: ErrorCode,
     pub message: String,
+}
+
+/// The reply if it matches `pattern` (and its guard), as `value`; otherwise an error
+/// naming the request it answers. Refusals (`Error`) are errors already ([`RemoteAgent::reply`]).
+macro_rules! expect_reply {
+    ($reply:expr, $request:literal, $pattern:pat $(if $guard:expr)? => $value:expr) => {
+        match $reply {
+            $pattern $(if $guard)? => Ok($value),
+            other => Err(anyhow!(concat!("unexpected reply to ", $request, ": {:?}"), other)),
+        }
+    };
 }
 
 pub struct RemoteAgent {
@@ -109,18 +120,16 @@ impl RemoteAgent {
 
     /// Exchanges WireGuard public keys; returns the destination's key and listen port.
     pub async fn open_tunnel(&mut self, public_key: &str) -> Result<(String, u16)> {
-        match self
+        let reply = self
             .request(&ClientMessage::OpenTunnel {
                 public_key: public_key.to_string(),
             })
-            .await?
-        {
-            ServerMessage::TunnelReady {
-                public_key,
-                listen_port,
-            } => Ok((public_key, listen_port)),
-            other => bail!("unexpected reply to open tunnel: {other:?}"),
-        }
+            .await?;
+        expect_reply!(
+            reply,
+            "open tunnel",
+            ServerMessage::TunnelReady { public_key, listen_port } => (public_key, listen_port)
+        )
     }
 
     /// The destination's address as connected to.
@@ -134,29 +143,31 @@ impl RemoteAgent {
         container_ip: std::net::Ipv4Addr,
         flows: Vec<crate::conntrack::Flow>,
     ) -> Result<usize> {
-        match self
+        let reply = self
             .request(&ClientMessage::PrepareTraffic {
                 source_public_key: source_public_key.to_string(),
                 container_ip,
                 flows,
             })
-            .await?
-        {
-            ServerMessage::TrafficPrepared { flows } => Ok(flows),
-            other => bail!("unexpected reply to prepare traffic: {other:?}"),
-        }
+            .await?;
+        expect_reply!(
+            reply,
+            "prepare traffic",
+            ServerMessage::TrafficPrepared { flows } => flows
+        )
     }
 
     pub async fn preflight(&mut self, container: &ContainerRef) -> Result<HostReport> {
-        match self
+        let reply = self
             .request(&ClientMessage::Preflight {
                 container: container.clone(),
             })
-            .await?
-        {
-            ServerMessage::Preflight(report) => Ok(*report),
-            other => bail!("unexpected reply to preflight: {other:?}"),
-        }
+            .await?;
+        expect_reply!(
+            reply,
+            "preflight",
+            ServerMessage::Preflight(report) => *report
+        )
     }
 
     pub async fn put_image(&mut self, image_id: &str, archive: &[u8]) -> Result<()> {
@@ -166,10 +177,11 @@ impl RemoteAgent {
             })
             .await?;
         send_stream(&mut self.stream, archive, |_| {}).await?;
-        match self.reply().await? {
-            ServerMessage::ImageLoaded => Ok(()),
-            other => bail!("unexpected reply to image upload: {other:?}"),
-        }
+        expect_reply!(
+            self.reply().await?,
+            "image upload",
+            ServerMessage::ImageLoaded => ()
+        )
     }
 
     /// Starts migration `migration_id` on this connection with its checkpoint archive;
@@ -190,10 +202,11 @@ impl RemoteAgent {
         let sent = send_file(&mut self.stream, archive, progress)
             .await
             .with_context(|| format!("sending the checkpoint to {}", self.address))?;
-        match self.reply().await? {
-            ServerMessage::CheckpointStored { bytes } if bytes == sent => Ok(sent),
-            other => bail!("unexpected reply to checkpoint upload: {other:?}"),
-        }
+        expect_reply!(
+            self.reply().await?,
+            "checkpoint upload",
+            ServerMessage::CheckpointStored { bytes } if bytes == sent => sent
+        )
     }
 
     /// Restores the uploaded checkpoint; returns podman's restore time in milliseconds.
@@ -211,62 +224,67 @@ impl RemoteAgent {
             })
             .await?;
         sent();
-        match self.reply().await? {
-            ServerMessage::Restored { times } => Ok(times),
-            other => bail!("unexpected reply to restore: {other:?}"),
-        }
+        expect_reply!(
+            self.reply().await?,
+            "restore",
+            ServerMessage::Restored { times } => times
+        )
     }
 
     /// Who owns the container of migration `migration_id`; unless the destination does,
     /// it is fenced there first (no copy, none to come).
     pub async fn resolve(&mut self, migration_id: &str) -> Result<Verdict> {
-        match self
+        let reply = self
             .request(&ClientMessage::Resolve {
                 migration_id: migration_id.to_string(),
             })
-            .await?
-        {
-            ServerMessage::Resolved { verdict } => Ok(verdict),
-            other => bail!("unexpected reply to resolve: {other:?}"),
-        }
+            .await?;
+        expect_reply!(
+            reply,
+            "resolve",
+            ServerMessage::Resolved { verdict } => verdict
+        )
     }
 
     /// Lets the destination's replica of a streamed stop-copy migration run: the source's
     /// processes are gone. From the answer on, the destination owns the container.
     pub async fn resume(&mut self, migration_id: &str) -> Result<()> {
-        match self
+        let reply = self
             .request(&ClientMessage::Resume {
                 migration_id: migration_id.to_string(),
             })
-            .await?
-        {
-            ServerMessage::Resumed => Ok(()),
-            other => bail!("unexpected reply to resume: {other:?}"),
-        }
+            .await?;
+        expect_reply!(
+            reply,
+            "resume",
+            ServerMessage::Resumed => ()
+        )
     }
 
     /// Tells the destination that the source copy of a migration it owns is gone.
     pub async fn settle(&mut self, migration_id: &str) -> Result<()> {
-        match self
+        let reply = self
             .request(&ClientMessage::Settle {
                 migration_id: migration_id.to_string(),
             })
-            .await?
-        {
-            ServerMessage::Settled => Ok(()),
-            other => bail!("unexpected reply to settle: {other:?}"),
-        }
+            .await?;
+        expect_reply!(
+            reply,
+            "settle",
+            ServerMessage::Settled => ()
+        )
     }
 
     /// Whether the container lives at this agent's host or downstream of it.
     pub async fn query_container(&mut self, id: &str) -> Result<bool> {
-        match self
+        let reply = self
             .request(&ClientMessage::QueryContainer { id: id.to_string() })
-            .await?
-        {
-            ServerMessage::ContainerStatus { alive } => Ok(alive),
-            other => bail!("unexpected reply to query: {other:?}"),
-        }
+            .await?;
+        expect_reply!(
+            reply,
+            "query",
+            ServerMessage::ContainerStatus { alive } => alive
+        )
     }
 
     /// Tells the destination that the source's held packets are through; returns what the
@@ -275,10 +293,11 @@ impl RemoteAgent {
         let told = ClientMessage::TrafficSwitched {
             migration_id: migration_id.to_string(),
         };
-        match self.request(&told).await? {
-            ServerMessage::HoldReleased { held } => Ok(held),
-            other => bail!("unexpected reply to traffic switched: {other:?}"),
-        }
+        expect_reply!(
+            self.request(&told).await?,
+            "traffic switched",
+            ServerMessage::HoldReleased { held } => held
+        )
     }
 
     /// Waits until every page of a post-copy migration is on the destination. A cut link
@@ -293,23 +312,24 @@ impl RemoteAgent {
                 migration_id: migration_id.to_string(),
             })
             .await?;
-        match self.reply_within(patience).await? {
-            ServerMessage::PagesArrived {
-                after_restore_ms,
-                pages,
-            } => Ok(crate::lazy_pages::PagesArrived {
-                after_restore: Duration::from_millis(after_restore_ms),
-                pages,
-            }),
-            other => bail!("unexpected reply to await pages: {other:?}"),
-        }
+        expect_reply!(
+            self.reply_within(patience).await?,
+            "await pages",
+            ServerMessage::PagesArrived { after_restore_ms, pages } => {
+                crate::lazy_pages::PagesArrived {
+                    after_restore: Duration::from_millis(after_restore_ms),
+                    pages,
+                }
+            }
+        )
     }
 
     pub async fn finish(&mut self) -> Result<()> {
-        match self.request(&ClientMessage::Finish).await? {
-            ServerMessage::Finished => Ok(()),
-            other => bail!("unexpected reply to finish: {other:?}"),
-        }
+        expect_reply!(
+            self.request(&ClientMessage::Finish).await?,
+            "finish",
+            ServerMessage::Finished => ()
+        )
     }
 }
 

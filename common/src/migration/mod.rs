@@ -331,6 +331,27 @@ impl PhaseClock<'_> {
         Ok(self.start(phase))
     }
 
+    /// Runs `work` as `phase`: `phase` goes into `current` (the phase a failure names), the
+    /// start and end are announced and the time recorded. With `cancel`, a phase the
+    /// operator cancelled before it starts does not start; without, it is past cancelling.
+    /// Returns the work's value and when the phase started.
+    async fn run<T>(
+        &mut self,
+        current: &mut Phase,
+        phase: Phase,
+        cancel: Option<&CancellationToken>,
+        work: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<(T, Instant)> {
+        *current = phase;
+        let started = match cancel {
+            Some(cancel) => self.start_unless_cancelled(phase, cancel)?,
+            None => self.start(phase),
+        };
+        let value = work.await?;
+        self.finish(phase, started);
+        Ok((value, started))
+    }
+
     fn finish(&mut self, phase: Phase, started: Instant) {
         let elapsed = started.elapsed();
         tracing::info!(phase = phase.label(), ms = millis(elapsed), "phase done");
@@ -442,38 +463,48 @@ pub async fn migrate(
                 held_init: None,
             },
         )?);
-        let t = clock.start_unless_cancelled(phase, cancel)?;
-        let agent = remote.insert(
-            cancellable(
-                cancel,
-                phases::connect(&request.destination, &request.token),
+        let may_cancel = Some(cancel);
+        let (agent, _) = clock
+            .run(
+                &mut phase,
+                Phase::Connect,
+                may_cancel,
+                cancellable(
+                    cancel,
+                    phases::connect(&request.destination, &request.token),
+                ),
             )
-            .await?,
-        );
-        clock.finish(phase, t);
+            .await?;
+        let agent = remote.insert(agent);
 
-        phase = Phase::Tunnel;
-        let t = clock.start_unless_cancelled(phase, cancel)?;
-        let keys = crate::wireguard::KeyPair::load_or_create(state_dir)?;
-        let (tunnel, through_tunnel) = phases::tunnel(agent, &request.token, &keys).await?;
+        let tunnelling = async {
+            let keys = crate::wireguard::KeyPair::load_or_create(state_dir)?;
+            let (tunnel, through_tunnel) = phases::tunnel(agent, &request.token, &keys).await?;
+            anyhow::Ok((keys, tunnel, through_tunnel))
+        };
+        let ((keys, tunnel, through_tunnel), _) = clock
+            .run(&mut phase, Phase::Tunnel, may_cancel, tunnelling)
+            .await?;
         tunneled = Some(through_tunnel);
-        clock.finish(phase, t);
 
-        phase = Phase::Prepare;
-        let t = clock.start_unless_cancelled(phase, cancel)?;
-        let prepared = cancellable(
-            cancel,
-            phases::prepare(
-                &request.podman,
-                agent,
-                &info.id,
-                request.mode,
-                request.stop_copy_memory,
-                state_dir,
-            ),
-        )
-        .await?;
-        clock.finish(phase, t);
+        let (prepared, _) = clock
+            .run(
+                &mut phase,
+                Phase::Prepare,
+                may_cancel,
+                cancellable(
+                    cancel,
+                    phases::prepare(
+                        &request.podman,
+                        agent,
+                        &info.id,
+                        request.mode,
+                        request.stop_copy_memory,
+                        state_dir,
+                    ),
+                ),
+            )
+            .await?;
         let container_ip = prepared.container.ipv4();
         if let Some(ip) = container_ip {
             log.set_switch_plan(phases::SwitchPlan::new(
@@ -485,101 +516,110 @@ pub async fn migrate(
             )?)?;
         }
 
-        phase = Phase::Checkpoint;
-        let frozen_at = clock.start_unless_cancelled(phase, cancel)?;
-        // Not cancellable halfway: podman would finish the checkpoint anyway. A cancel
-        // is seen right after it, and the container restarted.
         let work_dir = state_dir.join("outgoing");
         let lazy_pages = prepared.mode.memory == mode::MemoryPath::PageServer;
         // Streamed stop-copy: the memory moves during the freeze, into a stopped replica.
         let replica = lazy_pages && prepared.mode.mode == mode::Mode::StopCopy;
-        let checkpoint = phases::checkpoint(
-            &request.podman,
-            &prepared.container,
-            &work_dir,
-            request.hold_packets,
-            lazy_pages.then_some(tunnel.local_address),
-            log,
-        )
-        .await?;
+        // Not cancellable halfway: podman would finish the checkpoint anyway. A cancel
+        // is seen right after it, and the container restarted.
+        let checkpointing = async {
+            let checkpoint = phases::checkpoint(
+                &request.podman,
+                &prepared.container,
+                &work_dir,
+                request.hold_packets,
+                lazy_pages.then_some(tunnel.local_address),
+                log,
+            )
+            .await?;
+            crate::fault::at(state_dir, "checkpointed")?;
+            anyhow::Ok(checkpoint)
+        };
+        let (checkpoint, frozen_at) = clock
+            .run(&mut phase, Phase::Checkpoint, may_cancel, checkpointing)
+            .await?;
+        let checkpoint_ms = millis(frozen_at.elapsed());
         let mut lazy = checkpoint.lazy;
         warnings.extend(checkpoint.problems);
         let cgroup_freeze_ms = checkpoint.cgroup_frozen_in.map(millis);
         let archive = checkpoint.archive;
-        crate::fault::at(state_dir, "checkpointed")?;
-        let checkpoint_ms = millis(frozen_at.elapsed());
-        clock.finish(phase, frozen_at);
 
-        phase = Phase::Transfer;
-        let t = clock.start_unless_cancelled(phase, cancel)?;
-        let sent = cancellable(
-            cancel,
-            phases::transfer(
-                agent,
-                &log.record.migration_id,
-                &prepared.container.to_ref(),
-                &archive,
-                state_dir,
-                progress,
-            ),
-        )
-        .await;
-        let bytes = sent?;
-        let transfer_ms = millis(t.elapsed());
-        clock.finish(phase, t);
+        let (bytes, sending) = clock
+            .run(
+                &mut phase,
+                Phase::Transfer,
+                may_cancel,
+                cancellable(
+                    cancel,
+                    phases::transfer(
+                        agent,
+                        &log.record.migration_id,
+                        &prepared.container.to_ref(),
+                        &archive,
+                        state_dir,
+                        progress,
+                    ),
+                ),
+            )
+            .await?;
+        let transfer_ms = millis(sending.elapsed());
 
-        phase = Phase::Restore;
         // The last chance to cancel: from the restore request on, the destination decides.
-        let t = clock.start_unless_cancelled(phase, cancel)?;
-        if let Some(ip) = container_ip {
-            phases::prepare_flows(agent, &keys, ip).await?;
-        }
-        let flows_ms = millis(t.elapsed());
-        let requested = Instant::now();
-        let page_server = lazy.as_ref().map(|l| crate::protocol::LazyRestore {
-            page_server_port: l.server.port,
-            until_resumed: replica,
-        });
-        let (mut resumed_at, destination) = phases::restore(
-            agent,
-            &prepared.container.to_ref(),
-            page_server,
-            log,
-            state_dir,
-        )
-        .await?;
-        let restore_ms = millis(requested.elapsed());
-        if let Some(dump) = &lazy {
-            if let Err(e) = crate::lazy_pages::tune_serving(dump.server).await {
-                tracing::warn!("CRIU's page server keeps its defaults: {e:#}");
+        let restoring = async {
+            let started = Instant::now();
+            if let Some(ip) = container_ip {
+                phases::prepare_flows(agent, &keys, ip).await?;
             }
-        }
-        if lazy.is_some() && !replica {
-            if let Err(e) = phases::end_source_processes(&prepared.container) {
-                warnings.push(format!("{e:#}"));
+            let flows_ms = millis(started.elapsed());
+            let requested = Instant::now();
+            let page_server = lazy.as_ref().map(|l| crate::protocol::LazyRestore {
+                page_server_port: l.server.port,
+                until_resumed: replica,
+            });
+            let (resumed_at, destination) = phases::restore(
+                agent,
+                &prepared.container.to_ref(),
+                page_server,
+                log,
+                state_dir,
+            )
+            .await?;
+            let restore_ms = millis(requested.elapsed());
+            if let Some(dump) = &lazy {
+                if let Err(e) = crate::lazy_pages::tune_serving(dump.server).await {
+                    tracing::warn!("CRIU's page server keeps its defaults: {e:#}");
+                }
             }
-        }
-        clock.finish(phase, t);
+            if lazy.is_some() && !replica {
+                if let Err(e) = phases::end_source_processes(&prepared.container) {
+                    warnings.push(format!("{e:#}"));
+                }
+            }
+            anyhow::Ok((resumed_at, destination, flows_ms, restore_ms))
+        };
+        let ((mut resumed_at, destination, flows_ms, restore_ms), _) = clock
+            .run(&mut phase, Phase::Restore, may_cancel, restoring)
+            .await?;
 
         let mut streamed = None;
         let mut pages_ms = None;
         if let Some(dump) = lazy.take_if(|_| replica) {
-            phase = Phase::Pages;
-            let t = clock.start(phase);
-            crate::fault::at(state_dir, "pages")?;
-            streamed = Some(
-                phases::await_pages(
+            let streaming = async {
+                crate::fault::at(state_dir, "pages")?;
+                let pages = phases::await_pages(
                     Some(&mut *agent),
                     log,
                     dump,
                     phases::PagesEnd::ProcessesEnded,
                 )
-                .await?,
-            );
-            phases::resume(agent, log).await?;
+                .await?;
+                phases::resume(agent, log).await?;
+                anyhow::Ok(pages)
+            };
+            let (pages, started) = clock.run(&mut phase, Phase::Pages, None, streaming).await?;
             resumed_at = Instant::now();
-            pages_ms = Some(millis(t.elapsed()));
-            clock.finish(phase, t);
+            pages_ms = Some(millis(started.elapsed()));
+            streamed = Some(pages);
         }
         Ok(Frozen {
             prepared,
