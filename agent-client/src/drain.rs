@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use common::migration::source::Resolution;
 use common::migration::{migrate, MigrationRequest, Phase, Progress};
 use common::podman::PodmanClient;
 use common::preflight::Severity;
@@ -42,7 +43,8 @@ pub struct Moved {
     pub destination: Option<String>,
     pub moved: bool,
     pub freeze_to_resume_ms: Option<f64>,
-    /// Why it did not move (it runs here: a failed migration rolls back).
+    /// What went wrong, with what became of the container (a failed migration says
+    /// where it runs, or that it is in doubt).
     pub error: Option<String>,
 }
 
@@ -238,6 +240,8 @@ pub async fn run(
                     moved.freeze_to_resume_ms = Some(report.freeze_to_resume_ms);
                 }
                 Err(failure) => {
+                    // Failed after the destination took over: it runs there all the same.
+                    moved.moved = matches!(failure.resolution, Resolution::RolledForward { .. });
                     line.done(&format!("not moved: {failure}"));
                     moved.error = Some(failure.to_string());
                 }
