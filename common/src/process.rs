@@ -1,5 +1,5 @@
-//! Ending processes by PID: the copies of a container that must never run again, and
-//! CRIU's page server.
+//! Ending processes by PID: the copies of a container that must never run again, CRIU's
+//! page server, and a userspace WireGuard daemon that outlives its interface.
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill as signal, Signal};
@@ -8,6 +8,14 @@ use nix::unistd::Pid;
 /// SIGKILL to `pid`; a process that is gone already is fine.
 pub fn kill(pid: i32) -> nix::Result<()> {
     match signal(Pid::from_raw(pid), Signal::SIGKILL) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// SIGTERM to `pid`; a process that is gone already is fine.
+pub fn terminate(pid: i32) -> nix::Result<()> {
+    match signal(Pid::from_raw(pid), Signal::SIGTERM) {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
         Err(e) => Err(e),
     }
@@ -31,10 +39,7 @@ pub fn alive_in(pid: i32, container_id: &str) -> bool {
     let (Ok(stat), Ok(status), Ok(cgroup)) = (read("stat"), read("status"), read("cgroup")) else {
         return false;
     };
-    // The state follows the command name, which is in parentheses and may hold anything.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = state_of(&stat);
     let dying = status.lines().any(|line| {
         line.strip_prefix("SigPnd:")
             .or_else(|| line.strip_prefix("ShdPnd:"))
@@ -42,6 +47,21 @@ pub fn alive_in(pid: i32, container_id: &str) -> bool {
             .is_some_and(|mask| mask & (1 << (Signal::SIGKILL as u64 - 1)) != 0)
     });
     !matches!(state, None | Some("Z" | "X" | "x")) && !dying && cgroup.contains(container_id)
+}
+
+/// Whether `pid` is gone, or dead and not reaped yet (a zombie).
+pub fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => state_of(&stat).is_some_and(|s| s.starts_with(['Z', 'X'])),
+    }
+}
+
+/// The state letter in the text of `/proc/<pid>/stat`.
+fn state_of(stat: &str) -> Option<&str> {
+    // The state follows the command name, which is in parentheses and may hold anything.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
 }
 
 #[cfg(test)]
@@ -62,5 +82,13 @@ mod tests {
         }
         assert!(!alive_in(pid, "no-such-container-0123456789abcdef"));
         assert!(!alive_in(i32::MAX, ours));
+    }
+
+    #[test]
+    fn only_a_missing_process_is_gone() {
+        assert!(!gone(std::process::id() as i32));
+        assert!(gone(i32::MAX));
+        assert_eq!(state_of("12 (a) b) S 1 2"), Some("S"));
+        assert_eq!(state_of("12 (a"), None);
     }
 }
