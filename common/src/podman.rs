@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use futures_util::{Stream, StreamExt, TryStreamExt};
+use futures_util::{StreamExt, TryStreamExt};
 use podman_api::opts::{
     ContainerCheckpointOpts, ContainerDeleteOpts, ContainerListOpts, ContainerRestoreOpts,
     ContainerStatsOpts,
@@ -16,7 +16,7 @@ use podman_api::Podman;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use crate::protocol::ContainerRef;
+use crate::protocol::{ContainerRef, PublishedPort};
 
 /// Default path of the rootful Podman service socket.
 pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
@@ -61,13 +61,6 @@ pub struct ContainerInfo {
     /// in place of `/etc/criu/runc.conf`).
     #[serde(default)]
     pub criu_config: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PublishedPort {
-    pub host_port: u16,
-    pub container_port: u16,
-    pub protocol: String,
 }
 
 impl ContainerInfo {
@@ -397,7 +390,7 @@ impl PodmanClient {
         let file = tokio::fs::File::open(archive)
             .await
             .map_err(|e| self.error(&format!("open {}", archive.display()), e))?;
-        let body = Body::wrap_stream(file_chunks(file));
+        let body = Body::wrap_stream(archive_chunks(file));
         let transport = Transport::Unix {
             client: hyper::Client::builder().build(get_unix_connector()),
             path: self.socket.clone(),
@@ -440,19 +433,13 @@ impl PodmanClient {
     }
 }
 
-fn file_chunks(
-    file: tokio::fs::File,
-) -> impl Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
-    use tokio::io::AsyncReadExt;
-    futures_util::stream::try_unfold(file, |mut file| async move {
-        let mut buf = vec![0u8; 256 * 1024];
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.truncate(n);
-        Ok(Some((buf, file)))
-    })
+/// How much of an archive one chunk of a streamed request body holds at most.
+const ARCHIVE_CHUNK_LEN: usize = 256 * 1024;
+
+/// `file` as a request body: chunks of at most [`ARCHIVE_CHUNK_LEN`] bytes until its end; a
+/// read error is the stream's last item.
+fn archive_chunks(file: tokio::fs::File) -> tokio_util::io::ReaderStream<tokio::fs::File> {
+    tokio_util::io::ReaderStream::with_capacity(file, ARCHIVE_CHUNK_LEN)
 }
 
 /// What a restore from an archive brought back, and what it cost.
@@ -488,4 +475,24 @@ impl Restored {
 
 fn is_not_found(e: &podman_api::Error) -> bool {
     matches!(e, podman_api::Error::Fault { code, .. } if code.as_u16() == 404)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_archive_is_streamed_whole_in_bounded_chunks() {
+        let data: Vec<u8> = (0..(2 * ARCHIVE_CHUNK_LEN + 1000) as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &data).unwrap();
+        let opened = tokio::fs::File::open(file.path()).await.unwrap();
+        let chunks: Vec<_> = archive_chunks(opened).try_collect().await.unwrap();
+        assert!(chunks
+            .iter()
+            .all(|c| !c.is_empty() && c.len() <= ARCHIVE_CHUNK_LEN));
+        assert_eq!(chunks.concat(), data);
+    }
 }

@@ -2,8 +2,6 @@
 //! move from one to the other ([`assess`]). The prepare phase refuses to migrate when the
 //! assessment finds a problem; `agent-client check` shows the whole assessment.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -344,20 +342,23 @@ pub fn hostname() -> String {
 /// Free bytes on the filesystem of `dir` (created if missing), for an unprivileged user.
 fn free_bytes(dir: &Path) -> Result<u64> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let path = CString::new(dir.as_os_str().as_bytes())?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a valid C string and `stat` a properly sized out-parameter.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statvfs {}", dir.display()));
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    let stat = nix::sys::statvfs::statvfs(dir)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("statvfs {}", dir.display()))?;
+    Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::podman::PublishedPort;
+    use crate::protocol::PublishedPort;
+
+    #[test]
+    fn free_bytes_are_those_of_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_bytes(dir.path()).unwrap() > 0);
+        assert!(free_bytes(Path::new("/proc/self/status/x")).is_err());
+    }
 
     #[test]
     fn memory_available_is_read_from_meminfo() {

@@ -76,14 +76,13 @@
 //!    source `Resolve`s and `Settle`s it. There is no abort request: a source that gives up
 //!    closes the connection, or asks `Resolve`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
-use crate::conntrack::Flow;
 pub use crate::hold::HoldReport;
 pub use crate::migration::ownership::Verdict;
-use crate::podman::PublishedPort;
 
 /// Bumped on every incompatible change of the messages below.
 pub const PROTOCOL_VERSION: u32 = 8;
@@ -296,6 +295,212 @@ pub struct ContainerRef {
     pub published_ports: Vec<PublishedPort>,
 }
 
+/// A host port a container publishes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: String,
+}
+
+// ------------------------------------------------------------------------------ flows
+//
+// The conntrack entries of a container's flows, as `PrepareTraffic` carries them to the
+// destination; `conntrack` reads and writes them in the kernel.
+
+/// `TCP_CONNTRACK_ESTABLISHED` (include/uapi/linux/netfilter/nf_conntrack_tcp.h).
+pub const TCP_STATE_ESTABLISHED: u8 = 3;
+/// Names of the TCP conntrack states, indexed by `TCP_CONNTRACK_*`.
+const TCP_STATE_NAMES: [&str; 10] = [
+    "NONE",
+    "SYN_SENT",
+    "SYN_RECV",
+    "ESTABLISHED",
+    "FIN_WAIT",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "TIME_WAIT",
+    "CLOSE",
+    "SYN_SENT2",
+];
+
+/// Transport protocol of a tracked flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+
+    /// Lower-case name, as nft and conntrack(8) spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => bail!("unsupported protocol {other:?} (tcp or udp)"),
+        }
+    }
+}
+
+/// One direction of a flow: the addresses and ports as seen in packets of that direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Tuple {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+impl Tuple {
+    pub fn new(src: SocketAddr, dst: SocketAddr) -> Self {
+        Tuple { src, dst }
+    }
+
+    /// The same tuple seen from the other end.
+    pub fn reversed(self) -> Self {
+        Tuple {
+            src: self.dst,
+            dst: self.src,
+        }
+    }
+}
+
+impl std::fmt::Display for Tuple {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {}", self.src, self.dst)
+    }
+}
+
+/// A conntrack entry (only what a migration needs to recreate it elsewhere).
+///
+/// Addresses are IPv4 in everything [`list`] returns; [`create`] and [`delete`] also accept
+/// IPv6 tuples (both ends of both tuples must be of the same family).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Flow {
+    pub proto: Proto,
+    /// Direction of the packet that created the entry.
+    pub orig: Tuple,
+    /// Direction of the answers; differs from `orig.reversed()` when NAT applies.
+    pub reply: Tuple,
+    /// ct mark (0 = none).
+    pub mark: u32,
+    /// `TCP_CONNTRACK_*` state of a TCP entry (3 = ESTABLISHED); `None` for UDP.
+    pub tcp_state: Option<u8>,
+    /// Seconds left before the entry expires (as dumped); `None` = use the default on create.
+    pub timeout: Option<u32>,
+}
+
+impl Flow {
+    /// A flow without NAT: the reply tuple is the mirror of `orig`.
+    pub fn new(proto: Proto, src: SocketAddr, dst: SocketAddr) -> Self {
+        let orig = Tuple::new(src, dst);
+        Flow {
+            proto,
+            orig,
+            reply: orig.reversed(),
+            mark: 0,
+            tcp_state: match proto {
+                Proto::Tcp => Some(TCP_STATE_ESTABLISHED),
+                Proto::Udp => None,
+            },
+            timeout: None,
+        }
+    }
+
+    /// An ESTABLISHED TCP flow `src -> dst` without NAT.
+    pub fn tcp(src: SocketAddr, dst: SocketAddr) -> Self {
+        Self::new(Proto::Tcp, src, dst)
+    }
+
+    /// A UDP flow `src -> dst` without NAT.
+    pub fn udp(src: SocketAddr, dst: SocketAddr) -> Self {
+        Self::new(Proto::Udp, src, dst)
+    }
+
+    /// The same flow with ct mark `mark`.
+    pub fn with_mark(mut self, mark: u32) -> Self {
+        self.mark = mark;
+        self
+    }
+
+    /// Whether source or destination NAT applies (reply is not the mirror of orig).
+    pub fn is_nat(&self) -> bool {
+        self.reply != self.orig.reversed()
+    }
+
+    /// The flow as the endpoint behind the NAT sees it: for a DNATed flow (client ->
+    /// host port => container) this is client -> container; for a masqueraded flow
+    /// (container -> server, SNAT to the host) it is container -> server. Keeps proto,
+    /// mark, TCP state and timeout. This is the entry a destination host needs for a
+    /// migrated container, whose packets reach it un-translated.
+    pub fn without_nat(&self) -> Self {
+        let orig = Tuple::new(self.orig.src, self.reply.src);
+        Flow {
+            orig,
+            reply: orig.reversed(),
+            ..self.clone()
+        }
+    }
+
+    /// The direction of the flow whose packets are addressed to `ip`, if any.
+    pub fn towards(&self, ip: IpAddr) -> Option<Tuple> {
+        [self.orig, self.reply]
+            .into_iter()
+            .find(|t| t.dst.ip() == ip)
+    }
+
+    /// Whether `ip` is an endpoint of the flow on the original source or the reply
+    /// source side (see [`crate::conntrack::involving`]).
+    pub fn involves(&self, ip: IpAddr) -> bool {
+        self.orig.src.ip() == ip || self.reply.src.ip() == ip
+    }
+
+    /// Name of the TCP state (`ESTABLISHED`...), if any.
+    pub fn tcp_state_name(&self) -> Option<&'static str> {
+        self.tcp_state
+            .and_then(|s| TCP_STATE_NAMES.get(usize::from(s)).copied())
+    }
+}
+
+impl std::fmt::Display for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.proto, self.orig)?;
+        if self.is_nat() {
+            write!(f, " (reply {})", self.reply)?;
+        }
+        if let Some(state) = self.tcp_state_name() {
+            write!(f, " {state}")?;
+        }
+        if self.mark != 0 {
+            write!(f, " mark={:#x}", self.mark)?;
+        }
+        Ok(())
+    }
+}
+
 /// What a host has and can do, for the preflight check of both ends
 /// ([`crate::preflight`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,5 +571,56 @@ mod tests {
         }));
         let json = serde_json::to_vec(&m).unwrap();
         assert_eq!(serde_json::from_slice::<ServerMessage>(&json).unwrap(), m);
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn without_nat_gives_the_container_view() {
+        let dnat = Flow {
+            proto: Proto::Tcp,
+            orig: Tuple::new(sa("192.168.1.9:40000"), sa("192.168.1.2:8080")),
+            reply: Tuple::new(sa("10.88.0.5:80"), sa("192.168.1.9:40000")),
+            mark: 7,
+            tcp_state: Some(3),
+            timeout: None,
+        };
+        assert!(dnat.is_nat());
+        let plain = dnat.without_nat();
+        assert!(!plain.is_nat());
+        assert_eq!(
+            plain.orig,
+            Tuple::new(sa("192.168.1.9:40000"), sa("10.88.0.5:80"))
+        );
+        assert_eq!(plain.mark, 7);
+        let snat = Flow {
+            proto: Proto::Udp,
+            orig: Tuple::new(sa("10.88.0.5:5353"), sa("1.1.1.1:53")),
+            reply: Tuple::new(sa("1.1.1.1:53"), sa("192.168.1.2:5353")),
+            mark: 0,
+            tcp_state: None,
+            timeout: None,
+        };
+        assert_eq!(
+            snat.without_nat().reply,
+            Tuple::new(sa("1.1.1.1:53"), sa("10.88.0.5:5353"))
+        );
+        let direct = Flow::udp(sa("1.2.3.4:1"), sa("5.6.7.8:2"));
+        assert_eq!(direct.without_nat(), direct);
+    }
+
+    #[test]
+    fn flow_serde_round_trip() {
+        let f = Flow::tcp(sa("10.1.1.1:1234"), sa("10.2.2.2:80")).with_mark(0x7801);
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(json.contains("\"proto\":\"tcp\""), "{json}");
+        let back: Flow = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, f);
+        assert_eq!(
+            f.to_string(),
+            "tcp 10.1.1.1:1234 -> 10.2.2.2:80 ESTABLISHED mark=0x7801"
+        );
     }
 }

@@ -413,38 +413,6 @@ impl Routing {
             .collect())
     }
 
-    /// Remove `addr/prefix` from `link`. `Ok(false)` if it was not there.
-    pub async fn delete_address(&self, link: &str, addr: IpAddr, prefix: u8) -> Result<bool> {
-        let Some(index) = self.link_index(link).await? else {
-            return Ok(false);
-        };
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .set_address_filter(addr)
-            .set_prefix_length_filter(prefix)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| nl_error(e, format_args!("listing addresses of {link}")))?;
-        let mut deleted = false;
-        for msg in msgs {
-            match self.handle.address().del(msg).execute().await {
-                Ok(()) => deleted = true,
-                Err(e) if matches!(netlink_errno(&e), Some(errno::EADDRNOTAVAIL)) => {}
-                Err(e) => {
-                    return Err(nl_error(
-                        e,
-                        format_args!("deleting address {addr}/{prefix} from {link}"),
-                    ))
-                }
-            }
-        }
-        Ok(deleted)
-    }
-
     // ---------------------------------------------------------------------------- routes
 
     /// Create or atomically replace the route to `route.dst/route.prefix` in `route.table`

@@ -356,8 +356,7 @@ mod tests {
         use proptest::test_runner::{RngAlgorithm, RngSeed};
 
         use super::*;
-        use crate::conntrack::Flow;
-        use crate::protocol::ContainerRef;
+        use crate::protocol::{ContainerRef, Flow};
 
         /// The same cases on every run, and no files written for failed ones.
         fn config() -> ProptestConfig {
