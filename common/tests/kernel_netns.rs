@@ -1,7 +1,7 @@
 //! Kernel-facing tests of `common::wireguard`, `common::routing` and `common::overlay`,
 //! entirely inside network namespaces created for each test (`lmwgtest-<pid>-<tag>a` / `b`, joined by a veth pair
-//! created inside them). Runs only as root and when `LM_LAB_SKIP` is unset; otherwise it
-//! prints why and passes.
+//! created inside them). Runs only as root and when `LM_LAB_SKIP` is unset; otherwise its
+//! tests are reported as ignored, and it says why.
 //!
 //! Each namespace is entered by a dedicated thread (`setns` on `/run/netns/NAME`) that then
 //! builds its own current-thread tokio runtime, so every netlink socket, TUN device and
@@ -14,7 +14,6 @@ use std::{
     future::Future,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::unix::io::AsRawFd,
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -25,6 +24,24 @@ use common::{
     routing::{Route, Routing},
     wireguard::{self, KeyPair, TunnelSpec},
 };
+use nix::sched::{setns, CloneFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+mod support;
+
+fn main() {
+    support::run(&[
+        (
+            "wireguard_and_routing_in_netns",
+            wireguard_and_routing_in_netns,
+        ),
+        (
+            "tunnels_whose_peers_suggest_the_same_slot_get_their_own",
+            tunnels_whose_peers_suggest_the_same_slot_get_their_own,
+        ),
+    ])
+}
 
 const VETH_A: &str = "lmv-a";
 const VETH_B: &str = "lmv-b";
@@ -46,19 +63,6 @@ const PRIORITY: u32 = 7800;
 /// The tests run one at a time: each spawns and reaps wireguard-go daemons, and timing
 /// assertions about them are only meaningful without a neighbour doing the same.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn should_run() -> bool {
-    if std::env::var_os("LM_LAB_SKIP").is_some() {
-        eprintln!("LM_LAB_SKIP set: skipping kernel test");
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("not root: skipping kernel test");
-        return false;
-    }
-    true
-}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("running ip");
@@ -98,9 +102,8 @@ where
 
 fn enter_netns(ns: &str) {
     let f = fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
-    // SAFETY: setns on a valid namespace fd; affects only this thread.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+    // Affects only this thread.
+    setns(&f, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {ns}: {e}"));
 }
 
 /// Pid of the process holding `/var/run/wireguard/<iface>.sock`, looked up by command line.
@@ -183,23 +186,18 @@ impl Drop for Lab {
             .collect();
         for &pid in &pids {
             eprintln!("cleanup: SIGTERM wireguard-go {pid}");
-            // SAFETY: kill on a pid we found running wireguard-go for our interface.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
         // A daemon keeps its namespace alive through its TUN fd even after `ip netns del`,
         // so make sure they are gone.
         let deadline = Instant::now() + Duration::from_secs(3);
         while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+            // Polls for the daemons to go.
             std::thread::sleep(Duration::from_millis(20));
         }
         for &pid in pids.iter().filter(|p| alive(**p)) {
             eprintln!("cleanup: SIGKILL wireguard-go {pid}");
-            // SAFETY: as above.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         for iface in &ifaces {
             let _ = fs::remove_file(format!("/var/run/wireguard/{iface}.sock"));
@@ -302,11 +300,7 @@ fn tcp_roundtrip(
     result
 }
 
-#[test]
 fn wireguard_and_routing_in_netns() {
-    if !should_run() {
-        return;
-    }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::new('t');
     let (ns_a, ns_b) = (lab.ns_a.clone(), lab.ns_b.clone());
@@ -634,11 +628,7 @@ fn wireguard_and_routing_in_netns() {
 
 /// Two peers whose keys suggest the same slot on this host still get tunnels of their own
 /// (listen port, mark, table), and an existing tunnel keeps its slot.
-#[test]
 fn tunnels_whose_peers_suggest_the_same_slot_get_their_own() {
-    if !should_run() {
-        return;
-    }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut lab = Lab::new('s');
     let ns = lab.ns_a.clone();

@@ -1,5 +1,6 @@
 //! nftables table and conntrack entries, exercised for real inside throw-away network
-//! namespaces (`lmnfttest-<pid>-<name>`). Runs only as root with `LM_LAB_SKIP` unset.
+//! namespaces (`lmnfttest-<pid>-<name>`). Runs only as root with `LM_LAB_SKIP` unset;
+//! otherwise its tests are reported as ignored, and it says why.
 //!
 //! Each test creates its namespace with `ip netns add`, enters it with setns(2) on a
 //! dedicated thread (namespaces are per thread; `nft` child processes inherit it), builds a
@@ -7,22 +8,24 @@
 //! guard, also when an assertion fails. Nothing touches the root namespace.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use common::conntrack::{self, Flow, Proto, TCP_STATE_ESTABLISHED};
 use common::nft::{Firewall, RuleKind, NAT_PREROUTING_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN};
+use nix::sched::{setns, CloneFlags};
 
-fn skip() -> bool {
-    if std::env::var_os("LM_LAB_SKIP").is_some() {
-        eprintln!("skipped: LM_LAB_SKIP is set");
-        return true;
-    }
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root");
-        return true;
-    }
-    false
+mod support;
+
+fn main() {
+    support::run(&[
+        ("firewall_rules_lifecycle", firewall_rules_lifecycle),
+        ("conntrack_create_list_delete", conntrack_create_list_delete),
+        ("conntrack_sees_real_traffic", conntrack_sees_real_traffic),
+        (
+            "tunnel_mark_and_forward_with_traffic",
+            tunnel_mark_and_forward_with_traffic,
+        ),
+    ])
 }
 
 /// A network namespace that is deleted on drop.
@@ -59,8 +62,7 @@ impl Drop for Netns {
 fn enter(name: &str) {
     let root = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
     let file = std::fs::File::open(format!("/run/netns/{name}")).expect("opening the netns file");
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns: {e}"));
     let now = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
     assert_ne!(now, root, "still in the original network namespace");
 }
@@ -124,11 +126,7 @@ fn kinds(fw: &Firewall) -> Vec<RuleKind> {
     fw.rules().unwrap().into_iter().map(|r| r.kind).collect()
 }
 
-#[test]
 fn firewall_rules_lifecycle() {
-    if skip() {
-        return;
-    }
     in_netns("fw", || async {
         assert!(!Firewall::table_exists().unwrap());
         // Removing what does not exist is fine.
@@ -250,11 +248,7 @@ fn firewall_rules_lifecycle() {
     });
 }
 
-#[test]
 fn conntrack_create_list_delete() {
-    if skip() {
-        return;
-    }
     in_netns("ct", || async {
         let flow = Flow::tcp(
             "10.1.1.1:1234".parse().unwrap(),
@@ -314,11 +308,7 @@ fn conntrack_create_list_delete() {
     });
 }
 
-#[test]
 fn conntrack_sees_real_traffic() {
-    if skip() {
-        return;
-    }
     in_netns("traffic", || async {
         let st = Command::new("ip")
             .args(["link", "set", "lo", "up"])
@@ -358,11 +348,7 @@ fn conntrack_sees_real_traffic() {
 /// Two namespaces joined by a veth whose host end is called like a tunnel: a connection
 /// from the client to a forwarded port is DNATed and its conntrack entry carries the
 /// tunnel's mark.
-#[test]
 fn tunnel_mark_and_forward_with_traffic() {
-    if skip() {
-        return;
-    }
     let host = Netns::new("host");
     let client = Netns::new("client");
     let (host_name, client_name) = (host.name.clone(), client.name.clone());

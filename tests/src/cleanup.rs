@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
+use nix::mount::{umount2, MntFlags};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 use crate::cmd;
 use crate::host::{self, Daemon};
@@ -83,11 +86,8 @@ pub fn owner_alive(o: &Owner) -> bool {
 }
 
 /// Sends `sig` to `pid` (errors ignored: it may be gone already).
-pub fn kill(pid: u32, sig: libc::c_int) {
-    // SAFETY: plain syscall.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
+pub fn kill(pid: u32, sig: Signal) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), sig);
 }
 
 /// Reads a lab's state file.
@@ -155,14 +155,7 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn umount(p: &Path) -> Result<()> {
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
-    // SAFETY: valid NUL-terminated path.
-    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("umount {}", p.display()));
-    }
-    Ok(())
+    umount2(p, MntFlags::MNT_DETACH).with_context(|| format!("umount {}", p.display()))
 }
 
 /// Container ids of a host, from its storage directory (works without podman).
@@ -247,7 +240,7 @@ fn remove_cgroup(dir: &Path) -> Result<()> {
     for d in dirs.iter().rev() {
         let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
         for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-            kill(pid, libc::SIGKILL);
+            kill(pid, Signal::SIGKILL);
         }
     }
     cmd::poll(
@@ -324,7 +317,7 @@ pub fn teardown(name: &str) -> TeardownReport {
         }
         rep.killed += pids.len();
         for pid in pids {
-            kill(pid, libc::SIGKILL);
+            kill(pid, Signal::SIGKILL);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -21,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
 
 use crate::cmd;
 use crate::plan::{
@@ -379,12 +380,12 @@ pub fn stop_daemon(host: &HostDescription, daemon: Daemon, grace: Duration) -> R
         let _ = fs::remove_file(daemon.pid_file(host));
         return Ok(false);
     };
-    crate::cleanup::kill(pid, libc::SIGTERM);
+    crate::cleanup::kill(pid, Signal::SIGTERM);
     let stopped = cmd::poll(grace, Duration::from_millis(20), "", || {
         Ok(daemon_pid(host, daemon).is_none().then_some(()))
     });
     if stopped.is_err() {
-        crate::cleanup::kill(pid, libc::SIGKILL);
+        crate::cleanup::kill(pid, Signal::SIGKILL);
         cmd::poll(
             Duration::from_secs(5),
             Duration::from_millis(20),

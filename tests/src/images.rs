@@ -12,13 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::cmd;
@@ -127,7 +127,9 @@ pub fn workload_metas(workspace: &Path) -> Result<Vec<ImageMeta>> {
 
 /// An exclusive `flock` on a file, released on drop: parallel tests and several test
 /// processes share one images directory.
-pub struct FileLock(fs::File);
+pub struct FileLock {
+    _lock: Flock<fs::File>,
+}
 
 impl FileLock {
     pub fn acquire(path: &Path) -> Result<FileLock> {
@@ -137,22 +139,10 @@ impl FileLock {
             .write(true)
             .open(path)
             .with_context(|| format!("opening lock {}", path.display()))?;
-        // SAFETY: valid fd.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            bail!(
-                "flock {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(FileLock(f))
-    }
-}
-
-impl Drop for FileLock {
-    fn drop(&mut self) {
-        // SAFETY: valid fd.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+        let lock = Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| errno)
+            .with_context(|| format!("flock {}", path.display()))?;
+        Ok(FileLock { _lock: lock })
     }
 }
 

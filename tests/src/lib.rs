@@ -24,6 +24,7 @@ pub mod host;
 pub mod images;
 pub mod netns;
 pub mod plan;
+pub mod testing;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -42,6 +43,7 @@ pub use images::{ImageMeta, ImageSource, PortSpec};
 pub use plan::{
     ClientDescription, HostDescription, LabDescription, LabState, NsFiles, Owner, CLIENT,
 };
+pub use testing::{run_tests, skip_reason, wait_for};
 
 /// Labs owned by this process (torn down by the signal handler).
 static OWNED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
@@ -132,30 +134,17 @@ fn now_secs() -> u64 {
 /// `mount --bind DIR DIR; mount --make-private DIR`: `unshare --mount=FILE` refuses a FILE
 /// whose directory could propagate the namespace mount into the namespace itself.
 fn private_bind_self(dir: &Path) -> Result<()> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
-    // SAFETY: valid NUL-terminated paths, null fstype/data are allowed for these flags.
-    unsafe {
-        if libc::mount(
-            c.as_ptr(),
-            c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("bind-mounting the ns dir");
-        }
-        if libc::mount(
-            std::ptr::null(),
-            c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("making the ns dir private");
-        }
-    }
+    use nix::mount::{mount, MsFlags};
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .context("bind-mounting the ns dir")?;
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making the ns dir private")?;
     Ok(())
 }
 
@@ -175,8 +164,7 @@ fn write_state(desc: &LabDescription, owner: Option<Owner>) -> Result<()> {
 impl Lab {
     /// Creates a lab. On failure everything created so far is removed again.
     pub fn up(opts: LabOptions) -> Result<Lab> {
-        // SAFETY: trivial syscall.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             bail!("the lab needs root (network/mount namespaces, podman, CRIU)");
         }
         // Labs of test processes that died (SIGKILL, crash) would otherwise pile up.

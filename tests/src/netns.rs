@@ -5,12 +5,12 @@
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use nix::sched::{setns, CloneFlags};
 
 use crate::cmd;
 use crate::plan::{LabDescription, NsFiles, LAN_PREFIX_LEN, NETNS_DIR};
@@ -89,15 +89,9 @@ pub fn in_netns<T: Send>(netns_path: &Path, f: impl FnOnce() -> T + Send) -> Res
         .with_context(|| format!("opening network namespace {}", netns_path.display()))?;
     std::thread::scope(|s| {
         s.spawn(move || -> Result<T> {
-            // SAFETY: plain syscall on a valid, open fd; affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                bail!(
-                    "setns({}): {}",
-                    netns_path.display(),
-                    std::io::Error::last_os_error()
-                );
-            }
+            // Affects only this thread.
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns({})", netns_path.display()))?;
             Ok(f())
         })
         .join()

@@ -1,13 +1,15 @@
 //! The harness must not rot: a quick run (12 s of iperf3 TCP, one migration h1 -> h2) in a
 //! real lab must produce a report in which the connection survived, and a plot.
-//! `LM_LAB_SKIP=1` skips it like the other lab tests.
+//! Ignored, with the reason, like the other lab tests: without root, or with `LM_LAB_SKIP=1`.
 
-#[test]
+fn main() {
+    lab::run_tests(
+        lab::skip_reason(),
+        &[("harness_smoke_run", harness_smoke_run)],
+    )
+}
+
 fn harness_smoke_run() {
-    if std::env::var_os("LM_LAB_SKIP").is_some_and(|v| v != "0") {
-        eprintln!("LM_LAB_SKIP set: harness smoke run skipped");
-        return;
-    }
     let out = tempfile::tempdir().expect("temp dir");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_harness"))
         .args(["--smoke", "--out"])

@@ -1,5 +1,5 @@
-//! End-to-end checks of the lab itself (needs root, podman, CRIU). Skipped when the
-//! machine cannot run a lab, or with LM_LAB_SKIP=1.
+//! End-to-end checks of the lab itself (needs root, podman, CRIU). Ignored, with the
+//! reason, when the machine cannot run a lab, or with LM_LAB_SKIP=1.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -9,20 +9,29 @@ use std::time::{Duration, Instant};
 
 use lab::{ImageMeta, ImageSource, Lab, LabOptions};
 
-fn can_run() -> bool {
-    if std::env::var_os("LM_LAB_SKIP").is_some_and(|v| v != "0") {
-        eprintln!("skipped: LM_LAB_SKIP set");
-        return false;
-    }
-    // SAFETY: trivial syscall.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tools = ["/usr/bin/podman", "/usr/sbin/criu", "/usr/bin/nsenter"]
-        .iter()
-        .all(|p| Path::new(p).exists());
-    if !(root && tools) {
-        eprintln!("skipped: needs root, podman, criu");
-    }
-    root && tools
+fn main() {
+    let skip = lab::skip_reason().or_else(|| {
+        let tools = ["/usr/bin/podman", "/usr/sbin/criu", "/usr/bin/nsenter"];
+        let missing: Vec<&str> = tools
+            .into_iter()
+            .filter(|p| !Path::new(p).exists())
+            .collect();
+        (!missing.is_empty()).then(|| format!("missing {}", missing.join(", ")))
+    });
+    lab::run_tests(
+        skip,
+        &[
+            (
+                "two_hosts_isolation_and_migration",
+                two_hosts_isolation_and_migration,
+            ),
+            (
+                "workload_images_have_identical_ids_on_every_host",
+                workload_images_have_identical_ids_on_every_host,
+            ),
+            ("panic_tears_down", panic_tears_down),
+        ],
+    )
 }
 
 /// Nothing of lab `name` is left on the machine.
@@ -67,11 +76,7 @@ fn counts(log: &str) -> Vec<u64> {
 }
 
 /// The lab isolates hosts and supports a podman checkpoint/restore between them.
-#[test]
 fn two_hosts_isolation_and_migration() {
-    if !can_run() {
-        return;
-    }
     lab::install_signal_cleanup().unwrap();
     let t = Instant::now();
     let lab = Lab::up(LabOptions {
@@ -135,7 +140,11 @@ fn two_hosts_isolation_and_migration() {
     assert_eq!(reply, "hi\n");
 
     // Checkpoint on h1, restore on h2: the count goes on.
-    std::thread::sleep(Duration::from_millis(500));
+    let logged = |host| counts(&lab.podman(host, &["logs", "c1"]).unwrap());
+    lab::wait_for("c1 to count on h1", Duration::from_secs(10), || {
+        Ok(logged("h1").len() >= 3)
+    })
+    .unwrap();
     let ckpt = tempfile::tempdir().unwrap();
     let archive = ckpt.path().join("c1.tar.gz");
     let archive_s = archive.to_str().unwrap();
@@ -151,7 +160,7 @@ fn two_hosts_isolation_and_migration() {
         ],
     )
     .unwrap();
-    let before = counts(&lab.podman("h1", &["logs", "c1"]).unwrap());
+    let before = logged("h1");
     lab.podman(
         "h2",
         &[
@@ -164,9 +173,14 @@ fn two_hosts_isolation_and_migration() {
     )
     .unwrap();
     assert_eq!(lab.container_ip("h2", "c1").unwrap(), ip);
-    std::thread::sleep(Duration::from_millis(600));
-    let after = counts(&lab.podman("h2", &["logs", "c1"]).unwrap());
     let last = *before.last().unwrap();
+    lab::wait_for(
+        "c1 to go on counting on h2",
+        Duration::from_secs(10),
+        || Ok(logged("h2").last().is_some_and(|&n| n > last)),
+    )
+    .unwrap();
+    let after = logged("h2");
     assert!(after.len() > before.len(), "no progress on h2: {after:?}");
     assert_eq!(
         after.iter().filter(|&&n| n == 0).count(),
@@ -183,8 +197,13 @@ fn two_hosts_isolation_and_migration() {
     lab.podman("h2", &["rm", "-f", "-t", "0", "c1"]).unwrap();
     lab.podman("h1", &["container", "restore", "--tcp-established", "c1"])
         .unwrap();
-    std::thread::sleep(Duration::from_millis(400));
-    let again = counts(&lab.podman("h1", &["logs", "c1"]).unwrap());
+    lab::wait_for(
+        "c1 to go on counting on h1",
+        Duration::from_secs(10),
+        || Ok(logged("h1").last().is_some_and(|&n| n > last)),
+    )
+    .unwrap();
+    let again = logged("h1");
     assert!(*again.last().unwrap() > last, "{again:?}");
 
     let t = Instant::now();
@@ -193,11 +212,7 @@ fn two_hosts_isolation_and_migration() {
     assert_gone(&name);
 }
 
-#[test]
 fn workload_images_have_identical_ids_on_every_host() {
-    if !can_run() {
-        return;
-    }
     lab::install_signal_cleanup().unwrap();
     let t = Instant::now();
     let lab = Lab::up(LabOptions {
@@ -227,11 +242,7 @@ fn workload_images_have_identical_ids_on_every_host() {
 }
 
 /// A panic inside a test still removes the lab (Drop runs during unwinding).
-#[test]
 fn panic_tears_down() {
-    if !can_run() {
-        return;
-    }
     let name = lab::plan::random_name();
     let n = name.clone();
     let r = std::panic::catch_unwind(move || {

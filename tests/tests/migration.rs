@@ -3,15 +3,17 @@
 //! Scenarios run one after the other (they share hosts), each cleaning up its containers.
 //! The operator's commands (check, Ctrl-C, status, cleanup, the interactive prompt) are in
 //! `migration/operator.rs`.
-//! Needs root and the tools of `scripts/setup-host.sh`; `LM_LAB_SKIP=1` skips them.
+//! Needs root and the tools of `scripts/setup-host.sh`; without root, or with
+//! `LM_LAB_SKIP=1`, they are ignored (and the reason said).
 
 use std::io::{BufRead, BufReader};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use lab::flow::FlowClient;
-use lab::{Lab, LabOptions};
+use lab::{wait_for, Lab, LabOptions};
 use libtest_mimic::{Arguments, Failed, Trial};
+use nix::sys::signal::Signal;
 
 #[path = "migration/drain.rs"]
 mod drain;
@@ -161,11 +163,11 @@ const SCENARIOS: &[(&str, Scenario)] = &[
 
 fn main() {
     let args = Arguments::from_args();
-    let skip = std::env::var_os("LM_LAB_SKIP").is_some_and(|v| v != "0");
-    if skip {
-        eprintln!("LM_LAB_SKIP set: lab scenarios are ignored");
+    let skip = lab::skip_reason();
+    if let Some(why) = &skip {
+        eprintln!("{why}: the lab scenarios are ignored");
     }
-    let lab = if skip {
+    let lab = if skip.is_some() {
         None
     } else {
         lab::install_signal_cleanup().expect("signal handler");
@@ -177,11 +179,13 @@ fn main() {
         .iter()
         .map(|&(name, scenario)| {
             let lab = lab.clone();
+            let why = skip.clone().unwrap_or_default();
             Trial::test(name, move || match lab {
                 Some(lab) => scenario(&lab).map_err(|e| Failed::from(format!("{e:#}"))),
-                None => Ok(()),
+                // Run although ignored (`--include-ignored`): no lab, no pass.
+                None => Err(Failed::from(format!("no lab: {why}"))),
             })
-            .with_ignored_flag(skip)
+            .with_ignored_flag(skip.is_some())
         })
         .collect();
     // Scenarios share hosts: one at a time.
@@ -291,19 +295,6 @@ fn counter_values(lab: &Lab, host: &str, name: &str) -> Result<Vec<u64>> {
         );
     }
     Ok(values)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The counter goes on counting on the host it runs on.
@@ -634,36 +625,58 @@ fn destination_down(lab: &Lab) -> Result<()> {
     victim_survived(lab, before)
 }
 
-fn destination_killed_mid_transfer(lab: &Lab) -> Result<()> {
-    start_memhog(lab, "h1", "bigvictim", 512, 5)?;
-    // Stop-copy through the archive: the memory is in it, so its transfer takes a while.
+/// Whether `line` of `agent-client --events` is the event that `phase` started
+/// (`common::migration::events`); log lines are not events.
+fn phase_started(line: &str, phase: &str) -> bool {
+    line.starts_with('{')
+        && serde_json::from_str::<serde_json::Value>(line)
+            .is_ok_and(|e| e["event"] == "phase_started" && e["phase"] == phase)
+}
+
+/// Migrates `container` h1 -> h2 by stop-copy through the archive (the memory is in it, so
+/// its transfer takes a while) and calls `at_transfer` with the client's pid once, as soon
+/// as its events say the transfer started. Returns the client's exit status, its stderr
+/// (events and messages) and whether the transfer was reached.
+fn migrate_acting_at_transfer(
+    lab: &Lab,
+    container: &str,
+    mut at_transfer: impl FnMut(u32) -> Result<()>,
+) -> Result<(std::process::ExitStatus, String, bool)> {
     let mut child = lab.spawn(
         "h1",
         &[
             "agent-client",
             "--container",
-            "bigvictim",
+            container,
             "--dest",
             "h2",
             "--mode",
             "stop-copy",
             "--archive",
+            "--events",
         ],
     )?;
     let stderr = child.stderr.take().expect("piped");
     let mut seen = String::new();
-    let mut killed = false;
+    let mut reached = false;
     for line in BufReader::new(stderr).lines() {
         let line = line?;
         seen.push_str(&line);
         seen.push('\n');
-        if line.contains("transfer ...") && !killed {
-            lab.kill_agent("h2")?;
-            killed = true;
+        if !reached && phase_started(&line, "transfer") {
+            reached = true;
+            // nsenter execs agent-client: the child is the client itself.
+            at_transfer(child.id())?;
         }
     }
-    let status = child.wait()?;
+    Ok((child.wait()?, seen, reached))
+}
+
+fn destination_killed_mid_transfer(lab: &Lab) -> Result<()> {
+    start_memhog(lab, "h1", "bigvictim", 512, 5)?;
+    let outcome = migrate_acting_at_transfer(lab, "bigvictim", |_| lab.kill_agent("h2").map(drop));
     lab.start_agent("h2")?;
+    let (status, seen, killed) = outcome?;
     eprintln!("{seen}");
     ensure!(killed, "the migration never reached the transfer");
     ensure!(
@@ -766,6 +779,7 @@ fn flows_survive_hops(lab: &Lab) -> Result<()> {
     )?;
     let tcp = FlowClient::start(lab, "tcp", "10.77.0.11:5000", None)?;
     let udp = FlowClient::start(lab, "udp", "10.77.0.11:5001", None)?;
+    // Load: a second of traffic before the first hop, two seconds after each.
     std::thread::sleep(Duration::from_secs(1));
     let mut held = Ok(());
     for (from, to) in [("h1", "h2"), ("h2", "h3"), ("h3", "h1")] {
@@ -822,6 +836,7 @@ fn hold_overflow_is_counted(lab: &Lab) -> Result<()> {
         &[],
     )?;
     let udp = FlowClient::start(lab, "udp", "10.77.0.11:5002", None)?;
+    // Load: the flow runs for a second before the migration.
     std::thread::sleep(Duration::from_secs(1));
     // 50 datagrams/s over a freeze of at least a few hundred ms: more than 3.
     let report = migrate_with(lab, "h1", "udpburst", "h2", &["--hold-packets", "3"]);
@@ -935,11 +950,18 @@ fn outbound_connection(lab: &Lab) -> Result<()> {
     // The container opens the connection: to a checking server in the client namespace,
     // echoing what it sends (busybox nc), masqueraded by h1 on the way out.
     let server = FlowClient::listen(lab, "10.77.0.100:6000")?;
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("flowcheck to listen", Duration::from_secs(10), || {
+        tcp_socket(lab, "client", "listening", 6000)
+    })?;
     let echo_to_server = ["nc", "10.77.0.100", "6000", "-e", "/bin/cat"];
     lab.run_container("h1", "outbound", &[], "localhost/counter", &echo_to_server)?;
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for(
+        "the container to connect to flowcheck",
+        Duration::from_secs(10),
+        || tcp_socket(lab, "client", "established", 6000),
+    )?;
     let migrated = migrate(lab, "h1", "outbound", "h2");
+    // Load: two seconds of the flow on h2.
     std::thread::sleep(Duration::from_secs(2));
     let flow = flow_survived(server);
     let host = if exists(lab, "h2", "outbound")? {
@@ -950,6 +972,15 @@ fn outbound_connection(lab: &Lab) -> Result<()> {
     lab.podman(host, &["rm", "-f", "-t", "0", "outbound"])?;
     migrated?;
     flow.map(|_| ())
+}
+
+/// Whether `node` has a TCP socket in `state` (`listening`, `established`, as `ss` names
+/// them) on its local port `port`.
+fn tcp_socket(lab: &Lab, node: &str, state: &str, port: u16) -> Result<bool> {
+    let sport = format!("sport = :{port}");
+    Ok(!lab
+        .exec_stdout(node, &["ss", "-Htn", "state", state, &sport])?
+        .is_empty())
 }
 
 fn forwarding_removed(lab: &Lab) -> Result<()> {
@@ -973,7 +1004,8 @@ fn forwarding_removed(lab: &Lab) -> Result<()> {
         "h1 does not route {ip} into the tunnel: {route}"
     );
     answers(lab, "tcp", "10.77.0.11:5300")?;
-    // Still needed while the container lives on h2: a few sweeps change nothing.
+    // Still needed while the container lives on h2: a few sweeps (every 5 s) change
+    // nothing. The wait is the test.
     std::thread::sleep(Duration::from_secs(12));
     answers(lab, "tcp", "10.77.0.11:5300")?;
     lab.podman("h2", &["rm", "-f", "-t", "0", "shortlived"])?;
@@ -1041,6 +1073,7 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
         Duration::from_secs(10),
     )?;
     let flow = FlowClient::start(lab, "tcp", "10.77.0.11:5200", None)?;
+    // Load: the flow runs for a second before the migration.
     std::thread::sleep(Duration::from_secs(1));
     // The client stops itself once part of the archive is sent; the destination dies
     // then, with its session journaled, and the client goes on.
@@ -1068,7 +1101,7 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
         || Ok(!lab.agent_state("h2", "sessions")?.is_empty()),
     )?;
     lab.kill_agent("h2")?;
-    lab::cleanup::kill(pid, libc::SIGCONT);
+    lab::cleanup::kill(pid, Signal::SIGCONT);
     let mut seen = String::new();
     for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
         seen.push_str(&line?);
@@ -1080,6 +1113,7 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
     let h2_status = agent_client(lab, "h2", &["status", "--json"]);
     let cleaned = agent_client(lab, "h2", &["cleanup"]);
     lab.start_agent("h2")?;
+    // Load: two more seconds of the flow after the failure.
     std::thread::sleep(Duration::from_secs(2));
     let flow = flow_survived(flow);
     let running = is_running(lab, "h1", "fragile");

@@ -42,6 +42,7 @@ fn live_connection(lab: &Lab) -> Result<()> {
     println!("\n== starting `tcp-echo` on h1, published as h1:5000; a client connects to h1:5000");
     lab.publish_tcp("h1", "echo", "localhost/tcp-echo", 5000)?;
     let client = FlowClient::start(lab, "tcp", "10.77.0.11:5000", Some(50))?;
+    // For the viewer: two seconds of the client's replies before each hop and after it.
     std::thread::sleep(Duration::from_secs(2));
     for (from, to) in [("h1", "h2"), ("h2", "h3")] {
         println!("== {from}$ agent-client --container echo --dest {to}");
@@ -68,6 +69,7 @@ fn counter(lab: &Lab) -> Result<()> {
         "== starting `counter` on h1 (prints 0, 1, 2, ... every 100 ms; state only in memory)"
     );
     lab.run_container("h1", "counter", &[], "localhost/counter", &[])?;
+    // For the viewer: a log tail of two seconds of counting.
     std::thread::sleep(Duration::from_secs(2));
     let before = last_lines(lab, "h1", 3)?;
     println!("   h1 log tail: {}", before.join(" "));
@@ -79,6 +81,7 @@ fn counter(lab: &Lab) -> Result<()> {
     )?;
     print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
 
+    // For the viewer: a second of counting on h2 to show.
     std::thread::sleep(Duration::from_secs(1));
     let gone = !lab
         .exec_unchecked("h1", &["podman", "container", "exists", "counter"])?

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use lab::flow::FlowClient;
 use lab::Lab;
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -333,15 +334,14 @@ pub fn iperf_run(
         let el = t0.elapsed().as_secs_f64();
         pb.set_position((el * 10.0) as u64);
         if el > deadline {
-            // SAFETY: plain kill(2) of our own child (nsenter exec'd iperf3).
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-            std::thread::sleep(Duration::from_secs(2));
+            // Our own child (nsenter exec'd iperf3): two seconds to print its JSON.
+            lab::cleanup::kill(child.id(), Signal::SIGTERM);
+            let _ = lab::cmd::wait_timeout(&mut child, Duration::from_secs(2));
             let _ = child.kill();
             let _ = child.wait();
             break;
         }
+        // Polls the client while the progress bar moves.
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = reader.join().unwrap_or_default();
@@ -615,6 +615,7 @@ pub fn echo_series(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<(Vec<EchoHop
         let to = if on == "h1" { "h2" } else { "h1" };
         pb.set_message(format!("echo hop {}/{n}: {on} -> {to}", i + 1));
         let flow = FlowClient::start(lab, "tcp", "10.77.0.11:5000", None)?;
+        // Measured: a second of the flow before the hop and 1.5 s after it.
         std::thread::sleep(Duration::from_secs(1));
         let m = migrate(lab, Method::LiveMigrate, "echo", on, to);
         std::thread::sleep(Duration::from_millis(1500));
@@ -674,6 +675,7 @@ fn udp_hop(lab: &Lab, from: &str, to: &str) -> Result<(bool, Vec<UdpHop>)> {
         .iter()
         .map(|&rate| FlowClient::start_udp_at(lab, "10.77.0.11:5001", rate))
         .collect::<Result<Vec<_>>>()?;
+    // Measured: a second of the flows before the hop and 1.5 s after it.
     std::thread::sleep(Duration::from_secs(1));
     let m = migrate(lab, Method::LiveMigrate, "uecho", from, to);
     std::thread::sleep(Duration::from_millis(1500));

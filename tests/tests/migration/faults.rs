@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use lab::flow::FlowClient;
-use lab::Lab;
+use lab::{wait_for, Lab};
+use nix::sys::signal::Signal;
 
-use super::{agent_client, flow_survived, is_running, wait_for};
+use super::{agent_client, flow_survived, is_running};
 
 /// Where the fault hits.
 #[derive(Debug, Clone, Copy)]
@@ -159,7 +160,7 @@ fn run_cell(lab: &Lab, index: u16, point: Point, fault: Option<Fault>) -> Result
     let result = cell(lab, &name, port, point, fault);
     // Whatever happened: no stopped process, no cut, no armed fault, no container left.
     if let Ok(Some(pid)) = lab.agent_pid("h2") {
-        lab::cleanup::kill(pid, libc::SIGCONT);
+        lab::cleanup::kill(pid, Signal::SIGCONT);
     }
     let _ = lab.join_link();
     let _ = lab.clear_agent_fault("h2");
@@ -248,6 +249,7 @@ fn cell(
                 hit.elapsed().as_secs_f64(),
             );
         }
+        // Polls often enough to see two copies running at once.
         std::thread::sleep(Duration::from_millis(200));
     };
     let client_log = client.finish()?;
@@ -280,14 +282,14 @@ fn destination_pid(lab: &Lab) -> Result<u32> {
 
 /// Applies `fault` while the process `stopped` waits at the fault point.
 fn apply(lab: &Lab, fault: Fault, stopped: u32, client: u32) -> Result<()> {
-    let cont = |pid| lab::cleanup::kill(pid, libc::SIGCONT);
+    let cont = |pid| lab::cleanup::kill(pid, Signal::SIGCONT);
     match fault {
         Fault::KillClient => {
-            lab::cleanup::kill(client, libc::SIGKILL);
+            lab::cleanup::kill(client, Signal::SIGKILL);
             cont(stopped);
         }
         Fault::TermClient => {
-            lab::cleanup::kill(client, libc::SIGTERM);
+            lab::cleanup::kill(client, Signal::SIGTERM);
             cont(stopped);
         }
         Fault::KillDestination => {
@@ -452,10 +454,7 @@ impl Client {
 
     /// [`Self::finish`], and whether it succeeded.
     pub(super) fn finish_with_status(mut self) -> Result<(bool, String)> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.child.try_wait()?.is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        lab::cmd::wait_timeout(&mut self.child, Duration::from_secs(60))?;
         let _ = self.child.kill();
         let status = self.child.wait()?;
         let seen = self.stderr.join().unwrap_or_default();
@@ -495,7 +494,7 @@ pub fn second_migration_is_refused(lab: &Lab) -> Result<()> {
         );
         anyhow::Ok(())
     })();
-    lab::cleanup::kill(first.pid, libc::SIGCONT);
+    lab::cleanup::kill(first.pid, Signal::SIGCONT);
     let seen = first.finish()?;
     outcome?;
     ensure!(

@@ -1,15 +1,16 @@
 //! Scenarios of the operator's commands: `check`, Ctrl-C, `status`, `cleanup` after a
 //! crashed client, and the interactive prompt driven through a real terminal (tmux).
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use lab::Lab;
+use lab::{wait_for, Lab};
+use nix::sys::signal::Signal;
 
 use super::{
-    agent_client, exists, is_running, memhog_verify, outgoing_is_empty, start_memhog, wait_for,
+    agent_client, exists, is_running, memhog_verify, migrate_acting_at_transfer, outgoing_is_empty,
+    start_memhog,
 };
 
 /// `check` names a port conflict on the destination with its fix, and passes once it is gone.
@@ -96,37 +97,12 @@ pub fn check_reports_conflicts(lab: &Lab) -> Result<()> {
 
 /// Starts migrating a 512 MiB memhog h1 -> h2 and sends `signal` to the client as soon as
 /// the transfer starts; returns the client's exit status.
-fn interrupt_at_transfer(lab: &Lab, name: &str, signal: &str) -> Result<ExitStatus> {
+fn interrupt_at_transfer(lab: &Lab, name: &str, signal: Signal) -> Result<ExitStatus> {
     start_memhog(lab, "h1", name, 512, 5)?;
-    // Stop-copy through the archive: the memory is in it, so its transfer takes a while.
-    let mut child = lab.spawn(
-        "h1",
-        &[
-            "agent-client",
-            "--container",
-            name,
-            "--dest",
-            "h2",
-            "--mode",
-            "stop-copy",
-            "--archive",
-        ],
-    )?;
-    let stderr = child.stderr.take().expect("piped");
-    let mut seen = String::new();
-    let mut sent = false;
-    for line in BufReader::new(stderr).lines() {
-        let line = line?;
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains("transfer ...") && !sent {
-            // nsenter execs agent-client: the child is the client itself.
-            let pid = child.id().to_string();
-            lab::cmd::run(Command::new("kill").args([signal, &pid]))?;
-            sent = true;
-        }
-    }
-    let status = child.wait()?;
+    let (status, seen, sent) = migrate_acting_at_transfer(lab, name, |client| {
+        lab::cleanup::kill(client, signal);
+        Ok(())
+    })?;
     eprintln!("{seen}");
     ensure!(sent, "the migration never reached the transfer");
     Ok(status)
@@ -154,7 +130,7 @@ fn back_on_source_intact(lab: &Lab, name: &str) -> Result<()> {
 
 /// Ctrl-C during the transfer: exit 130, the container runs on the source with its memory.
 pub fn ctrl_c_aborts_before_switch(lab: &Lab) -> Result<()> {
-    let status = interrupt_at_transfer(lab, "abortme", "-INT")?;
+    let status = interrupt_at_transfer(lab, "abortme", Signal::SIGINT)?;
     ensure!(
         status.code() == Some(130),
         "expected exit status 130 after Ctrl-C, got {status}"
@@ -176,7 +152,7 @@ pub fn cleanup_after_crashed_client(lab: &Lab) -> Result<()> {
 }
 
 fn crashed_client_cleaned_up(lab: &Lab) -> Result<()> {
-    let status = interrupt_at_transfer(lab, "crashme", "-KILL")?;
+    let status = interrupt_at_transfer(lab, "crashme", Signal::SIGKILL)?;
     ensure!(!status.success(), "the killed client reported success");
     ensure!(
         !is_running(lab, "h1", "crashme")?,

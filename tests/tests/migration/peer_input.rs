@@ -12,9 +12,7 @@ use common::protocol::{
     ClientMessage, ContainerRef, ErrorCode, ServerMessage, MAX_FLOWS_PER_BATCH,
 };
 use common::wire::FramedStream;
-use lab::Lab;
-
-use super::wait_for;
+use lab::{wait_for, Lab};
 
 type Stream = FramedStream<tokio::net::TcpStream>;
 

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use lab::flow::FlowClient;
-use lab::Lab;
+use lab::{wait_for, Lab};
+use nix::sys::signal::Signal;
 
 use super::faults::Client;
 use super::{
     flow_survived, is_running, memhog_verify, migrate_with, outgoing_is_empty, start_memhog,
-    wait_for,
 };
 
 /// The CRIU processes of `host` (page servers, lazy-pages daemons, dumps and restores).
@@ -173,7 +173,7 @@ pub fn link_cut_while_pages_move_stops_the_container(lab: &Lab) -> Result<()> {
         "h2 does not run it post-copy"
     );
     lab.cut_link("h1", "h2")?;
-    lab::cleanup::kill(client.pid, libc::SIGCONT);
+    lab::cleanup::kill(client.pid, Signal::SIGCONT);
     let cut = std::time::Instant::now();
     // The destination sees its page transfer fail within the dead-peer timeouts.
     wait_for("h2 to stop its copy", Duration::from_secs(40), || {

@@ -10,11 +10,12 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use lab::Lab;
+use lab::{wait_for, Lab};
+use nix::sys::signal::Signal;
 
 use super::faults::Client;
 use super::post_copy::{criu_processes, no_post_copy_left, wait_settled};
-use super::{exists, is_running, memhog_verify, migrate_with, start_memhog, wait_for};
+use super::{exists, is_running, memhog_verify, migrate_with, start_memhog};
 
 /// The state letter of the container's init (`T`: stopped), or `None` if it has none.
 fn init_state(lab: &Lab, host: &str, name: &str) -> Result<Option<char>> {
@@ -44,7 +45,7 @@ fn hold_while_streaming(lab: &Lab, name: &str) -> Result<(Client, u32)> {
         servers.len() == 1,
         "h1 has not one CRIU page server: {servers:?}"
     );
-    lab::cleanup::kill(servers[0], libc::SIGSTOP);
+    lab::cleanup::kill(servers[0], Signal::SIGSTOP);
     ensure!(
         init_state(lab, "h2", name)? == Some('T'),
         "h2's replica is not stopped"
@@ -93,8 +94,8 @@ pub fn memory_intact_and_source_keeps_nothing(lab: &Lab) -> Result<()> {
 pub fn link_cut_while_memory_streams_rolls_back(lab: &Lab) -> Result<()> {
     let (client, server) = hold_while_streaming(lab, "cutstream")?;
     lab.cut_link("h1", "h2")?;
-    lab::cleanup::kill(server, libc::SIGCONT);
-    lab::cleanup::kill(client.pid, libc::SIGCONT);
+    lab::cleanup::kill(server, Signal::SIGCONT);
+    lab::cleanup::kill(client.pid, Signal::SIGCONT);
     let (ok, said) = client.finish_with_status()?;
     ensure!(!ok, "the migration claims success");
     ensure!(
@@ -123,7 +124,7 @@ pub fn link_cut_while_memory_streams_rolls_back(lab: &Lab) -> Result<()> {
 pub fn client_killed_while_memory_streams_rolls_back(lab: &Lab) -> Result<()> {
     // The page server stays stopped: the adopter stops it for good.
     let (client, _server) = hold_while_streaming(lab, "killstream")?;
-    lab::cleanup::kill(client.pid, libc::SIGKILL);
+    lab::cleanup::kill(client.pid, Signal::SIGKILL);
     let _ = client.finish_with_status()?;
     wait_settled(lab)?;
     ensure!(is_running(lab, "h1", "killstream")?, "h1 does not run it");
@@ -159,7 +160,7 @@ pub fn client_killed_after_the_last_page_resumes_the_replica(lab: &Lab) -> Resul
         init_state(lab, "h2", "laststream")? == Some('T'),
         "h2's replica runs before it was resumed"
     );
-    lab::cleanup::kill(client.pid, libc::SIGKILL);
+    lab::cleanup::kill(client.pid, Signal::SIGKILL);
     let _ = client.finish_with_status()?;
     wait_settled(lab)?;
     ensure!(!exists(lab, "h1", "laststream")?, "h1 keeps its copy");
@@ -187,7 +188,7 @@ pub fn destination_agent_killed_while_memory_streams_takes_over(lab: &Lab) -> Re
         "h2's lazy-pages daemon died with its agent"
     );
     lab.start_agent("h2")?;
-    lab::cleanup::kill(server, libc::SIGCONT);
+    lab::cleanup::kill(server, Signal::SIGCONT);
     resumed_on_h2_after_the_last_page(lab, client, "orphanstream")
 }
 
@@ -197,7 +198,7 @@ pub fn destination_agent_killed_while_memory_streams_takes_over(lab: &Lab) -> Re
 pub fn destination_agent_down_until_the_last_page_keeps_the_replica(lab: &Lab) -> Result<()> {
     let (client, server) = hold_while_streaming(lab, "downstream")?;
     lab.kill_agent("h2")?;
-    lab::cleanup::kill(server, libc::SIGCONT);
+    lab::cleanup::kill(server, Signal::SIGCONT);
     wait_for(
         "h2's lazy-pages daemon to end",
         Duration::from_secs(120),
@@ -216,7 +217,7 @@ fn resumed_on_h2_after_the_last_page(lab: &Lab, client: Client, name: &str) -> R
         Duration::from_secs(120),
         || Ok(criu_processes(lab, "h1")?.is_empty()),
     )?;
-    lab::cleanup::kill(client.pid, libc::SIGCONT);
+    lab::cleanup::kill(client.pid, Signal::SIGCONT);
     let (_, said) = client.finish_with_status()?;
     ensure!(
         said.contains("the destination runs the container"),
