@@ -396,7 +396,8 @@ impl std::fmt::Display for Tuple {
 
 /// A conntrack entry (only what a migration needs to recreate it elsewhere).
 ///
-/// Addresses are IPv4 in everything [`list`] returns; [`create`] and [`delete`] also accept
+/// Addresses are IPv4 in everything [`crate::conntrack::list`] returns;
+/// [`crate::conntrack::create`] and [`crate::conntrack::delete`] also accept
 /// IPv6 tuples (both ends of both tuples must be of the same family).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Flow {
