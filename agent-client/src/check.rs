@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use common::migration::phases::Survey;
+use common::migration::preflight::Severity;
 use common::migration::MigrationRequest;
-use common::preflight::Severity;
 
 use crate::output;
 use crate::CommonArgs;

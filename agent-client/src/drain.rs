@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use common::migration::source::Resolution;
+use common::engine::podman::PodmanClient;
+use common::migration::preflight::Severity;
+use common::migration::Resolution;
 use common::migration::{migrate, MigrationRequest, Phase, Progress};
-use common::podman::PodmanClient;
-use common::preflight::Severity;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;

@@ -1,7 +1,7 @@
 //! The interactive way in: pick a container and a destination, see the preflight, confirm.
 
 use anyhow::{bail, Context, Result};
-use common::history;
+use common::migration::history;
 use common::migration::mode::{self, MemoryPath, Mode, ModeRequest};
 use common::migration::{phases, MigrationRequest};
 use dialoguer::theme::ColorfulTheme;

@@ -12,11 +12,11 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use common::auth::Token;
 use common::config::HostPaths;
+use common::engine::podman::PodmanClient;
 use common::migration::mode::{self, MemoryPath, Mode, ModeRequest};
 use common::migration::MigrationRequest;
-use common::podman::PodmanClient;
+use common::session::auth::Token;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -106,7 +106,7 @@ struct MigrateArgs {
     /// Packets for the container held on this host while it is frozen, at most; they go
     /// to it once it runs on the destination. More are dropped (and counted in the report);
     /// 0 drops them all, as a plain checkpoint would.
-    #[arg(long, value_name = "PACKETS", default_value_t = common::hold::DEFAULT_BOUND)]
+    #[arg(long, value_name = "PACKETS", default_value_t = common::kernel::hold::DEFAULT_BOUND)]
     hold_packets: u32,
     /// How the container's memory moves. stop-copy: all of it while the container is
     /// frozen, so the freeze grows with its memory; if anything fails, it runs here again.
@@ -129,14 +129,14 @@ struct MigrateArgs {
 
 /// `--container`: a name or ID podman could have.
 fn container_arg(value: &str) -> Result<String, String> {
-    common::validate::container_name(value)
+    common::session::validate::container_name(value)
         .map(|()| value.to_string())
         .map_err(|e| e.problem)
 }
 
 /// `--dest`: `HOST[:PORT]`, with a port in range.
 pub(crate) fn destination_arg(value: &str) -> Result<String, String> {
-    common::remote::agent_address(value).map(|_| value.to_string())
+    common::session::remote::agent_address(value).map(|_| value.to_string())
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,7 +218,7 @@ impl CommonArgs {
             podman: self.podman(),
             state_dir: self.paths.state_dir.clone(),
             forward_new_connections: true,
-            hold_packets: common::hold::DEFAULT_BOUND,
+            hold_packets: common::kernel::hold::DEFAULT_BOUND,
             mode: ModeRequest::Auto {
                 post_copy_above: mode::DEFAULT_POST_COPY_ABOVE,
             },

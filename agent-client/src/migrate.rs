@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use common::migration::events::{Event, EventKind, EVENTS_VERSION};
-use common::migration::source::Resolution;
+use common::migration::Resolution;
 use common::migration::{
     migrate, MigrationFailure, MigrationReport, MigrationRequest, Phase, Progress,
 };

@@ -5,8 +5,8 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{Cell, Color, Table};
 use common::housekeeping::HostStatus;
 use common::migration::phases::Survey;
+use common::migration::preflight::Severity;
 use common::migration::MigrationReport;
-use common::preflight::Severity;
 use indicatif::{HumanBytes, HumanDuration};
 use serde::Serialize;
 
@@ -138,7 +138,7 @@ pub fn print_survey(survey: &Survey, as_json: bool) -> Result<()> {
     emit(&out)
 }
 
-pub fn ports(container: &common::podman::ContainerInfo) -> String {
+pub fn ports(container: &common::engine::podman::ContainerInfo) -> String {
     if container.published_ports.is_empty() {
         return "-".to_string();
     }

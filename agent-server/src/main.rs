@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use common::auth::Token;
 use common::config::HostPaths;
+use common::engine::podman::PodmanClient;
+use common::kernel::wireguard::KeyPair;
 use common::migration::destination::{self, Registry};
-use common::podman::PodmanClient;
-use common::wireguard::KeyPair;
+use common::session::auth::Token;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -98,7 +98,7 @@ async fn main() -> Result<()> {
     actions.recovered("restart", recovered.len());
     // A lazy-dump configuration left by a crash would make every later checkpoint here wait
     // for a destination.
-    match common::lazy_pages::remove_stale_config() {
+    match common::engine::lazy_pages::remove_stale_config() {
         Ok(Some(line)) => tracing::info!("{line}"),
         Ok(None) => {}
         Err(e) => tracing::warn!("{e:#}"),

@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use common::history::{self, Direction, HistoryEntry};
 use common::housekeeping::{self, HostStatus};
+use common::migration::history::{self, Direction, HistoryEntry};
 use hyper::header::CONTENT_TYPE;
 use hyper::service::{make_service_fn, service_fn};
 use hyper::{Body, Method, Request, Response, StatusCode};

@@ -7,24 +7,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use common::auth::authenticate_client;
-use common::conntrack;
-use common::forwarding::ForwardRecord;
-use common::history::{self, Direction, HistoryEntry};
-use common::lazy_pages::PageServer;
+use common::engine::lazy_pages::PageServer;
+use common::kernel::conntrack;
+use common::kernel::nft::Firewall;
+use common::kernel::overlay::{TunnelEnd, MAIN_TABLE};
+use common::kernel::routing::{Route, Routing};
+use common::migration::destination::post_copy;
 use common::migration::destination::{self, IncomingMigration, ResumeError, Shared};
+use common::migration::forwarding::ForwardRecord;
+use common::migration::history::{self, Direction, HistoryEntry};
 use common::migration::ownership::{self, DestinationStage};
-use common::migration::post_copy;
-use common::nft::Firewall;
-use common::overlay::{TunnelEnd, MAIN_TABLE};
 use common::protocol::{
     ClientMessage, ContainerRef, ErrorCode, LazyRestore, RestoreTimes, ServerMessage,
     MAX_FLOWS_PER_BATCH,
 };
-use common::routing::{Route, Routing};
-use common::transfer::receive_stream;
-use common::validate;
-use common::wire::FramedStream;
+use common::session::auth::authenticate_client;
+use common::session::transfer::receive_stream;
+use common::session::validate;
+use common::session::wire::FramedStream;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -88,7 +88,7 @@ pub async fn serve(
     unauthenticated: tokio::sync::OwnedSemaphorePermit,
     stopping: CancellationToken,
 ) -> anyhow::Result<()> {
-    common::wire::tune_connection(&tcp)?;
+    common::session::wire::tune_connection(&tcp)?;
     let mut stream = FramedStream::new(tcp);
     let handshake = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -165,7 +165,7 @@ async fn handle_requests(
         let received = received.map_err(|_| anyhow!("no request within {IDLE_TIMEOUT:?}"))?;
         let request = match received {
             Ok(request) => request,
-            Err(common::wire::WireError::Closed) => return Ok(()),
+            Err(common::session::wire::WireError::Closed) => return Ok(()),
             Err(e) => {
                 let _ = stream
                     .send(&ServerMessage::Error {
@@ -221,8 +221,12 @@ async fn handle(
         ClientMessage::Preflight { container } => {
             validate_container(&container)?;
             Ok(ServerMessage::Preflight(Box::new(
-                common::preflight::host_report(podman, &context.state_dir, Some(&container))
-                    .await?,
+                common::migration::preflight::host_report(
+                    podman,
+                    &context.state_dir,
+                    Some(&container),
+                )
+                .await?,
             )))
         }
         ClientMessage::PutImage { image_id } => {
@@ -299,9 +303,9 @@ async fn handle(
                 // it) wait for the restore, and for the source's held packets to go first.
                 // Held before the blackhole replaces the route: the hold comes before
                 // routing, and a packet routed in between would be dropped.
-                let hold = common::hold::start(
+                let hold = common::kernel::hold::start(
                     container_ip,
-                    common::hold::DEFAULT_BOUND,
+                    common::kernel::hold::DEFAULT_BOUND,
                     Some(&end.interface),
                 );
                 if let Err(e) = hold.await {
@@ -334,7 +338,7 @@ async fn handle(
             if !entered_here.is_empty() {
                 // The source lets its held packets through once it hears of the restore;
                 // those of flows that entered here come back through the tunnel
-                // ([`common::nft`]); untracked until well after the restore.
+                // ([`common::kernel::nft`]); untracked until well after the restore.
                 let seconds = (migration.restore_window() + RETURNING_MARGIN).as_secs() as u32;
                 migration
                     .ahead_of_restore

@@ -1,12 +1,12 @@
 //! Removes forwarding state this host keeps for containers that moved away, once nothing
-//! needs it (see `common::forwarding`): the host it went to says it no longer lives there
+//! needs it (see `common::migration::forwarding`): the host it went to says it no longer lives there
 //! or downstream.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use common::forwarding::{self, ForwardRecord};
+use common::migration::forwarding::{self, ForwardRecord};
 use tokio_util::sync::CancellationToken;
 
 use crate::ServerContext;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::podman::DEFAULT_SOCKET;
+use crate::engine::podman::DEFAULT_SOCKET;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HostPaths {

@@ -1,30 +1,24 @@
-//! Shared code of the live-migration agents: the wire protocol and its authentication, the
-//! engine-facing module, and the migration phases.
+//! Shared code of the live-migration agents. The folders are its layers, each using only
+//! the ones listed before it:
+//! - [`protocol`]: every type that crosses the wire between agents, documented in one place;
+//! - [`kernel`]: one module per kernel subsystem (routing, nftables, conntrack, WireGuard,
+//!   the cgroup freezer, processes), talking netlink where it can;
+//! - [`session`]: an authenticated, sealed connection to the other agent and the typed
+//!   requests over it;
+//! - [`engine`]: the container engine: podman's API, CRIU, and CRIU's lazy pages under podman;
+//! - [`migration`]: the use case: its phases, both sides' model of who owns the container,
+//!   the journal, the preflight, and what a migration leaves behind (forwarding, history);
+//! - [`housekeeping`]: a host's status and the removal of leftovers.
+//!
+//! [`files`] (private, atomic files) and [`fault`] (test-only fault points) serve all of
+//! them; [`config`] reads the configuration file.
 
-pub mod auth;
 pub mod config;
-pub mod conntrack;
-pub mod criu;
+pub mod engine;
 pub mod fault;
 pub mod files;
-pub mod forwarding;
-pub mod freezer;
-pub mod history;
-pub mod hold;
 pub mod housekeeping;
-pub mod lazy_pages;
+pub mod kernel;
 pub mod migration;
-pub mod nfnetlink;
-pub mod nft;
-pub mod overlay;
-pub mod podman;
-pub mod preflight;
-pub mod process;
 pub mod protocol;
-pub mod remote;
-pub mod routing;
-pub mod sock_diag;
-pub mod transfer;
-pub mod validate;
-pub mod wire;
-pub mod wireguard;
+pub mod session;

@@ -17,16 +17,16 @@
 //! connection.
 //!
 //! # Session
-//! 1. Handshake ([`crate::auth`]): `Hello` -> `Challenge` -> `Prove` -> `Welcome`. Both sides
+//! 1. Handshake ([`crate::session::auth`]): `Hello` -> `Challenge` -> `Prove` -> `Welcome`. Both sides
 //!    prove they hold the pre-shared token with HMAC-SHA256 over fresh nonces; the token
 //!    never crosses the wire. The version is checked in the first two messages. Before
 //!    `Welcome` the server acts on nothing. Then one data frame each way (client first)
-//!    carries the Noise handshake ([`crate::auth::NOISE_PARAMS`]: ephemeral X25519, the
+//!    carries the Noise handshake ([`crate::session::auth::NOISE_PARAMS`]: ephemeral X25519, the
 //!    token-derived pre-shared key); everything after it is sealed. The checkpoint holds
 //!    the container's memory and is never sent in the clear.
 //! 2. Requests, each answered by exactly one response:
 //!    - `OpenTunnel` -> `TunnelReady` (WireGuard keys exchanged; both ends bring the
-//!      tunnel up, see [`crate::overlay`]). The source proves the tunnel works with a
+//!      tunnel up, see [`crate::kernel::overlay`]). The source proves the tunnel works with a
 //!      second session through it, then goes on with this one;
 //!    - `Preflight` -> `Preflight` (what the destination has and can do);
 //!    - `PutImage` + data frames + `EndOfStream` -> `ImageLoaded`;
@@ -47,13 +47,13 @@
 //!      packets it held. Packets the destination held meanwhile (those that reach it
 //!      directly, not through the source's tunnel) are newer: only now are they let
 //!      through, so that the container gets them after the source's, in order
-//!      ([`crate::hold`]). They are let through too if the migration's connection closes
+//!      ([`crate::kernel::hold`]). They are let through too if the migration's connection closes
 //!      first;
 //!    - `AwaitPages` -> `PagesArrived`, after `Restored` of a migration whose `Restore`
 //!      named the source's page server ([`LazyRestore`]): answered once every page of the
 //!      container's memory is on the destination, or with `Error`
 //!      [`ErrorCode::PostCopyFailed`] when the transfer failed, the container then
-//!      stopped ([`crate::lazy_pages`]);
+//!      stopped ([`crate::engine::lazy_pages`]);
 //!    - `Resume` -> `Resumed`, on any connection, for a replica whose memory is all here:
 //!      the source's processes are gone (CRIU ended them once their last page left). The
 //!      destination records that it owns the container, then lets it run. Asked again of
@@ -80,9 +80,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
-
-pub use crate::hold::HoldReport;
-pub use crate::migration::ownership::Verdict;
 
 /// Bumped on every incompatible change of the messages below.
 pub const PROTOCOL_VERSION: u32 = 8;
@@ -396,8 +393,8 @@ impl std::fmt::Display for Tuple {
 
 /// A conntrack entry (only what a migration needs to recreate it elsewhere).
 ///
-/// Addresses are IPv4 in everything [`crate::conntrack::list`] returns;
-/// [`crate::conntrack::create`] and [`crate::conntrack::delete`] also accept
+/// Addresses are IPv4 in everything [`crate::kernel::conntrack::list`] returns;
+/// [`crate::kernel::conntrack::create`] and [`crate::kernel::conntrack::delete`] also accept
 /// IPv6 tuples (both ends of both tuples must be of the same family).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Flow {
@@ -474,7 +471,7 @@ impl Flow {
     }
 
     /// Whether `ip` is an endpoint of the flow on the original source or the reply
-    /// source side (see [`crate::conntrack::involving`]).
+    /// source side (see [`crate::kernel::conntrack::involving`]).
     pub fn involves(&self, ip: IpAddr) -> bool {
         self.orig.src.ip() == ip || self.reply.src.ip() == ip
     }
@@ -503,7 +500,7 @@ impl std::fmt::Display for Flow {
 }
 
 /// What a host has and can do, for the preflight check of both ends
-/// ([`crate::preflight`]).
+/// ([`crate::migration::preflight`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostReport {
     pub hostname: String,
@@ -532,6 +529,36 @@ pub struct HostReport {
     /// Published host ports of the incoming container that a container here already
     /// publishes, as `proto/port (container)`.
     pub ports_in_use: Vec<String>,
+}
+
+/// What a hold did, for the migration report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldReport {
+    /// Packets held and then let through.
+    pub held: u64,
+    /// Packets the kernel dropped because the queue was full.
+    pub dropped: u64,
+    /// The queue's bound, packets.
+    pub bound: u32,
+}
+
+/// The destination's answer about a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// It has durably recorded that it runs the container.
+    DestinationOwns,
+    /// It holds no copy and will start none for this migration.
+    Fenced,
+}
+
+/// Every page of a post-copy restore is on the destination: `PagesArrived`, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagesArrived {
+    /// How long after the restore the last one came.
+    pub after_restore: std::time::Duration,
+    /// How many (4 KiB) were fetched from the source.
+    pub pages: u64,
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Kernel-facing tests of `common::wireguard`, `common::routing` and `common::overlay`,
+//! Kernel-facing tests of `common::kernel::wireguard`, `common::kernel::routing` and `common::kernel::overlay`,
 //! entirely inside network namespaces created for each test (`lmwgtest-<pid>-<tag>a` / `b`, joined by a veth pair
 //! created inside them). Runs only as root and when `LM_LAB_SKIP` is unset; otherwise its
 //! tests are reported as ignored, and it says why.
@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use common::kernel::{
     overlay::TunnelEnd,
     routing::{Route, Routing},
     wireguard::{self, KeyPair, TunnelSpec},

@@ -10,8 +10,10 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::process::Command;
 
-use common::conntrack::{self, Flow, Proto, TCP_STATE_ESTABLISHED};
-use common::nft::{Firewall, RuleKind, NAT_PREROUTING_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN};
+use common::kernel::conntrack::{self, Flow, Proto, TCP_STATE_ESTABLISHED};
+use common::kernel::nft::{
+    Firewall, RuleKind, NAT_PREROUTING_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN,
+};
 use nix::sched::{setns, CloneFlags};
 
 mod support;

@@ -369,8 +369,8 @@ pub fn daemon_pid(host: &HostDescription, daemon: Daemon) -> Option<u32> {
         .trim()
         .parse()
         .ok()?;
-    let mnt = crate::cleanup::ns_file_inode(&host.ns.mount_ns)?;
-    (crate::cleanup::ns_inode(pid, "mnt") == Some(mnt) && !crate::cleanup::is_zombie(pid))
+    let mnt = crate::procfs::ns_file_inode(&host.ns.mount_ns)?;
+    (crate::procfs::ns_inode(pid, "mnt") == Some(mnt) && !crate::procfs::is_zombie(pid))
         .then_some(pid)
 }
 
@@ -380,12 +380,12 @@ pub fn stop_daemon(host: &HostDescription, daemon: Daemon, grace: Duration) -> R
         let _ = fs::remove_file(daemon.pid_file(host));
         return Ok(false);
     };
-    crate::cleanup::kill(pid, Signal::SIGTERM);
+    crate::procfs::kill(pid, Signal::SIGTERM);
     let stopped = cmd::poll(grace, Duration::from_millis(20), "", || {
         Ok(daemon_pid(host, daemon).is_none().then_some(()))
     });
     if stopped.is_err() {
-        crate::cleanup::kill(pid, Signal::SIGKILL);
+        crate::procfs::kill(pid, Signal::SIGKILL);
         cmd::poll(
             Duration::from_secs(5),
             Duration::from_millis(20),
@@ -404,7 +404,7 @@ pub fn stop_daemon(host: &HostDescription, daemon: Daemon, grace: Duration) -> R
 pub fn wait_podman(host: &HostDescription, pid: u32, timeout: Duration) -> Result<()> {
     let what = format!("podman service of {}", host.name);
     cmd::poll(timeout, Duration::from_millis(25), &what, || {
-        if crate::cleanup::is_zombie(pid) {
+        if crate::procfs::is_zombie(pid) {
             bail!(
                 "{what} exited: {}",
                 log_tail(&Daemon::Podman.log_file(host), 2000)

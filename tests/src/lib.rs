@@ -24,6 +24,7 @@ pub mod host;
 pub mod images;
 pub mod netns;
 pub mod plan;
+pub mod procfs;
 pub mod testing;
 
 use std::collections::BTreeSet;
@@ -528,7 +529,7 @@ impl Lab {
             &format!("agent-server on {host} ({addr})"),
             || {
                 // By pid alone: a fresh process has not entered the host's namespaces yet.
-                if cleanup::is_zombie(pid) {
+                if procfs::is_zombie(pid) {
                     bail!(
                         "agent-server in {host} exited: {}",
                         host::log_tail(&Daemon::Agent.log_file(h), 2000)

@@ -1091,7 +1091,7 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
     wait_for(
         "the client to stop in the transfer",
         Duration::from_secs(60),
-        || Ok(lab::cleanup::is_stopped(pid)),
+        || Ok(lab::procfs::is_stopped(pid)),
     )?;
     // The archive's first bytes are sent; the destination journals the session as it
     // takes them.
@@ -1101,7 +1101,7 @@ fn failure_after_checkpoint(lab: &Lab) -> Result<()> {
         || Ok(!lab.agent_state("h2", "sessions")?.is_empty()),
     )?;
     lab.kill_agent("h2")?;
-    lab::cleanup::kill(pid, Signal::SIGCONT);
+    lab::procfs::kill(pid, Signal::SIGCONT);
     let mut seen = String::new();
     for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
         seen.push_str(&line?);

@@ -24,7 +24,7 @@
 
 use serde::Serialize;
 
-use super::{Phase, Progress};
+use crate::migration::report::{millis, Phase, Progress};
 
 pub const EVENTS_VERSION: u32 = 1;
 
@@ -72,7 +72,7 @@ impl From<Progress> for EventKind {
             Progress::PhaseStarted(phase) => EventKind::PhaseStarted { phase },
             Progress::PhaseFinished(phase, took) => EventKind::PhaseFinished {
                 phase,
-                ms: super::millis(took),
+                ms: millis(took),
             },
             Progress::Transferred { sent, total } => EventKind::Transfer { sent, total },
             Progress::RollingBack(step) => EventKind::RollingBack { step },

@@ -1,6 +1,6 @@
 //! How the container's memory moves: all of it during the freeze (stop-copy), or after
 //! it, while the container already runs on the destination (post-copy,
-//! [`crate::lazy_pages`]). There is no pre-copy: it needs the kernel's soft-dirty
+//! [`crate::engine::lazy_pages`]). There is no pre-copy: it needs the kernel's soft-dirty
 //! tracking (`criu check --feature mem_dirty_track`).
 //!
 //! Stop-copy streams the memory where both hosts can serve lazy pages: CRIU's page server

@@ -23,7 +23,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Phase;
+use crate::migration::report::Phase;
+use crate::protocol::Verdict;
 
 /// Where a migration stands on the source, journaled durably before the step it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -43,16 +44,6 @@ pub enum SourceStage {
     Streaming,
     /// The destination said it runs the container.
     DestinationOwns,
-}
-
-/// The destination's answer about a migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    /// It has durably recorded that it runs the container.
-    DestinationOwns,
-    /// It holds no copy and will start none for this migration.
-    Fenced,
 }
 
 /// What the source does with a migration that cannot go on as planned (a failure, a

@@ -6,26 +6,25 @@ use std::path::{Path, PathBuf};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::mode::{MemoryPath, ModeChoice, ModeRequest};
-use super::ownership::SourceStage;
-use super::source::UndoLog;
-use super::{Progress, Undo};
+use crate::migration::mode::{MemoryPath, ModeChoice, ModeRequest};
+use crate::migration::ownership::SourceStage;
+use crate::migration::report::{millis, PagesReport, Progress};
+use crate::migration::source::held_processes_alive;
+use crate::migration::source::journal::Undo;
+use crate::migration::source::UndoLog;
 
-use crate::auth::Token;
-use crate::conntrack::{self, Proto};
-use crate::forwarding::ForwardRecord;
-use crate::hold::HoldReport;
-use crate::lazy_pages::PageServer;
-use crate::nft::Firewall;
-use crate::overlay::{TunnelEnd, MAIN_TABLE};
-use crate::podman::{ContainerInfo, PodmanClient};
-use crate::preflight::{self, Finding};
+use crate::engine::lazy_pages::PageServer;
+use crate::engine::podman::{ContainerInfo, PodmanClient};
+use crate::kernel::conntrack;
+use crate::kernel::overlay::{TunnelEnd, MAIN_TABLE};
+use crate::kernel::routing::{Route, Routing};
+use crate::kernel::wireguard::KeyPair;
+use crate::migration::preflight::{self, Finding};
 use crate::protocol::{ContainerRef, HostReport, LazyRestore, RestoreTimes, MAX_FLOWS_PER_BATCH};
-use crate::remote::RemoteAgent;
-use crate::routing::{Route, Routing};
-use crate::wireguard::KeyPair;
+use crate::session::auth::Token;
+use crate::session::remote::RemoteAgent;
 
 /// Connect: reach the destination agent and authenticate both ways. Nothing to undo: the
 /// connection closes with the migration.
@@ -109,7 +108,9 @@ pub fn post_copy_problem(survey: &Survey) -> Option<String> {
     if survey.destination.is_none() {
         return Some("the destination was not reached".into());
     }
-    if let Err(problem) = crate::lazy_pages::dump_config(survey.container.criu_config.as_deref()) {
+    if let Err(problem) =
+        crate::engine::lazy_pages::dump_config(survey.container.criu_config.as_deref())
+    {
         return Some(problem);
     }
     if survey.container.ipv4().is_none() {
@@ -199,21 +200,21 @@ pub struct LazyDump {
     pub held: Option<String>,
     /// podman's checkpoint call: it returns once the last page has moved (its export,
     /// of what CRIU wrote without the memory, is of no use).
-    pub podman_call: tokio::task::JoinHandle<Result<u64, crate::podman::PodmanError>>,
+    pub podman_call: tokio::task::JoinHandle<Result<u64, crate::engine::podman::PodmanError>>,
 }
 
 /// Checkpoint: freeze the container (with its established TCP connections), export the
 /// checkpoint to `work_dir`, and keep its traffic here until the destination runs it.
-/// Packets for it are held, at most `hold_packets` ([`crate::hold`]), and the address is
+/// Packets for it are held, at most `hold_packets` ([`crate::kernel::hold`]), and the address is
 /// blackholed, so that whatever is not held is dropped. Answering them, or letting them
 /// reach a network namespace whose sockets are not restored yet, would reset the client's
 /// connections; dropped ones are retransmitted. Its cgroup is frozen just before podman's
-/// call ([`crate::freezer`]). Undo: start it again on the source (and thaw it), route its
+/// call ([`crate::kernel::freezer`]). Undo: start it again on the source (and thaw it), route its
 /// address locally again, then let the held packets through (in that order, for the same
 /// reason).
 ///
 /// Post-copy or streamed stop-copy (`page_server` is the address to serve the memory on):
-/// CRIU dumps lazily ([`crate::lazy_pages`]); the phase ends as soon as CRIU serves the
+/// CRIU dumps lazily ([`crate::engine::lazy_pages`]); the phase ends as soon as CRIU serves the
 /// memory, with the other images packed here. Undo then first stops CRIU's page server,
 /// which lets the processes run again.
 pub async fn checkpoint(
@@ -232,9 +233,9 @@ pub async fn checkpoint(
     let container_ip = container.ipv4();
     let mut armed = match page_server {
         Some(address) => {
-            let config = crate::lazy_pages::dump_config(container.criu_config.as_deref())
+            let config = crate::engine::lazy_pages::dump_config(container.criu_config.as_deref())
                 .map_err(|problem| anyhow::anyhow!(problem))?;
-            Some(crate::lazy_pages::arm(address, &config).await?)
+            Some(crate::engine::lazy_pages::arm(address, &config).await?)
         }
         None => None,
     };
@@ -269,7 +270,7 @@ pub async fn checkpoint(
     if let Some(ip) = container_ip.filter(|_| hold_packets > 0) {
         // Before the freeze: packets that arrive while CRIU stops the container would be
         // dropped by its network lock.
-        if let Err(e) = crate::hold::start(ip, hold_packets, None).await {
+        if let Err(e) = crate::kernel::hold::start(ip, hold_packets, None).await {
             tracing::warn!("packets for {ip} are dropped during the freeze: {e:#}");
             problems.push(format!(
                 "packets for {ip} were dropped during the freeze, not held: {e:#}"
@@ -278,7 +279,7 @@ pub async fn checkpoint(
     }
     let mut cgroup_frozen_in = None;
     if let Some(cgroup) = container.cgroup_path.clone() {
-        match tokio::task::spawn_blocking(move || crate::freezer::freeze(&cgroup)).await? {
+        match tokio::task::spawn_blocking(move || crate::kernel::freezer::freeze(&cgroup)).await? {
             Ok(took) => cgroup_frozen_in = Some(took),
             Err(e) => problems.push(format!("CRIU froze the container itself (slower): {e:#}")),
         }
@@ -292,7 +293,7 @@ pub async fn checkpoint(
             let (podman, name, to) = (podman.clone(), container.name.clone(), export.clone());
             let podman_call =
                 tokio::spawn(async move { podman.checkpoint_to_file(&name, &to).await });
-            let serving = crate::lazy_pages::wait_serving(armed.server, &podman_call).await;
+            let serving = crate::engine::lazy_pages::wait_serving(armed.server, &podman_call).await;
             armed.disarm()?;
             if let Err(e) = serving {
                 if podman_call.is_finished() {
@@ -323,7 +324,7 @@ pub async fn checkpoint(
             archive.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            crate::lazy_pages::pack_images(&bundle, &networks, upper.as_deref(), &to)
+            crate::engine::lazy_pages::pack_images(&bundle, &networks, upper.as_deref(), &to)
         })
         .await??;
     }
@@ -343,22 +344,8 @@ pub fn end_source_processes(container: &ContainerInfo) -> Result<()> {
     let Some(pid) = container.pid else {
         bail!("podman did not say which process is the container's init");
     };
-    crate::process::kill(pid).with_context(|| format!("kill the source's processes (pid {pid})"))
-}
-
-/// What the page transfer of a post-copy migration took.
-#[derive(Debug, Clone, Serialize)]
-pub struct PagesReport {
-    /// From the restore's answer until the last page was on the destination.
-    pub after_restore_ms: f64,
-    /// Pages (4 KiB) the destination fetched from the source after the restore.
-    pub pages: u64,
-}
-
-impl PagesReport {
-    pub fn bytes(&self) -> u64 {
-        self.pages * 4096
-    }
+    crate::kernel::process::kill(pid)
+        .with_context(|| format!("kill the source's processes (pid {pid})"))
 }
 
 /// Pages: wait until the destination has every page, then for podman's checkpoint call
@@ -380,7 +367,7 @@ pub async fn await_pages(
     let migration_id = undo.record.migration_id.clone();
     let arrived = match remote {
         Some(remote) => remote
-            .await_pages(&migration_id, PAGES_PATIENCE)
+            .await_pages(&migration_id, crate::migration::source::PAGES_PATIENCE)
             .await
             .context("waiting for the destination to have every page"),
         None => Err(anyhow::anyhow!("no connection to the destination")),
@@ -401,13 +388,13 @@ pub async fn await_pages(
         .await
         .is_ok();
     if !ended {
-        crate::lazy_pages::stop_serving(server, held.as_deref()).await?;
+        crate::engine::lazy_pages::stop_serving(server, held.as_deref()).await?;
         let _ = tokio::time::timeout(CALL_AFTER_PAGES, podman_call).await;
     }
     undo.drop_step(&Undo::StopPageServer { server, held })?;
     let arrived = arrived?;
     Ok(PagesReport {
-        after_restore_ms: super::millis(arrived.after_restore),
+        after_restore_ms: millis(arrived.after_restore),
         pages: arrived.pages,
     })
 }
@@ -421,9 +408,6 @@ pub enum PagesEnd {
     ProcessesEnded,
 }
 
-/// How long the last page of a post-copy migration may take to arrive; a cut link fails
-/// it within seconds anyway (the connection's dead-peer timeout).
-pub const PAGES_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3600);
 /// How long podman's checkpoint call may take to return once the pages are through.
 const CALL_AFTER_PAGES: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -452,92 +436,6 @@ pub async fn prepare_flows(
             .await?;
     }
     Ok(prepared)
-}
-
-/// Everything the switch of traffic needs, journaled before the restore request so that
-/// whoever finishes the migration (after a crash too) can switch it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SwitchPlan {
-    pub container_id: String,
-    pub container_name: String,
-    pub container_ip: Ipv4Addr,
-    /// The tunnel to the destination.
-    pub interface: String,
-    /// The destination agent, reached through the tunnel (its address stays the same if
-    /// the LAN's changes).
-    pub next_agent: SocketAddr,
-    /// Published ports whose new connections go to the container: (protocol, host port,
-    /// container port). Empty with `--no-forward-new`.
-    pub ports: Vec<(Proto, u16, u16)>,
-}
-
-impl SwitchPlan {
-    pub fn new(
-        tunnel: &TunnelEnd,
-        container_ip: Ipv4Addr,
-        container: &ContainerInfo,
-        forward_new_connections: bool,
-        agent_port: u16,
-    ) -> Result<Self> {
-        let mut ports = Vec::new();
-        if forward_new_connections {
-            for port in &container.published_ports {
-                ports.push((port.protocol.parse()?, port.host_port, port.container_port));
-            }
-        }
-        Ok(Self {
-            container_id: container.id.clone(),
-            container_name: container.name.clone(),
-            container_ip,
-            interface: tunnel.interface.clone(),
-            next_agent: tunnel.peer_agent(agent_port),
-            ports,
-        })
-    }
-}
-
-/// Switch traffic: flows that still arrive here for the container go through the tunnel,
-/// and so do new connections to its published ports in the plan; the packets held during
-/// the freeze go first. A forward record tells `agent-server` to remove all this once
-/// nothing needs it ([`crate::forwarding`]). Runs after the destination owns the
-/// container, so it is never undone; every step is idempotent, so it can be run again
-/// after a crash. Returns what the hold did, if this process held the packets.
-pub async fn switch_traffic(plan: &SwitchPlan, state_dir: &Path) -> Result<Option<HoldReport>> {
-    Routing::new()?
-        .replace_route(&Route::device_v4(
-            plan.container_ip,
-            32,
-            MAIN_TABLE,
-            plan.interface.clone(),
-        ))
-        .await?;
-    // Reported once the rest is done: new connections and the record do not wait on it.
-    let held = crate::hold::release(plan.container_ip).await;
-    for &(protocol, host_port, container_port) in &plan.ports {
-        let container_ip = plan.container_ip;
-        tokio::task::spawn_blocking(move || {
-            Firewall::ensure()?.forward_port(protocol, host_port, container_ip, container_port)
-        })
-        .await??;
-    }
-    ForwardRecord {
-        container_id: plan.container_id.clone(),
-        container_name: plan.container_name.clone(),
-        container_ip: plan.container_ip,
-        next_agent: plan.next_agent,
-        ports: plan.ports.iter().map(|&(p, h, _)| (p, h)).collect(),
-        downstream_alive: true,
-    }
-    .save(state_dir)?;
-    held
-}
-
-/// Undo of the blackhole route [`checkpoint`] makes for the container.
-pub async fn route_container_locally(container_ip: Ipv4Addr) -> Result<()> {
-    Routing::new()?
-        .delete_route(IpAddr::V4(container_ip), 32, MAIN_TABLE)
-        .await?;
-    Ok(())
 }
 
 /// Transfer: stream the archive to the destination, which verifies its SHA-256. Nothing
@@ -614,39 +512,4 @@ pub async fn resume(remote: &mut RemoteAgent, undo: &mut UndoLog) -> Result<()> 
     }
     remote.resume(&undo.record.migration_id).await?;
     undo.enter(SourceStage::DestinationOwns)
-}
-
-/// Whether the processes a lazy checkpoint held here live on (a record without them: no).
-pub fn held_processes_alive(record: &super::journal::JournalRecord) -> bool {
-    record
-        .held_init
-        .is_some_and(|pid| crate::process::alive_in(pid, &record.container_id))
-}
-
-/// Undo of [`checkpoint`]: bring the container back on the source. The checkpoint kept with
-/// the container is tried first (fast); if podman cannot use it, the container is recreated
-/// from the exported archive.
-pub async fn restart_on_source(
-    podman: &PodmanClient,
-    container: &str,
-    archive: &Path,
-) -> Result<()> {
-    if let Some(info) = podman.find(container).await? {
-        if info.running {
-            return Ok(());
-        }
-        match podman.restore_in_place(container).await {
-            Ok(()) => return Ok(()),
-            Err(e) if archive.exists() => {
-                tracing::warn!("restore in place failed ({e}), restoring from the archive");
-                podman.remove(container).await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if !archive.exists() {
-        bail!("container {container} is gone and no checkpoint archive exists");
-    }
-    podman.restore_import(archive).await?;
-    Ok(())
 }

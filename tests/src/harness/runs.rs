@@ -335,7 +335,7 @@ pub fn iperf_run(
         pb.set_position((el * 10.0) as u64);
         if el > deadline {
             // Our own child (nsenter exec'd iperf3): two seconds to print its JSON.
-            lab::cleanup::kill(child.id(), Signal::SIGTERM);
+            lab::procfs::kill(child.id(), Signal::SIGTERM);
             let _ = lab::cmd::wait_timeout(&mut child, Duration::from_secs(2));
             let _ = child.kill();
             let _ = child.wait();

@@ -160,7 +160,7 @@ fn run_cell(lab: &Lab, index: u16, point: Point, fault: Option<Fault>) -> Result
     let result = cell(lab, &name, port, point, fault);
     // Whatever happened: no stopped process, no cut, no armed fault, no container left.
     if let Ok(Some(pid)) = lab.agent_pid("h2") {
-        lab::cleanup::kill(pid, Signal::SIGCONT);
+        lab::procfs::kill(pid, Signal::SIGCONT);
     }
     let _ = lab.join_link();
     let _ = lab.clear_agent_fault("h2");
@@ -204,7 +204,7 @@ fn cell(
         wait_for(
             &format!("the fault point of {point:?}"),
             Duration::from_secs(60),
-            || Ok(lab::cleanup::is_stopped(stopped_pid)),
+            || Ok(lab::procfs::is_stopped(stopped_pid)),
         )?;
         if matches!(point, Point::Restore)
             && matches!(fault, Fault::KillDestination | Fault::CutLink)
@@ -282,14 +282,14 @@ fn destination_pid(lab: &Lab) -> Result<u32> {
 
 /// Applies `fault` while the process `stopped` waits at the fault point.
 fn apply(lab: &Lab, fault: Fault, stopped: u32, client: u32) -> Result<()> {
-    let cont = |pid| lab::cleanup::kill(pid, Signal::SIGCONT);
+    let cont = |pid| lab::procfs::kill(pid, Signal::SIGCONT);
     match fault {
         Fault::KillClient => {
-            lab::cleanup::kill(client, Signal::SIGKILL);
+            lab::procfs::kill(client, Signal::SIGKILL);
             cont(stopped);
         }
         Fault::TermClient => {
-            lab::cleanup::kill(client, Signal::SIGTERM);
+            lab::procfs::kill(client, Signal::SIGTERM);
             cont(stopped);
         }
         Fault::KillDestination => {
@@ -479,7 +479,7 @@ pub fn second_migration_is_refused(lab: &Lab) -> Result<()> {
         wait_for(
             "the first migration to freeze",
             Duration::from_secs(60),
-            || Ok(lab::cleanup::is_stopped(first.pid)),
+            || Ok(lab::procfs::is_stopped(first.pid)),
         )?;
         let started = Instant::now();
         let (ok, _, stderr) = agent_client(lab, "h1", &["--container", name, "--dest", "h3"])?;
@@ -494,7 +494,7 @@ pub fn second_migration_is_refused(lab: &Lab) -> Result<()> {
         );
         anyhow::Ok(())
     })();
-    lab::cleanup::kill(first.pid, Signal::SIGCONT);
+    lab::procfs::kill(first.pid, Signal::SIGCONT);
     let seen = first.finish()?;
     outcome?;
     ensure!(

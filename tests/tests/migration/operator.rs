@@ -100,7 +100,7 @@ pub fn check_reports_conflicts(lab: &Lab) -> Result<()> {
 fn interrupt_at_transfer(lab: &Lab, name: &str, signal: Signal) -> Result<ExitStatus> {
     start_memhog(lab, "h1", name, 512, 5)?;
     let (status, seen, sent) = migrate_acting_at_transfer(lab, name, |client| {
-        lab::cleanup::kill(client, signal);
+        lab::procfs::kill(client, signal);
         Ok(())
     })?;
     eprintln!("{seen}");

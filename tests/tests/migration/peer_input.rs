@@ -6,12 +6,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::auth::{authenticate_to_server, Token};
-use common::conntrack::Flow;
+use common::kernel::conntrack::Flow;
 use common::protocol::{
     ClientMessage, ContainerRef, ErrorCode, ServerMessage, MAX_FLOWS_PER_BATCH,
 };
-use common::wire::FramedStream;
+use common::session::auth::{authenticate_to_server, Token};
+use common::session::wire::FramedStream;
 use lab::{wait_for, Lab};
 
 type Stream = FramedStream<tokio::net::TcpStream>;
@@ -147,7 +147,8 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
                 container: valid.clone(),
             })
             .await?;
-        common::transfer::send_stream(&mut stream, &b"not really an archive"[..], |_| {}).await?;
+        common::session::transfer::send_stream(&mut stream, &b"not really an archive"[..], |_| {})
+            .await?;
         match stream.recv::<ServerMessage>().await? {
             ServerMessage::CheckpointStored { .. } => {}
             other => bail!("upload: {other:?}"),
@@ -305,7 +306,7 @@ pub fn twenty_thousand_flows_migrate(lab: &Lab) -> Result<()> {
                     SocketAddr::from((client, 20_000 + port)),
                     SocketAddr::from((ip, 5000)),
                 );
-                common::conntrack::create(&flow).await?;
+                common::kernel::conntrack::create(&flow).await?;
             }
             anyhow::Ok(())
         })

@@ -166,14 +166,14 @@ pub fn link_cut_while_pages_move_stops_the_container(lab: &Lab) -> Result<()> {
     start_memhog(lab, "h1", "cuthog", 1024, 0)?;
     let client = Client::start_with(lab, "cuthog", Some("pages:stop"), &["--mode", "post-copy"])?;
     wait_for("the pages phase", Duration::from_secs(120), || {
-        Ok(lab::cleanup::is_stopped(client.pid))
+        Ok(lab::procfs::is_stopped(client.pid))
     })?;
     ensure!(
         is_running(lab, "h2", "cuthog")?,
         "h2 does not run it post-copy"
     );
     lab.cut_link("h1", "h2")?;
-    lab::cleanup::kill(client.pid, Signal::SIGCONT);
+    lab::procfs::kill(client.pid, Signal::SIGCONT);
     let cut = std::time::Instant::now();
     // The destination sees its page transfer fail within the dead-peer timeouts.
     wait_for("h2 to stop its copy", Duration::from_secs(40), || {

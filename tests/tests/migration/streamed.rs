@@ -38,14 +38,14 @@ fn hold_while_streaming(lab: &Lab, name: &str) -> Result<(Client, u32)> {
     start_memhog(lab, "h1", name, 1024, 0)?;
     let client = Client::start_with(lab, name, Some("pages:stop"), &["--mode", "stop-copy"])?;
     wait_for("the pages phase", Duration::from_secs(120), || {
-        Ok(lab::cleanup::is_stopped(client.pid))
+        Ok(lab::procfs::is_stopped(client.pid))
     })?;
     let servers = criu_processes(lab, "h1")?;
     ensure!(
         servers.len() == 1,
         "h1 has not one CRIU page server: {servers:?}"
     );
-    lab::cleanup::kill(servers[0], Signal::SIGSTOP);
+    lab::procfs::kill(servers[0], Signal::SIGSTOP);
     ensure!(
         init_state(lab, "h2", name)? == Some('T'),
         "h2's replica is not stopped"
@@ -94,8 +94,8 @@ pub fn memory_intact_and_source_keeps_nothing(lab: &Lab) -> Result<()> {
 pub fn link_cut_while_memory_streams_rolls_back(lab: &Lab) -> Result<()> {
     let (client, server) = hold_while_streaming(lab, "cutstream")?;
     lab.cut_link("h1", "h2")?;
-    lab::cleanup::kill(server, Signal::SIGCONT);
-    lab::cleanup::kill(client.pid, Signal::SIGCONT);
+    lab::procfs::kill(server, Signal::SIGCONT);
+    lab::procfs::kill(client.pid, Signal::SIGCONT);
     let (ok, said) = client.finish_with_status()?;
     ensure!(!ok, "the migration claims success");
     ensure!(
@@ -124,7 +124,7 @@ pub fn link_cut_while_memory_streams_rolls_back(lab: &Lab) -> Result<()> {
 pub fn client_killed_while_memory_streams_rolls_back(lab: &Lab) -> Result<()> {
     // The page server stays stopped: the adopter stops it for good.
     let (client, _server) = hold_while_streaming(lab, "killstream")?;
-    lab::cleanup::kill(client.pid, Signal::SIGKILL);
+    lab::procfs::kill(client.pid, Signal::SIGKILL);
     let _ = client.finish_with_status()?;
     wait_settled(lab)?;
     ensure!(is_running(lab, "h1", "killstream")?, "h1 does not run it");
@@ -148,7 +148,7 @@ pub fn client_killed_after_the_last_page_resumes_the_replica(lab: &Lab) -> Resul
         &["--mode", "stop-copy"],
     )?;
     wait_for("the pages phase", Duration::from_secs(120), || {
-        Ok(lab::cleanup::is_stopped(client.pid))
+        Ok(lab::procfs::is_stopped(client.pid))
     })?;
     // The page server ends once h2 has every page, and CRIU with it ends the processes.
     wait_for(
@@ -160,7 +160,7 @@ pub fn client_killed_after_the_last_page_resumes_the_replica(lab: &Lab) -> Resul
         init_state(lab, "h2", "laststream")? == Some('T'),
         "h2's replica runs before it was resumed"
     );
-    lab::cleanup::kill(client.pid, Signal::SIGKILL);
+    lab::procfs::kill(client.pid, Signal::SIGKILL);
     let _ = client.finish_with_status()?;
     wait_settled(lab)?;
     ensure!(!exists(lab, "h1", "laststream")?, "h1 keeps its copy");
@@ -188,7 +188,7 @@ pub fn destination_agent_killed_while_memory_streams_takes_over(lab: &Lab) -> Re
         "h2's lazy-pages daemon died with its agent"
     );
     lab.start_agent("h2")?;
-    lab::cleanup::kill(server, Signal::SIGCONT);
+    lab::procfs::kill(server, Signal::SIGCONT);
     resumed_on_h2_after_the_last_page(lab, client, "orphanstream")
 }
 
@@ -198,7 +198,7 @@ pub fn destination_agent_killed_while_memory_streams_takes_over(lab: &Lab) -> Re
 pub fn destination_agent_down_until_the_last_page_keeps_the_replica(lab: &Lab) -> Result<()> {
     let (client, server) = hold_while_streaming(lab, "downstream")?;
     lab.kill_agent("h2")?;
-    lab::cleanup::kill(server, Signal::SIGCONT);
+    lab::procfs::kill(server, Signal::SIGCONT);
     wait_for(
         "h2's lazy-pages daemon to end",
         Duration::from_secs(120),
@@ -217,7 +217,7 @@ fn resumed_on_h2_after_the_last_page(lab: &Lab, client: Client, name: &str) -> R
         Duration::from_secs(120),
         || Ok(criu_processes(lab, "h1")?.is_empty()),
     )?;
-    lab::cleanup::kill(client.pid, Signal::SIGCONT);
+    lab::procfs::kill(client.pid, Signal::SIGCONT);
     let (_, said) = client.finish_with_status()?;
     ensure!(
         said.contains("the destination runs the container"),

@@ -1,0 +1,7 @@
+//! The container engine: podman's API ([`podman`]), CRIU's own reports ([`criu`]), and
+//! CRIU's lazy pages driven under podman for post-copy and the streamed stop-copy
+//! ([`lazy_pages`]).
+
+pub mod criu;
+pub mod lazy_pages;
+pub mod podman;

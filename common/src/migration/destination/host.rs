@@ -1,0 +1,74 @@
+//! The destination's actions on the real host: podman, the cgroup freezer, conntrack, and
+//! the route and packet hold of the container's address.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::post_copy;
+use super::{DestinationActions, IncomingMigration, Shared};
+use crate::engine::podman::PodmanClient;
+use crate::kernel::conntrack::{self, Flow};
+use crate::protocol::HoldReport;
+
+impl DestinationActions for PodmanClient {
+    async fn container(&self, id: &str) -> Result<Option<bool>> {
+        Ok(self.find(id).await?.map(|c| c.running))
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<()> {
+        Ok(self.remove(id).await?)
+    }
+
+    async fn stop_container(&self, id: &str) -> Result<()> {
+        let Some(info) = self.find(id).await? else {
+            return Ok(());
+        };
+        // Frozen first, so no thread runs while the others die; killed through its init
+        // (the kernel then kills the rest of its PID namespace); thawed, to let them die.
+        if let Some(cgroup) = info.cgroup_path.clone() {
+            tokio::task::spawn_blocking(move || crate::kernel::freezer::freeze(&cgroup)).await??;
+        }
+        if let Some(pid) = info.pid {
+            crate::kernel::process::kill(pid)
+                .with_context(|| format!("kill container {id} (pid {pid})"))?;
+        }
+        if let Some(cgroup) = info.cgroup_path {
+            tokio::task::spawn_blocking(move || crate::kernel::freezer::thaw(&cgroup)).await??;
+        }
+        Ok(self.remove(id).await?)
+    }
+
+    async fn resume_container(&self, id: &str) -> Result<()> {
+        let info = self.inspect(id).await?;
+        let cgroup = info
+            .cgroup_path
+            .with_context(|| format!("podman did not say which cgroup container {id} is in"))?;
+        let pids = tokio::task::spawn_blocking(move || crate::kernel::freezer::processes(&cgroup))
+            .await??;
+        for pid in pids {
+            crate::kernel::process::resume(pid)
+                .with_context(|| format!("resume pid {pid} of {id}"))?;
+        }
+        Ok(())
+    }
+
+    async fn delete_flow(&self, flow: &Flow) -> Result<()> {
+        conntrack::delete(flow).await
+    }
+
+    async fn release_ip(&self, ip: Ipv4Addr) -> Result<Option<HoldReport>> {
+        crate::migration::switch::route_container_locally(ip).await?;
+        crate::kernel::hold::release(ip).await
+    }
+
+    fn take_over_pages(
+        &self,
+        state_dir: &Path,
+        shared: &Shared,
+        migration: &mut IncomingMigration,
+    ) -> String {
+        post_copy::take_over(state_dir, shared, migration, self.clone())
+    }
+}

@@ -1,0 +1,103 @@
+//! The switch of traffic on the source, once the destination owns the container: its
+//! address into the tunnel, new connections to its published ports after it, and the
+//! forward record that keeps them until nothing needs them.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::podman::ContainerInfo;
+use crate::kernel::conntrack::Proto;
+use crate::kernel::nft::Firewall;
+use crate::kernel::overlay::{TunnelEnd, MAIN_TABLE};
+use crate::kernel::routing::{Route, Routing};
+use crate::migration::forwarding::ForwardRecord;
+use crate::protocol::HoldReport;
+
+/// Everything the switch of traffic needs, journaled before the restore request so that
+/// whoever finishes the migration (after a crash too) can switch it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwitchPlan {
+    pub container_id: String,
+    pub container_name: String,
+    pub container_ip: Ipv4Addr,
+    /// The tunnel to the destination.
+    pub interface: String,
+    /// The destination agent, reached through the tunnel (its address stays the same if
+    /// the LAN's changes).
+    pub next_agent: SocketAddr,
+    /// Published ports whose new connections go to the container: (protocol, host port,
+    /// container port). Empty with `--no-forward-new`.
+    pub ports: Vec<(Proto, u16, u16)>,
+}
+
+impl SwitchPlan {
+    pub fn new(
+        tunnel: &TunnelEnd,
+        container_ip: Ipv4Addr,
+        container: &ContainerInfo,
+        forward_new_connections: bool,
+        agent_port: u16,
+    ) -> Result<Self> {
+        let mut ports = Vec::new();
+        if forward_new_connections {
+            for port in &container.published_ports {
+                ports.push((port.protocol.parse()?, port.host_port, port.container_port));
+            }
+        }
+        Ok(Self {
+            container_id: container.id.clone(),
+            container_name: container.name.clone(),
+            container_ip,
+            interface: tunnel.interface.clone(),
+            next_agent: tunnel.peer_agent(agent_port),
+            ports,
+        })
+    }
+}
+
+/// Switch traffic: flows that still arrive here for the container go through the tunnel,
+/// and so do new connections to its published ports in the plan; the packets held during
+/// the freeze go first. A forward record tells `agent-server` to remove all this once
+/// nothing needs it ([`crate::migration::forwarding`]). Runs after the destination owns the
+/// container, so it is never undone; every step is idempotent, so it can be run again
+/// after a crash. Returns what the hold did, if this process held the packets.
+pub async fn switch_traffic(plan: &SwitchPlan, state_dir: &Path) -> Result<Option<HoldReport>> {
+    Routing::new()?
+        .replace_route(&Route::device_v4(
+            plan.container_ip,
+            32,
+            MAIN_TABLE,
+            plan.interface.clone(),
+        ))
+        .await?;
+    // Reported once the rest is done: new connections and the record do not wait on it.
+    let held = crate::kernel::hold::release(plan.container_ip).await;
+    for &(protocol, host_port, container_port) in &plan.ports {
+        let container_ip = plan.container_ip;
+        tokio::task::spawn_blocking(move || {
+            Firewall::ensure()?.forward_port(protocol, host_port, container_ip, container_port)
+        })
+        .await??;
+    }
+    ForwardRecord {
+        container_id: plan.container_id.clone(),
+        container_name: plan.container_name.clone(),
+        container_ip: plan.container_ip,
+        next_agent: plan.next_agent,
+        ports: plan.ports.iter().map(|&(p, h, _)| (p, h)).collect(),
+        downstream_alive: true,
+    }
+    .save(state_dir)?;
+    held
+}
+
+/// Undo of the blackhole route [`crate::migration::phases::checkpoint`] makes for the container.
+pub async fn route_container_locally(container_ip: Ipv4Addr) -> Result<()> {
+    Routing::new()?
+        .delete_route(IpAddr::V4(container_ip), 32, MAIN_TABLE)
+        .await?;
+    Ok(())
+}
