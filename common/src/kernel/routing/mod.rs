@@ -23,6 +23,9 @@
 //! * [`Routing::delete_route`] / [`Routing::delete_fwmark_rule`] return `Ok(false)` when there
 //!   was nothing to delete (`ENOENT` / `ESRCH`).
 
+mod messages;
+mod types;
+
 use std::{
     collections::HashMap,
     fmt,
@@ -32,19 +35,22 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::TryStreamExt;
+use nix::errno::Errno;
 use rtnetlink::{
     packet_route::{
         address::{AddressAttribute, AddressMessage},
-        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
-        route::{
-            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-            RouteType,
-        },
+        link::LinkMessage,
+        route::{RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
         rule::{RuleAction, RuleAttribute, RuleMessage},
         AddressFamily,
     },
     Handle, IpVersion, LinkUnspec, RouteMessageBuilder,
 };
+
+use messages::{
+    base_route_message, link_state, route_from_message, route_table, rule_entry, set_rule_table,
+};
+pub use types::{LinkState, Route, RouteKind, RuleEntry};
 
 /// First routing table number reserved for the agent.
 pub const AGENT_TABLE_MIN: u32 = 7800;
@@ -61,47 +67,12 @@ pub const AGENT_RULE_PRIORITY_MAX: u32 = 7899;
 pub const AGENT_RULE_PRIORITIES: RangeInclusive<u32> =
     AGENT_RULE_PRIORITY_MIN..=AGENT_RULE_PRIORITY_MAX;
 
-const RT_TABLE_UNSPEC: u8 = 0;
-
-/// errno values that matter here (positive, as in `errno`).
-pub mod errno {
-    pub const EPERM: i32 = 1;
-    pub const ENOENT: i32 = 2;
-    pub const ESRCH: i32 = 3;
-    pub const EBUSY: i32 = 16;
-    pub const EEXIST: i32 = 17;
-    pub const ENODEV: i32 = 19;
-    pub const EINVAL: i32 = 22;
-    pub const ERANGE: i32 = 34;
-    pub const ENETUNREACH: i32 = 101;
-    pub const EOPNOTSUPP: i32 = 95;
-    pub const EADDRNOTAVAIL: i32 = 99;
-
-    /// Symbolic name of an errno, for error messages.
-    pub fn name(code: i32) -> &'static str {
-        match code {
-            EPERM => "EPERM",
-            ENOENT => "ENOENT",
-            ESRCH => "ESRCH",
-            EBUSY => "EBUSY",
-            EEXIST => "EEXIST",
-            ENODEV => "ENODEV",
-            EINVAL => "EINVAL",
-            ERANGE => "ERANGE",
-            ENETUNREACH => "ENETUNREACH",
-            EOPNOTSUPP => "EOPNOTSUPP",
-            EADDRNOTAVAIL => "EADDRNOTAVAIL",
-            _ => "errno",
-        }
-    }
-}
-
-/// The positive errno carried by a netlink error reply, if the error is one.
-pub fn netlink_errno(err: &rtnetlink::Error) -> Option<i32> {
+/// The errno carried by a netlink error reply, if the error is one.
+pub fn netlink_errno(err: &rtnetlink::Error) -> Option<Errno> {
     match err {
         rtnetlink::Error::NetlinkError(msg) => {
             let code = msg.raw_code().abs();
-            (code != 0).then_some(code)
+            (code != 0).then(|| Errno::from_raw(code))
         }
         _ => None,
     }
@@ -110,23 +81,12 @@ pub fn netlink_errno(err: &rtnetlink::Error) -> Option<i32> {
 /// Turn an rtnetlink error into an `anyhow` error naming the operation and the errno.
 fn nl_error(err: rtnetlink::Error, what: impl fmt::Display) -> anyhow::Error {
     match netlink_errno(&err) {
-        Some(code) => anyhow!(
-            "{what}: {} ({}, errno {code})",
-            errno::name(code),
-            std::io::Error::from_raw_os_error(code)
-                .to_string()
-                .split(" (os error")
-                .next()
-                .unwrap_or_default(),
+        Some(errno) => anyhow!(
+            "{what}: {errno:?} ({}, errno {})",
+            errno.desc(),
+            errno as i32
         ),
         None => anyhow!("{what}: {err}"),
-    }
-}
-
-fn family_of(addr: &IpAddr) -> AddressFamily {
-    match addr {
-        IpAddr::V4(_) => AddressFamily::Inet,
-        IpAddr::V6(_) => AddressFamily::Inet6,
     }
 }
 
@@ -142,113 +102,6 @@ fn check_prefix(addr: &IpAddr, prefix: u8) -> Result<()> {
         bail!("invalid prefix length /{prefix} for {addr}");
     }
     Ok(())
-}
-
-/// What a route does with the packets it matches.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum RouteKind {
-    /// Unicast out of this interface, no gateway (`dev IFNAME`, scope link).
-    Device(String),
-    /// Silently drop (`blackhole`).
-    Blackhole,
-    /// Only in read-back results: a route this module does not create (unreachable,
-    /// gateway route, ...), described for logs.
-    Other(String),
-}
-
-impl fmt::Display for RouteKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RouteKind::Device(dev) => write!(f, "dev {dev}"),
-            RouteKind::Blackhole => write!(f, "blackhole"),
-            RouteKind::Other(desc) => write!(f, "{desc}"),
-        }
-    }
-}
-
-/// One route: `dst/prefix` in `table`, doing `kind`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Route {
-    pub dst: IpAddr,
-    pub prefix: u8,
-    pub table: u32,
-    pub kind: RouteKind,
-}
-
-impl Route {
-    /// A device route for an IPv4 destination.
-    pub fn device_v4(dst: Ipv4Addr, prefix: u8, table: u32, dev: impl Into<String>) -> Self {
-        Route {
-            dst: IpAddr::V4(dst),
-            prefix,
-            table,
-            kind: RouteKind::Device(dev.into()),
-        }
-    }
-
-    /// A blackhole route for an IPv4 destination.
-    pub fn blackhole_v4(dst: Ipv4Addr, prefix: u8, table: u32) -> Self {
-        Route {
-            dst: IpAddr::V4(dst),
-            prefix,
-            table,
-            kind: RouteKind::Blackhole,
-        }
-    }
-}
-
-impl fmt::Display for Route {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{} {} table {}",
-            self.dst, self.prefix, self.kind, self.table
-        )
-    }
-}
-
-/// A policy rule as read back from the kernel (only the fields the agent cares about).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RuleEntry {
-    /// 4 or 6.
-    pub ip_version: u8,
-    pub priority: u32,
-    pub table: u32,
-    pub fwmark: Option<u32>,
-    pub fwmask: Option<u32>,
-    /// "to_table", "blackhole", ... (lower-case Debug of the rule action).
-    pub action: String,
-    /// True if the rule has selectors besides fwmark (source/destination prefix, interfaces,
-    /// ...), i.e. it is not a plain fwmark rule.
-    pub other_selectors: bool,
-}
-
-impl RuleEntry {
-    /// Whether this is exactly the fwmark rule `add_fwmark_rule(mark, mask, table, priority)`
-    /// would create.
-    pub fn is_fwmark_rule(&self, mark: u32, mask: u32, table: u32, priority: u32) -> bool {
-        self.ip_version == 4
-            && self.priority == priority
-            && self.table == table
-            && self.fwmark == Some(mark)
-            && self.fwmask.unwrap_or(u32::MAX) == mask
-            && self.action == "to_table"
-            && !self.other_selectors
-    }
-}
-
-/// State of a link as read from the kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LinkState {
-    pub index: u32,
-    pub name: String,
-    pub mtu: Option<u32>,
-    /// Transmit queue length, packets.
-    pub txqueuelen: Option<u32>,
-    /// Administratively up (IFF_UP).
-    pub up: bool,
-    /// `IFLA_INFO_KIND` ("wireguard", "tun", "veth", ...), if the link reports one.
-    pub kind: Option<String>,
 }
 
 /// Handle on the rtnetlink socket of the network namespace it was created in.
@@ -287,7 +140,7 @@ impl Routing {
         match stream.try_next().await {
             Ok(Some(msg)) => Ok(Some(link_state(&msg))),
             Ok(None) => Ok(None),
-            Err(e) if matches!(netlink_errno(&e), Some(errno::ENODEV)) => Ok(None),
+            Err(e) if matches!(netlink_errno(&e), Some(Errno::ENODEV)) => Ok(None),
             Err(e) => Err(nl_error(e, format_args!("looking up link {name}"))),
         }
     }
@@ -350,7 +203,7 @@ impl Routing {
         };
         match self.handle.link().del(index).execute().await {
             Ok(()) => Ok(true),
-            Err(e) if matches!(netlink_errno(&e), Some(errno::ENODEV)) => Ok(false),
+            Err(e) if matches!(netlink_errno(&e), Some(Errno::ENODEV)) => Ok(false),
             Err(e) => Err(nl_error(e, format_args!("deleting link {name}"))),
         }
     }
@@ -372,7 +225,7 @@ impl Routing {
             .await
         {
             Ok(()) => Ok(()),
-            Err(e) if matches!(netlink_errno(&e), Some(errno::EEXIST)) => Ok(()),
+            Err(e) if matches!(netlink_errno(&e), Some(Errno::EEXIST)) => Ok(()),
             Err(e) => Err(nl_error(
                 e,
                 format_args!("adding address {addr}/{prefix} to {link}"),
@@ -460,7 +313,7 @@ impl Routing {
         msg.header.scope = RouteScope::NoWhere;
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(true),
-            Err(e) if matches!(netlink_errno(&e), Some(errno::ENOENT | errno::ESRCH)) => Ok(false),
+            Err(e) if matches!(netlink_errno(&e), Some(Errno::ENOENT | Errno::ESRCH)) => Ok(false),
             Err(e) => Err(nl_error(
                 e,
                 format_args!("deleting route {dst}/{prefix} table {table}"),
@@ -529,7 +382,7 @@ impl Routing {
         set_rule_table(msg, table);
         match req.execute().await {
             Ok(()) => Ok(()),
-            Err(e) if matches!(netlink_errno(&e), Some(errno::EEXIST)) => Ok(()),
+            Err(e) if matches!(netlink_errno(&e), Some(Errno::EEXIST)) => Ok(()),
             Err(e) => Err(nl_error(e, what())),
         }
     }
@@ -552,7 +405,7 @@ impl Routing {
         set_rule_table(&mut msg, table);
         match self.handle.rule().del(msg).execute().await {
             Ok(()) => Ok(true),
-            Err(e) if matches!(netlink_errno(&e), Some(errno::ENOENT | errno::ESRCH)) => Ok(false),
+            Err(e) if matches!(netlink_errno(&e), Some(Errno::ENOENT | Errno::ESRCH)) => Ok(false),
             Err(e) => Err(nl_error(
                 e,
                 format_args!("deleting rule {priority}: fwmark {mark:#x}/{mask:#x} lookup {table}"),
@@ -612,147 +465,9 @@ fn check_rule(table: u32, priority: u32) -> Result<()> {
     Ok(())
 }
 
-fn set_rule_table(msg: &mut RuleMessage, table: u32) {
-    msg.attributes
-        .retain(|a| !matches!(a, RuleAttribute::Table(_)));
-    if table > 255 {
-        msg.header.table = RT_TABLE_UNSPEC;
-        msg.attributes.push(RuleAttribute::Table(table));
-    } else {
-        msg.header.table = table as u8;
-    }
-}
-
-fn base_route_message(dst: IpAddr, prefix: u8, table: u32) -> RouteMessage {
-    let mut msg = RouteMessage::default();
-    msg.header.address_family = family_of(&dst);
-    msg.header.destination_prefix_length = prefix;
-    msg.attributes
-        .push(RouteAttribute::Destination(RouteAddress::from(dst)));
-    if table > 255 {
-        msg.header.table = RT_TABLE_UNSPEC;
-        msg.attributes.push(RouteAttribute::Table(table));
-    } else {
-        msg.header.table = table as u8;
-    }
-    msg
-}
-
-fn route_table(msg: &RouteMessage) -> u32 {
-    msg.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(msg.header.table))
-}
-
-fn route_from_message(msg: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> {
-    let dst = msg
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
-            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
-            _ => None,
-        })
-        .or(match msg.header.address_family {
-            // The default route carries no RTA_DST.
-            AddressFamily::Inet => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-            AddressFamily::Inet6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
-            _ => None,
-        })?;
-    let oif = msg.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Oif(i) => Some(*i),
-        _ => None,
-    });
-    let has_gateway = msg
-        .attributes
-        .iter()
-        .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Via(_)));
-    let kind = match (msg.header.kind, oif, has_gateway) {
-        (RouteType::BlackHole, _, _) => RouteKind::Blackhole,
-        (RouteType::Unicast, Some(i), false) => {
-            RouteKind::Device(names.get(&i).cloned().unwrap_or_else(|| format!("if#{i}")))
-        }
-        (kind, oif, gw) => RouteKind::Other(format!(
-            "{kind:?}{}{}",
-            oif.map(|i| format!(" oif {}", names.get(&i).cloned().unwrap_or(i.to_string())))
-                .unwrap_or_default(),
-            if gw { " via gateway" } else { "" }
-        )),
-    };
-    Some(Route {
-        dst,
-        prefix: msg.header.destination_prefix_length,
-        table: route_table(msg),
-        kind,
-    })
-}
-
-fn rule_entry(msg: &RuleMessage, ip_version: u8) -> RuleEntry {
-    let mut entry = RuleEntry {
-        ip_version,
-        priority: 0,
-        table: u32::from(msg.header.table),
-        fwmark: None,
-        fwmask: None,
-        action: format!("{:?}", msg.header.action).to_lowercase(),
-        other_selectors: msg.header.dst_len != 0 || msg.header.src_len != 0 || msg.header.tos != 0,
-    };
-    if msg.header.action == RuleAction::ToTable {
-        entry.action = "to_table".to_string();
-    }
-    for attr in &msg.attributes {
-        match attr {
-            RuleAttribute::Priority(p) => entry.priority = *p,
-            RuleAttribute::Table(t) => entry.table = *t,
-            RuleAttribute::FwMark(m) => entry.fwmark = Some(*m),
-            RuleAttribute::FwMask(m) => entry.fwmask = Some(*m),
-            RuleAttribute::Iifname(_)
-            | RuleAttribute::Oifname(_)
-            | RuleAttribute::Source(_)
-            | RuleAttribute::Destination(_)
-            | RuleAttribute::IpProtocol(_)
-            | RuleAttribute::SourcePortRange(_)
-            | RuleAttribute::DestinationPortRange(_)
-            | RuleAttribute::UidRange(_) => entry.other_selectors = true,
-            _ => {}
-        }
-    }
-    entry
-}
-
-fn link_state(msg: &LinkMessage) -> LinkState {
-    let mut state = LinkState {
-        index: msg.header.index,
-        name: String::new(),
-        mtu: None,
-        txqueuelen: None,
-        up: msg.header.flags.contains(LinkFlags::Up),
-        kind: None,
-    };
-    for attr in &msg.attributes {
-        match attr {
-            LinkAttribute::IfName(n) => state.name = n.clone(),
-            LinkAttribute::Mtu(m) => state.mtu = Some(*m),
-            LinkAttribute::TxQueueLen(n) => state.txqueuelen = Some(*n),
-            LinkAttribute::LinkInfo(infos) => {
-                state.kind = infos.iter().find_map(|i| match i {
-                    LinkInfo::Kind(InfoKind::Other(k)) => Some(k.clone()),
-                    LinkInfo::Kind(k) => Some(k.to_string()),
-                    _ => None,
-                });
-            }
-            _ => {}
-        }
-    }
-    state
-}
-
 #[cfg(test)]
 mod tests {
+    use super::messages::RT_TABLE_UNSPEC;
     use super::*;
 
     #[test]
@@ -789,11 +504,5 @@ mod tests {
         assert!(check_prefix(&"10.0.0.1".parse().unwrap(), 32).is_ok());
         assert!(check_prefix(&"10.0.0.1".parse().unwrap(), 33).is_err());
         assert!(check_prefix(&"::1".parse().unwrap(), 128).is_ok());
-    }
-
-    #[test]
-    fn errno_names() {
-        assert_eq!(errno::name(17), "EEXIST");
-        assert_eq!(errno::name(3), "ESRCH");
     }
 }
