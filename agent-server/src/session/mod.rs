@@ -1,26 +1,24 @@
 //! One connection from a source agent: the destination's side of a migration. Every peer
 //! input is validated here before it reaches the host, authenticated or not.
 
+mod incoming;
+mod refusal;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{anyhow, Context};
-use common::engine::lazy_pages::PageServer;
-use common::kernel::conntrack;
+use anyhow::anyhow;
 use common::kernel::nft::Firewall;
 use common::kernel::overlay::{TunnelEnd, MAIN_TABLE};
 use common::kernel::routing::{Route, Routing};
 use common::migration::destination::post_copy;
-use common::migration::destination::{self, IncomingMigration, ResumeError, Shared};
+use common::migration::destination::{self, ResumeError, Shared};
 use common::migration::forwarding::ForwardRecord;
 use common::migration::history::{self, Direction, HistoryEntry};
 use common::migration::ownership::{self, DestinationStage};
-use common::protocol::{
-    ClientMessage, ContainerRef, ErrorCode, LazyRestore, RestoreTimes, ServerMessage,
-    MAX_FLOWS_PER_BATCH,
-};
+use common::protocol::{ClientMessage, ErrorCode, ServerMessage, MAX_FLOWS_PER_BATCH};
 use common::session::auth::authenticate_client;
 use common::session::transfer::receive_stream;
 use common::session::validate;
@@ -29,6 +27,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::ServerContext;
+use incoming::*;
+use refusal::*;
 
 /// An unauthenticated peer gets this long to prove itself.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,48 +36,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// checkpoint a large container between two requests; a dead peer is found sooner, by the
 /// connection's keepalive.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long packets of a returning container that come through a tunnel stay untracked
-/// after its restore may have ended: the source's held packets arrive within milliseconds
-/// of its answer.
-const RETURNING_MARGIN: Duration = Duration::from_secs(5);
 /// Largest image archive accepted.
 const IMAGE_LIMIT: u64 = 16 << 30;
-/// Largest checkpoint archive accepted.
-const CHECKPOINT_LIMIT: u64 = 256 << 30;
-
-/// A request refused, with the code the source acts on.
-struct Refusal {
-    code: ErrorCode,
-    error: anyhow::Error,
-}
-
-impl<E: Into<anyhow::Error>> From<E> for Refusal {
-    fn from(error: E) -> Self {
-        Self {
-            code: ErrorCode::Host,
-            error: error.into(),
-        }
-    }
-}
-
-fn refuse(code: ErrorCode, error: impl Into<anyhow::Error>) -> Refusal {
-    Refusal {
-        code,
-        error: error.into(),
-    }
-}
-
-fn invalid(error: impl Into<anyhow::Error>) -> Refusal {
-    refuse(ErrorCode::Invalid, error)
-}
-
-type Reply = Result<ServerMessage, Refusal>;
-
-/// The connection's migration, once `PutCheckpoint` started one.
-struct Connection {
-    peer: SocketAddr,
-    migration: Option<Shared>,
-}
 
 /// Serves one connection. `unauthenticated` is its place among the connections still in
 /// the handshake, given up once the peer proved itself.
@@ -446,276 +406,4 @@ async fn handle(
             anyhow!("unexpected message {other:?}"),
         )),
     }
-}
-
-fn validate_container(container: &ContainerRef) -> Result<(), Refusal> {
-    validate::container_id(&container.id).map_err(invalid)?;
-    validate::container_name(&container.name).map_err(invalid)?;
-    validate::image_id(&container.image_id).map_err(invalid)?;
-    Ok(())
-}
-
-fn current(connection: &Connection) -> Result<&Shared, Refusal> {
-    connection.migration.as_ref().ok_or_else(|| {
-        refuse(
-            ErrorCode::State,
-            anyhow!("no checkpoint was uploaded on this connection"),
-        )
-    })
-}
-
-/// Requests that change a migration are only taken while it receives: not once it is
-/// restored, and never once it was fenced for the source.
-fn receiving(migration: &IncomingMigration) -> Result<(), Refusal> {
-    if migration.stage == DestinationStage::Receiving {
-        Ok(())
-    } else {
-        Err(refuse(
-            ErrorCode::State,
-            anyhow!(
-                "migration {} is {:?}",
-                migration.migration_id,
-                migration.stage
-            ),
-        ))
-    }
-}
-
-async fn put_checkpoint(
-    migration_id: String,
-    container: ContainerRef,
-    stream: &mut FramedStream<TcpStream>,
-    context: &ServerContext,
-    connection: &mut Connection,
-) -> Reply {
-    validate::migration_id(&migration_id).map_err(invalid)?;
-    validate_container(&container)?;
-    if connection.migration.is_some() {
-        return Err(refuse(
-            ErrorCode::State,
-            anyhow!("this connection already carries a migration"),
-        ));
-    }
-    // Whatever runs here with its ID later is then the migration's, and only that.
-    for existing in [&container.id, &container.name] {
-        if let Some(found) = context.podman.find(existing).await? {
-            return Err(refuse(
-                ErrorCode::State,
-                anyhow!("container {} already exists here", found.name),
-            ));
-        }
-    }
-    let name = container.name.clone();
-    let migration = IncomingMigration::new(
-        &context.state_dir,
-        &migration_id,
-        container,
-        connection.peer.ip().to_string(),
-    )?;
-    // Taken by the registry before it is journaled: a migration ID or container that is
-    // busy must not overwrite the journal of the one that has it.
-    let shared = context
-        .migrations
-        .insert(migration)
-        .map_err(|busy| refuse(ErrorCode::Busy, anyhow!("{busy}")))?;
-    let mut migration = shared.lock().await;
-    if let Err(e) = migration.save() {
-        context.migrations.remove(&migration_id);
-        return Err(e.into());
-    }
-    connection.migration = Some(shared.clone());
-    let path = migration
-        .archive
-        .clone()
-        .expect("a new migration has an archive path");
-    let mut file = private_file(&path).await?;
-    let bytes = receive_stream(stream, &mut file, CHECKPOINT_LIMIT).await?;
-    migration.archive_verified = true;
-    migration.save()?;
-    tracing::info!(container = %name, bytes, "checkpoint received and verified");
-    Ok(ServerMessage::CheckpointStored { bytes })
-}
-
-/// The archive holds the container's memory: only root reads it.
-async fn private_file(path: &std::path::Path) -> anyhow::Result<tokio::fs::File> {
-    tokio::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .await
-        .with_context(|| format!("create {}", path.display()))
-}
-
-async fn restore(
-    shared: &Shared,
-    declared: &ContainerRef,
-    lazy: Option<LazyRestore>,
-    context: &ServerContext,
-) -> Reply {
-    let podman = &context.podman;
-    let mut migration = shared.lock().await;
-    receiving(&migration)?;
-    if declared.id != migration.container.id {
-        return Err(invalid(anyhow!(
-            "container {} is not the one this migration uploaded",
-            declared.name
-        )));
-    }
-    let archive = migration
-        .archive
-        .clone()
-        .filter(|_| migration.archive_verified)
-        .ok_or_else(|| {
-            refuse(
-                ErrorCode::State,
-                anyhow!("no complete, verified archive in this migration"),
-            )
-        })?;
-    let replica = lazy.is_some_and(|l| l.until_resumed);
-    let lazy = match lazy {
-        None => None,
-        Some(LazyRestore {
-            page_server_port, ..
-        }) => {
-            // Only the port is the peer's: the address is its end of our tunnel.
-            let address = migration.source_tunnel_address.ok_or_else(|| {
-                refuse(
-                    ErrorCode::State,
-                    anyhow!("post-copy needs the tunnel: PrepareTraffic first"),
-                )
-            })?;
-            if page_server_port == 0 {
-                return Err(invalid(anyhow!("page server port 0")));
-            }
-            let work_dir = post_copy::work_dir(&context.state_dir, &migration.migration_id);
-            let source = PageServer {
-                address,
-                port: page_server_port,
-            };
-            migration.page_server = Some(source);
-            Some(post_copy::prepare(&archive, &work_dir, source, replica).await?)
-        }
-    };
-    migration.pages_pending = lazy.is_some();
-    migration.replica = replica;
-    migration.enter(DestinationStage::Restoring)?;
-    let started = Instant::now();
-    let restored = match (common::fault::at(&context.state_dir, "restore"), &lazy) {
-        (Err(e), _) => Err(e),
-        (Ok(()), None) => podman.restore_import(&archive).await.map_err(Into::into),
-        (Ok(()), Some(lazy)) => podman
-            .restore_import_lazily(&lazy.import)
-            .await
-            .map_err(Into::into),
-    };
-    let podman_took = started.elapsed();
-    let outcome = async {
-        let restored = restored?;
-        let ids = &restored.ids;
-        if *ids != [migration.container.id.clone()] {
-            // Not what the source declared: whatever it was goes again.
-            for id in ids {
-                let _ = podman.remove(id).await;
-            }
-            anyhow::bail!("the archive held {ids:?}, not the declared container");
-        }
-        if !podman.inspect(&migration.container.id).await?.running {
-            anyhow::bail!(
-                "container {} was restored but is not running",
-                migration.container.name
-            );
-        }
-        anyhow::Ok(restored)
-    }
-    .await;
-    let restored = match outcome {
-        Ok(restored) => restored,
-        Err(e) => {
-            if let Some(lazy) = lazy {
-                lazy.abandon().await;
-            }
-            // Leave no half-restored copy behind: the migration is fenced, and the source's
-            // Resolve hears so.
-            migration.discard(podman).await?;
-            context.migrations.remove(&migration.migration_id);
-            return Err(e.into());
-        }
-    };
-    for work in std::mem::take(&mut migration.ahead_of_restore) {
-        match work.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("preparing for the restore: {e:#}"),
-            Err(e) => tracing::warn!("preparing for the restore: {e}"),
-        }
-    }
-    let times = RestoreTimes {
-        podman_us: podman_took.as_micros() as u64,
-        runtime_us: restored.runtime_us,
-        criu_us: restored.criu_us,
-    };
-    if let Some(lazy) = lazy {
-        migration.pages = Some(lazy.watch(shared.clone(), podman.clone()));
-    }
-    if replica {
-        // Stopped, and not ours: it runs (and its address is routed here) on `Resume`.
-        migration.enter(DestinationStage::Replica)?;
-        tracing::info!(container = %migration.container.name, ?times, "replica restored, stopped until its memory is here and the source resumes it");
-        return Ok(ServerMessage::Restored { times });
-    }
-    // Its sockets exist: its address is routed here again. Packets held here wait for the
-    // source's (`TrafficSwitched`).
-    migration.route_here().await?;
-    // The decision point: journaled before the source hears of it.
-    migration.enter(DestinationStage::Owns)?;
-    common::fault::at(&context.state_dir, "restored")?;
-    tracing::info!(container = %migration.container.name, ?times, "container restored; this host owns it");
-    Ok(ServerMessage::Restored { times })
-}
-
-/// Creates the conntrack entry of an incoming flow; returns whether it is ours. An entry
-/// with the very same tuples is a leftover of an earlier stay of the container here (its
-/// sequence numbers long out of date, so the container's answers would be invalid): ours
-/// replaces it. One that clashes only on the reply tuple is the flow's own, DNATed entry
-/// here, where it enters: it is not ours, and stays (undo must leave it).
-async fn track_flow(flow: &conntrack::Flow) -> anyhow::Result<bool> {
-    if conntrack::create(flow).await? {
-        return Ok(true);
-    }
-    conntrack::delete(flow).await?;
-    conntrack::create(flow).await
-}
-
-/// How the packets of `flow` addressed to the container arrive: protocol, from, to.
-fn arriving(
-    flow: &conntrack::Flow,
-    container_ip: std::net::Ipv4Addr,
-) -> Option<(
-    conntrack::Proto,
-    std::net::SocketAddrV4,
-    std::net::SocketAddrV4,
-)> {
-    let towards = flow.towards(container_ip.into())?;
-    match (towards.src, towards.dst) {
-        (SocketAddr::V4(from), SocketAddr::V4(to)) => Some((flow.proto, from, to)),
-        _ => None,
-    }
-}
-
-/// The source removed its copy: nothing is left to decide about an owned migration.
-async fn settle(migration: &mut IncomingMigration, context: &ServerContext) -> Result<(), Refusal> {
-    if migration.stage != DestinationStage::Owns {
-        return Err(refuse(
-            ErrorCode::State,
-            anyhow!(
-                "migration {} is {:?}, not owned here",
-                migration.migration_id,
-                migration.stage
-            ),
-        ));
-    }
-    migration.release_held_ip(&context.podman).await?;
-    migration.forget()?;
-    context.migrations.remove(&migration.migration_id);
-    Ok(())
 }
