@@ -10,9 +10,9 @@ mod output;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use agent_config::HostPaths;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use common::config::HostPaths;
 use common::engine::podman::PodmanClient;
 use common::migration::mode::{self, MemoryPath, Mode, ModeRequest};
 use common::migration::MigrationRequest;
@@ -291,7 +291,7 @@ fn say(text: &str) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli: Cli = match common::config::parse("client") {
+    let cli: Cli = match agent_config::parse("client") {
         Ok(cli) => cli,
         Err(e) => {
             say(&format!("error: {e:#}"));

@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use agent_config::HostPaths;
 use anyhow::{Context, Result};
 use clap::Parser;
-use common::config::HostPaths;
 use common::engine::podman::PodmanClient;
 use common::kernel::wireguard::KeyPair;
 use common::migration::destination::{self, Registry};
@@ -76,7 +76,7 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let args: Args = common::config::parse("server")?;
+    let args: Args = agent_config::parse("server")?;
     if let Some(ServerCommand::Init { force }) = args.command {
         return init(&args.paths.token_file, force);
     }

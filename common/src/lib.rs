@@ -11,9 +11,9 @@
 //! - [`housekeeping`]: a host's status and the removal of leftovers.
 //!
 //! [`files`] (private, atomic files) and [`fault`] (test-only fault points) serve all of
-//! them; [`config`] reads the configuration file.
+//! them. The programs' flags and configuration file are in the `agent-config` crate, so
+//! that this library does not depend on a command-line parser.
 
-pub mod config;
 pub mod engine;
 pub mod fault;
 pub mod files;

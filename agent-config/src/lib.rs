@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::engine::podman::DEFAULT_SOCKET;
+use common::engine::podman::DEFAULT_SOCKET;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HostPaths {
