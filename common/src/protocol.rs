@@ -82,7 +82,7 @@ use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Default TCP port of `agent-server`.
 pub const DEFAULT_PORT: u16 = 7878;
@@ -297,7 +297,7 @@ pub struct ContainerRef {
 pub struct PublishedPort {
     pub host_port: u16,
     pub container_port: u16,
-    pub protocol: String,
+    pub protocol: Proto,
 }
 
 // ------------------------------------------------------------------------------ flows
@@ -322,7 +322,7 @@ const TCP_STATE_NAMES: [&str; 10] = [
 ];
 
 /// Transport protocol of a tracked flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,
@@ -505,8 +505,7 @@ impl std::fmt::Display for Flow {
 pub struct HostReport {
     pub hostname: String,
     pub podman_version: String,
-    /// CRIU's version, or why there is none.
-    pub criu_version: String,
+    pub criu: CriuVersion,
     /// What `criu check` objected to; `None` when it found the host fit.
     pub criu_check_problem: Option<String>,
     /// Optional CRIU features and whether this kernel has them.
@@ -527,8 +526,44 @@ pub struct HostReport {
     /// A container here that already uses the incoming container's address.
     pub address_in_use_by: Option<String>,
     /// Published host ports of the incoming container that a container here already
-    /// publishes, as `proto/port (container)`.
-    pub ports_in_use: Vec<String>,
+    /// publishes.
+    pub ports_in_use: Vec<PortInUse>,
+}
+
+/// CRIU on a host: its version, or why it could not be run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CriuVersion {
+    Installed(String),
+    Missing(String),
+}
+
+impl std::fmt::Display for CriuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CriuVersion::Installed(version) => f.write_str(version),
+            CriuVersion::Missing(reason) => write!(f, "missing: {reason}"),
+        }
+    }
+}
+
+/// A host port that a container already publishes here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortInUse {
+    pub protocol: Proto,
+    pub host_port: u16,
+    /// The container that publishes it.
+    pub container: String,
+}
+
+impl std::fmt::Display for PortInUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} ({})",
+            self.protocol, self.host_port, self.container
+        )
+    }
 }
 
 /// What a hold did, for the migration report.
@@ -585,7 +620,7 @@ mod tests {
         let m = ServerMessage::Preflight(Box::new(HostReport {
             hostname: "h2".into(),
             podman_version: "5.4.2".into(),
-            criu_version: "4.2.1".into(),
+            criu: CriuVersion::Installed("4.2.1".into()),
             criu_check_problem: None,
             criu_features: vec![("mem_dirty_track".into(), false)],
             post_copy_problem: None,
@@ -595,7 +630,11 @@ mod tests {
             has_image: false,
             conflicting_container: Some("counter".into()),
             address_in_use_by: None,
-            ports_in_use: vec!["tcp/8080 (web)".into()],
+            ports_in_use: vec![PortInUse {
+                protocol: Proto::Tcp,
+                host_port: 8080,
+                container: "web".into(),
+            }],
         }));
         let json = serde_json::to_vec(&m).unwrap();
         assert_eq!(serde_json::from_slice::<ServerMessage>(&json).unwrap(), m);

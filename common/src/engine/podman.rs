@@ -16,7 +16,7 @@ use podman_api::Podman;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use crate::protocol::{ContainerRef, PublishedPort};
+use crate::protocol::{ContainerRef, Proto, PublishedPort};
 
 /// Default path of the rootful Podman service socket.
 pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
@@ -166,17 +166,23 @@ impl PodmanClient {
             let Ok(container_port) = port.parse() else {
                 continue;
             };
+            // The agent moves TCP and UDP flows only: an SCTP port is neither checked nor
+            // forwarded.
+            let Ok(protocol) = protocol.parse::<Proto>() else {
+                tracing::warn!(container = %data.name.as_deref().unwrap_or_default(), "published port {spec} is not TCP or UDP: left out");
+                continue;
+            };
             for binding in bindings.unwrap_or_default() {
                 if let Some(Ok(host_port)) = binding.host_port.as_deref().map(str::parse) {
                     published_ports.push(PublishedPort {
                         host_port,
                         container_port,
-                        protocol: protocol.to_string(),
+                        protocol,
                     });
                 }
             }
         }
-        published_ports.sort_by_key(|p| (p.host_port, p.protocol.clone()));
+        published_ports.sort_by_key(|p| (p.host_port, p.protocol));
         let upper_dir = data
             .graph_driver
             .as_ref()

@@ -64,7 +64,7 @@ pub async fn sweep(state_dir: &Path, podman: &PodmanClient, token: &Token) -> Re
                 others.clone().any(|c| {
                     c.published_ports
                         .iter()
-                        .any(|p| p.host_port == port && p.protocol == proto.as_str())
+                        .any(|p| p.host_port == port && p.protocol == proto)
                 })
             })
             .collect();

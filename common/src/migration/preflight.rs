@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::engine::criu;
 use crate::engine::podman::PodmanClient;
-use crate::protocol::{ContainerRef, HostReport};
+use crate::protocol::{ContainerRef, CriuVersion, HostReport, PortInUse};
 
 /// Gathers this host's report. With `incoming`, it also looks for what would collide with
 /// that container arriving here: a container of the same name or ID, its address or its
@@ -38,7 +38,10 @@ pub async fn host_report(
     let mut report = HostReport {
         hostname: hostname(),
         podman_version: engine.podman_version,
-        criu_version: criu_version.unwrap_or_else(|e| format!("missing: {e}")),
+        criu: criu_version.map_or_else(
+            |e| CriuVersion::Missing(format!("{e:#}")),
+            CriuVersion::Installed,
+        ),
         criu_check_problem,
         criu_features,
         post_copy_problem: crate::engine::lazy_pages::host_problem(uffd),
@@ -67,10 +70,11 @@ pub async fn host_report(
                     .iter()
                     .any(|p| p.host_port == port.host_port && p.protocol == port.protocol)
                 {
-                    report.ports_in_use.push(format!(
-                        "{}/{} ({})",
-                        port.protocol, port.host_port, other.name
-                    ));
+                    report.ports_in_use.push(PortInUse {
+                        protocol: port.protocol,
+                        host_port: port.host_port,
+                        container: other.name.clone(),
+                    });
                 }
             }
         }
@@ -225,7 +229,15 @@ pub fn assess(
             Finding::problem(
                 dest,
                 "ports",
-                format!("already published: {}", destination.ports_in_use.join(", ")),
+                format!(
+                    "already published: {}",
+                    destination
+                        .ports_in_use
+                        .iter()
+                        .map(PortInUse::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 "stop the container that publishes them, or pick another destination",
             )
         });
@@ -235,15 +247,16 @@ pub fn assess(
 
 fn host_findings(report: &HostReport, memory_bytes: Option<u64>, out: &mut Vec<Finding>) {
     let host = report.hostname.as_str();
-    out.push(if criu::is_supported(&report.criu_version) {
-        Finding::ok(host, "criu", format!("CRIU {}", report.criu_version))
+    let supported = matches!(&report.criu, CriuVersion::Installed(v) if criu::is_supported(v));
+    out.push(if supported {
+        Finding::ok(host, "criu", format!("CRIU {}", report.criu))
     } else {
         Finding::problem(
             host,
             "criu",
             format!(
                 "CRIU {}: >= 4.2 is needed to checkpoint TCP connections",
-                report.criu_version
+                report.criu
             ),
             "run scripts/setup-host.sh (installs CRIU 4.2 from Debian sid)",
         )
@@ -351,6 +364,7 @@ fn free_bytes(dir: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Proto;
     use crate::protocol::PublishedPort;
 
     #[test]
@@ -372,7 +386,7 @@ mod tests {
         HostReport {
             hostname: name.into(),
             podman_version: "5.4.2".into(),
-            criu_version: "4.2.1".into(),
+            criu: CriuVersion::Installed("4.2.1".into()),
             criu_check_problem: None,
             criu_features: vec![],
             post_copy_problem: None,
@@ -396,7 +410,7 @@ mod tests {
             published_ports: vec![PublishedPort {
                 host_port: 8080,
                 container_port: 80,
-                protocol: "tcp".into(),
+                protocol: Proto::Tcp,
             }],
         }
     }
@@ -416,12 +430,16 @@ mod tests {
     #[test]
     fn each_blocker_is_a_problem_with_a_fix() {
         let mut source = report("h1");
-        source.criu_version = "4.1".into();
+        source.criu = CriuVersion::Installed("4.1".into());
         let mut dest = report("h2");
         dest.oci_runtime = "crun".into();
         dest.conflicting_container = Some("web".into());
         dest.address_in_use_by = Some("other".into());
-        dest.ports_in_use = vec!["tcp/8080 (other)".into()];
+        dest.ports_in_use = vec![PortInUse {
+            protocol: Proto::Tcp,
+            host_port: 8080,
+            container: "other".into(),
+        }];
         dest.free_state_bytes = 1 << 20;
         let findings = assess(&source, Some(&dest), &container(), Some(1 << 30));
         let problems: Vec<_> = findings

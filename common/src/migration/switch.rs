@@ -44,7 +44,7 @@ impl SwitchPlan {
         let mut ports = Vec::new();
         if forward_new_connections {
             for port in &container.published_ports {
-                ports.push((port.protocol.parse()?, port.host_port, port.container_port));
+                ports.push((port.protocol, port.host_port, port.container_port));
             }
         }
         Ok(Self {

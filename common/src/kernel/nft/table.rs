@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use nftables::{
     batch::Batch,
     helper::{self, NftablesError},
-    schema::{Chain, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table},
+    schema::{
+        Chain, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
+    },
     types::{NfChainPolicy, NfChainType, NfHook},
 };
 
@@ -172,18 +174,25 @@ pub(super) fn nft_error(e: NftablesError) -> anyhow::Error {
 }
 
 /// `nft -j list table inet live_migrate`, parsed as JSON; `None` if there is no table.
+/// Whether it exists is asked first, from the list of tables, rather than read from the
+/// text of nft's error.
 pub(super) fn read_table() -> Result<Option<serde_json::Value>> {
-    match helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "table", "inet", TABLE]) {
-        Ok(out) => Ok(Some(
-            serde_json::from_str(&out).context("parsing the output of nft -j list table")?,
-        )),
-        Err(NftablesError::NftFailed { stderr, .. })
-            if stderr.contains("No such file or directory") =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(nft_error(e)).context("listing nftables table inet live_migrate"),
+    let tables = helper::get_current_ruleset_with_args(helper::DEFAULT_NFT, ["list", "tables"])
+        .map_err(nft_error)
+        .context("listing nftables tables")?;
+    let exists = tables.objects.iter().any(|object| {
+        matches!(object, NfObject::ListObject(NfListObject::Table(t)) if t.family == FAMILY && t.name == TABLE)
+    });
+    if !exists {
+        return Ok(None);
     }
+    let out =
+        helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "table", "inet", TABLE])
+            .map_err(nft_error)
+            .context("listing nftables table inet live_migrate")?;
+    Ok(Some(
+        serde_json::from_str(&out).context("parsing the output of nft -j list table")?,
+    ))
 }
 
 pub(super) fn list_rules() -> Result<Vec<InstalledRule>> {
