@@ -10,7 +10,7 @@ use common::migration::MigrationReport;
 use indicatif::{HumanBytes, HumanDuration};
 use serde::Serialize;
 
-use crate::drain::{self, Moved, Placement};
+use crate::drain::plan::{self, Moved, Placement};
 
 fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
@@ -272,7 +272,7 @@ pub fn print_cleanup(done: &[String], as_json: bool) -> Result<()> {
 /// results.
 pub fn print_drain(plan: &[Placement], results: Option<&[Moved]>, as_json: bool) -> Result<()> {
     if as_json {
-        return json(&drain::json(plan, results));
+        return json(&plan::json(plan, results));
     }
     let mut out = String::new();
     let Some(results) = results else {
