@@ -49,6 +49,9 @@ pub async fn run(args: &CommonArgs, request: MigrationRequest) -> Result<ExitCod
     if let Some(events) = &events {
         events.finished(&outcome);
     }
+    if let (Err(failure), true) = (&outcome, args.json) {
+        output::print_failure_json(failure)?;
+    }
     match outcome {
         Ok(report) => {
             output::print_report(&report, args.json)?;

@@ -6,7 +6,7 @@ use comfy_table::{Cell, Color, Table};
 use common::housekeeping::HostStatus;
 use common::migration::phases::Survey;
 use common::migration::preflight::Severity;
-use common::migration::MigrationReport;
+use common::migration::{MigrationFailure, MigrationReport, Phase, Resolution};
 use indicatif::{HumanBytes, HumanDuration};
 use serde::Serialize;
 
@@ -37,6 +37,25 @@ fn emit(text: &str) -> Result<()> {
 
 fn json(value: &impl Serialize) -> Result<()> {
     emit(&(serde_json::to_string_pretty(value)? + "\n"))
+}
+
+/// `--json` after a failed or aborted migration: where it failed, why, and what became of
+/// the container (`resolution`, with its problems or warnings).
+pub fn print_failure_json(failure: &MigrationFailure) -> Result<()> {
+    #[derive(Serialize)]
+    struct FailureJson<'a> {
+        ok: bool,
+        phase: Phase,
+        error: String,
+        #[serde(flatten)]
+        resolution: &'a Resolution,
+    }
+    json(&FailureJson {
+        ok: false,
+        phase: failure.phase,
+        error: format!("{:#}", failure.error),
+        resolution: &failure.resolution,
+    })
 }
 
 pub fn print_report(report: &MigrationReport, as_json: bool) -> Result<()> {

@@ -242,9 +242,14 @@ fn migrate_with(
     Ok(report)
 }
 
-/// Expects a migration to fail with a message containing `cause`.
+/// Expects a migration to fail with a message containing `cause`, and `--json` to say so
+/// on stdout: the phase, the error and what became of the container.
 fn migrate_fails(lab: &Lab, from: &str, container: &str, to: &str, cause: &str) -> Result<()> {
-    let (ok, _, stderr) = agent_client(lab, from, &["--container", container, "--dest", to])?;
+    let (ok, stdout, stderr) = agent_client(
+        lab,
+        from,
+        &["--container", container, "--dest", to, "--json"],
+    )?;
     ensure!(
         !ok,
         "migration of {container} to {to} unexpectedly succeeded"
@@ -252,6 +257,15 @@ fn migrate_fails(lab: &Lab, from: &str, container: &str, to: &str, cause: &str) 
     ensure!(
         stderr.contains(cause),
         "error does not name the cause {cause:?}: {stderr}"
+    );
+    let failure: serde_json::Value =
+        serde_json::from_str(&stdout).with_context(|| format!("failure JSON: {stdout}"))?;
+    ensure!(
+        failure["ok"] == false
+            && failure["phase"].is_string()
+            && failure["error"].as_str().is_some_and(|e| e.contains(cause))
+            && failure["resolution"].is_string(),
+        "failure JSON lacks ok, phase, error or resolution: {failure}"
     );
     Ok(())
 }

@@ -181,7 +181,8 @@ impl std::fmt::Display for MigrationFailure {
 impl std::error::Error for MigrationFailure {}
 
 /// How a migration was resolved.
-#[derive(Debug)]
+#[derive(Debug, Serialize)]
+#[serde(tag = "resolution", rename_all = "snake_case")]
 pub enum Resolution {
     /// The container runs here again; `problems` lists undo steps that failed and stay
     /// journaled for `agent-client cleanup`.
