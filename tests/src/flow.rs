@@ -22,10 +22,11 @@ impl FlowClient {
         Self::spawn(lab, proto, addr, live, &[])
     }
 
-    /// Starts a UDP flow to `addr` at `rate` datagrams per second.
+    /// Starts a UDP flow to `addr` at `rate` datagrams per second, for a measurement: a
+    /// datagram that comes after newer ones is counted as reordered, not as lost.
     pub fn start_udp_at(lab: &Lab, addr: &str, rate: f64) -> Result<Self> {
         let rate = rate.to_string();
-        Self::spawn(lab, "udp", addr, None, &["--rate", &rate])
+        Self::spawn(lab, "udp", addr, None, &["--rate", &rate, "--reorder-ok"])
     }
 
     /// Waits on `addr` in the client namespace for one TCP connection from an echoing

@@ -4,8 +4,11 @@
 //! the file given with `--stop-file` appears).
 //!
 //! TCP: any reset, EOF or wrong byte ends the run as a failure. UDP: lost datagrams are
-//! counted (a migration freeze may drop a few); the flow must resume.
+//! counted (a migration freeze may drop a few); the flow must resume. A datagram that
+//! comes after newer ones ends the run too, unless `--reorder-ok`: then it is counted as
+//! reordered, and not as lost.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
@@ -41,6 +44,10 @@ struct Args {
     /// Print every Nth reply and every pause over 200 ms to stderr, as they happen.
     #[arg(long)]
     live: Option<u64>,
+    /// UDP only: a datagram that comes after newer ones is counted (`reordered`), not an
+    /// error.
+    #[arg(long)]
+    reorder_ok: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -55,6 +62,8 @@ struct Summary {
     sent: u64,
     received: u64,
     lost: u64,
+    /// UDP: datagrams that came after newer ones (with `--reorder-ok`).
+    reordered: u64,
     max_pause_ms: f64,
     error: Option<String>,
 }
@@ -158,7 +167,7 @@ fn udp(args: &Args, summary: &mut Summary) -> Result<()> {
     };
     let started = Instant::now();
     let mut meter = PauseMeter::new(args.live);
-    let mut next_expected = 0u64;
+    let mut replies = Replies::default();
     let mut next_send = started;
     let mut buf = [0u8; 64];
     while !should_stop(args, started) {
@@ -167,18 +176,13 @@ fn udp(args: &Args, summary: &mut Summary) -> Result<()> {
             summary.sent += 1;
             next_send += period;
         }
-        // Replies until the next send is due; a late one is fine, a reordered one is not.
+        // Replies until the next send is due; a late one is fine.
         let wait = next_send.saturating_duration_since(Instant::now());
         socket.set_read_timeout(Some(wait.max(Duration::from_micros(20))))?;
         match socket.recv(&mut buf) {
             Ok(8) => {
                 let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
-                if seq < next_expected {
-                    bail!("datagram {seq} arrived after {}", next_expected - 1);
-                }
-                summary.lost += seq - next_expected;
-                next_expected = seq + 1;
-                summary.received += 1;
+                replies.add(seq, args.reorder_ok, summary)?;
                 meter.reply(summary, &seq.to_string());
             }
             Ok(n) => bail!("reply of {n} bytes"),
@@ -194,13 +198,11 @@ fn udp(args: &Args, summary: &mut Summary) -> Result<()> {
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
     while let Ok(8) = socket.recv(&mut buf) {
         let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
-        if seq >= next_expected {
-            summary.lost += seq - next_expected;
-            next_expected = seq + 1;
-            summary.received += 1;
+        if replies.add(seq, true, summary).is_err() {
+            break;
         }
     }
-    summary.lost += summary.sent - next_expected;
+    summary.lost = replies.missing.len() as u64 + (summary.sent - replies.next_expected);
     if summary.received == 0 {
         bail!("no reply at all");
     }
@@ -209,4 +211,53 @@ fn udp(args: &Args, summary: &mut Summary) -> Result<()> {
         bail!("no reply in the last {:?}", meter.last.elapsed());
     }
     Ok(())
+}
+
+/// The sequence numbers of the replies so far.
+#[derive(Default)]
+struct Replies {
+    next_expected: u64,
+    /// Skipped by a newer reply and not come since.
+    missing: BTreeSet<u64>,
+}
+
+impl Replies {
+    /// Takes reply `seq`: one older than the newest is an error unless `reorder_ok`,
+    /// and counted as reordered then; a duplicate is always an error.
+    fn add(&mut self, seq: u64, reorder_ok: bool, summary: &mut Summary) -> Result<()> {
+        if seq >= self.next_expected {
+            self.missing.extend(self.next_expected..seq);
+            self.next_expected = seq + 1;
+        } else if !reorder_ok {
+            bail!("datagram {seq} arrived after {}", self.next_expected - 1);
+        } else if self.missing.remove(&seq) {
+            summary.reordered += 1;
+        } else {
+            bail!("datagram {seq} arrived twice");
+        }
+        summary.received += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_datagram_is_reordered_not_lost_only_when_allowed() {
+        let mut summary = Summary::default();
+        let mut replies = Replies::default();
+        for seq in [0, 1, 3, 4] {
+            replies.add(seq, true, &mut summary).unwrap();
+        }
+        assert_eq!(replies.missing, BTreeSet::from([2]));
+        replies.add(2, true, &mut summary).unwrap();
+        assert!(replies.missing.is_empty());
+        assert_eq!((summary.received, summary.reordered), (5, 1));
+        assert!(replies.add(2, true, &mut summary).is_err(), "a duplicate");
+        let mut strict = Replies::default();
+        strict.add(1, false, &mut summary).unwrap();
+        assert!(strict.add(0, false, &mut summary).is_err());
+    }
 }

@@ -584,6 +584,8 @@ pub struct UdpHop {
     pub error: Option<String>,
     pub sent: u64,
     pub lost: u64,
+    /// Datagrams that came after newer ones (not lost).
+    pub reordered: u64,
     /// That hop's freeze-to-resume.
     pub freeze_to_resume_ms: Option<f64>,
     /// Lost, as a share of the datagrams sent during the freeze (percent).
@@ -651,7 +653,10 @@ pub fn echo_series(lab: &Lab, n: usize, pb: &ProgressBar) -> Result<(Vec<EchoHop
                 hop.max_pause_ms,
                 hop.udp
                     .iter()
-                    .map(|u| format!("{} at {}/s", u.lost, u.rate_per_s))
+                    .map(|u| format!(
+                        "{} at {}/s ({} reordered)",
+                        u.lost, u.rate_per_s, u.reordered
+                    ))
                     .collect::<Vec<_>>()
                     .join(", ")
             )
@@ -689,6 +694,7 @@ fn udp_hop(lab: &Lab, from: &str, to: &str) -> Result<(bool, Vec<UdpHop>)> {
             error: summary["error"].as_str().map(String::from),
             sent: summary["sent"].as_u64().unwrap_or(0),
             lost,
+            reordered: summary["reordered"].as_u64().unwrap_or(0),
             freeze_to_resume_ms: m.freeze_to_resume_ms,
             lost_of_freeze_percent: m
                 .freeze_to_resume_ms

@@ -28,7 +28,7 @@ pub struct Report {
     /// Over the echo hops, each step of the freeze (`freeze_steps` of the report, by key).
     pub echo_steps: Vec<(String, Spread)>,
     /// UDP datagrams lost per hop, by rate: count, and percent of those sent in the freeze.
-    pub echo_udp_lost: Vec<(f64, Option<Spread>, Option<Spread>)>,
+    pub echo_udp_lost: Vec<UdpSpread>,
     /// Number of migrations (all runs), for quick checks.
     pub migrations: usize,
 }
@@ -192,21 +192,30 @@ pub fn markdown(r: &Report) -> String {
         if !r.echo_udp_lost.is_empty() {
             let _ = writeln!(
                 s,
-                "\nUDP echo server through the same hops, one flow per rate:\n\n| datagrams/s | lost per hop p50 | p95 | worst | % of those sent in the freeze, p50 | p95 | worst |\n|---|---|---|---|---|---|---|"
+                "\nUDP echo server through the same hops, one flow per rate:\n\n| datagrams/s | lost per hop p50 | p95 | worst | % of those sent in the freeze, p50 | p95 | worst | reordered (not lost) per hop, p50 | p95 | worst |\n|---|---|---|---|---|---|---|---|---|---|"
             );
-            for (rate, lost, percent) in &r.echo_udp_lost {
+            for UdpSpread {
+                rate,
+                lost,
+                lost_of_freeze_percent: percent,
+                reordered,
+            } in &r.echo_udp_lost
+            {
                 let cell = |v: &Option<Spread>, f: fn(&Spread) -> f64| {
                     v.as_ref().map_or("-".into(), |v| format!("{:.1}", f(v)))
                 };
                 let _ = writeln!(
                     s,
-                    "| {rate:.0} | {} | {} | {} | {} | {} | {} |",
+                    "| {rate:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     cell(lost, |v| v.p50),
                     cell(lost, |v| v.p95),
                     cell(lost, |v| v.max),
                     cell(percent, |v| v.p50),
                     cell(percent, |v| v.p95),
                     cell(percent, |v| v.max),
+                    cell(reordered, |v| v.p50),
+                    cell(reordered, |v| v.p95),
+                    cell(reordered, |v| v.max),
                 );
             }
         }
@@ -252,10 +261,28 @@ impl Report {
                     .iter()
                     .filter_map(|u| u.lost_of_freeze_percent)
                     .collect();
-                (rate, spread(&lost), spread(&percent))
+                let reordered: Vec<f64> = hops.iter().map(|u| u.reordered as f64).collect();
+                UdpSpread {
+                    rate,
+                    lost: spread(&lost),
+                    lost_of_freeze_percent: spread(&percent),
+                    reordered: spread(&reordered),
+                }
             })
             .collect();
     }
+}
+
+/// The UDP flows of one rate over the echo hops.
+#[derive(Debug, Clone, Serialize)]
+pub struct UdpSpread {
+    pub rate: f64,
+    /// Lost per hop.
+    pub lost: Option<Spread>,
+    /// Lost, as a share of the datagrams sent during the freeze.
+    pub lost_of_freeze_percent: Option<Spread>,
+    /// Came after newer ones (not lost), per hop.
+    pub reordered: Option<Spread>,
 }
 
 /// The spread of each numeric step of the hops' `freeze_steps` (nested ones as
