@@ -320,7 +320,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             check::run(args, &args.request(&container, &dest)?).await
         }
         Some(Command::Status) => {
-            let status = common::housekeeping::status(&args.paths.state_dir).await?;
+            let status = common::housekeeping::status(
+                &args.paths.state_dir,
+                common::housekeeping::HISTORY_SHOWN,
+            )
+            .await?;
             output::print_status(&status, args.json)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use common::housekeeping::{self, HostStatus};
-use common::migration::history::{self, Direction, HistoryEntry};
+use common::migration::history::Direction;
 use hyper::header::CONTENT_TYPE;
 use hyper::service::{make_service_fn, service_fn};
 use hyper::{Body, Method, Request, Response, StatusCode};
@@ -136,10 +136,10 @@ async fn respond(request: &Request<Body>, context: &ServerContext) -> Response<B
 
 /// The metrics as they stand now.
 async fn render(context: &ServerContext) -> Result<String> {
-    let status = housekeeping::status(&context.state_dir).await?;
-    let history = history::recent(&context.state_dir, usize::MAX);
+    // The whole history: the counters count every migration this host took part in.
+    let status = housekeeping::status(&context.state_dir, usize::MAX).await?;
     let mut registry = Registry::with_prefix("live_migrate");
-    register_migrations(&mut registry, &history, &status);
+    register_migrations(&mut registry, &status);
     register_forwarding(&mut registry, &status);
     registry.register(
         "sweeper_removed_forwards",
@@ -156,7 +156,7 @@ async fn render(context: &ServerContext) -> Result<String> {
     Ok(text)
 }
 
-fn register_migrations(registry: &mut Registry, history: &[HistoryEntry], status: &HostStatus) {
+fn register_migrations(registry: &mut Registry, status: &HostStatus) {
     let started = Family::<Migrations, Counter>::default();
     let succeeded = Family::<Migrations, Counter>::default();
     let failed = Family::<Failures, Counter>::default();
@@ -164,7 +164,7 @@ fn register_migrations(registry: &mut Registry, history: &[HistoryEntry], status
     // 50 ms to about 25 s.
     let freeze = Histogram::new(exponential_buckets(0.05, 2.0, 10));
     let transferred = Counter::<u64>::default();
-    for entry in history {
+    for entry in &status.history {
         started.get_or_create(&migrations(entry.direction)).inc();
         if entry.succeeded {
             succeeded.get_or_create(&migrations(entry.direction)).inc();

@@ -6,4 +6,4 @@ mod status;
 mod tunnels;
 
 pub use cleanup::clean_up;
-pub use status::{status, ForwardStatus, HostStatus, MigrationStatus, TunnelStatus};
+pub use status::{status, ForwardStatus, HostStatus, MigrationStatus, TunnelStatus, HISTORY_SHOWN};

@@ -14,8 +14,8 @@ use crate::migration::history::{self, HistoryEntry};
 use crate::migration::ownership::{DestinationStage, SourceStage};
 use crate::migration::source::journal;
 
-/// Migrations shown by `status`.
-const HISTORY_SHOWN: usize = 10;
+/// Migrations `agent-client status` shows.
+pub const HISTORY_SHOWN: usize = 10;
 
 #[derive(Debug, Serialize)]
 pub struct HostStatus {
@@ -66,8 +66,8 @@ pub struct MigrationStatus {
     pub detail: String,
 }
 
-/// Everything the agents keep on this host.
-pub async fn status(state_dir: &Path) -> Result<HostStatus> {
+/// Everything the agents keep on this host, with the last `history` migrations.
+pub async fn status(state_dir: &Path, history: usize) -> Result<HostStatus> {
     let flows = conntrack::list().await?;
     let records = ForwardRecord::load_all(state_dir);
     let tunnels = tunnels(state_dir, &flows, &records)
@@ -152,7 +152,7 @@ pub async fn status(state_dir: &Path) -> Result<HostStatus> {
         tunnels,
         forwards,
         migrations,
-        history: history::recent(state_dir, HISTORY_SHOWN),
+        history: history::recent(state_dir, history),
     })
 }
 
