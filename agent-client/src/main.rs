@@ -36,7 +36,7 @@ use tracing_subscriber::EnvFilter;
 /// Without --container it asks: it lists the running containers, lets you pick one and a
 /// destination, shows a preflight check of both hosts and asks for confirmation.
 #[derive(Parser, Debug)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -75,8 +75,8 @@ enum Command {
     },
     /// Moves every running container off this host, for maintenance: each to the
     /// destination with the most memory available that passes its preflight, a few at a
-    /// time, with the migration settings of the configuration file's [client] section.
-    /// One that no destination takes stays, with the reason; the exit code is then 1.
+    /// time, each with the migration options below (as for one migration). One that no
+    /// destination takes stays, with the reason; the exit code is then 1.
     /// Ctrl-C stops new moves; running ones abort or finish as a single migration does.
     Drain {
         /// Destinations, `HOST[:PORT],...`.
@@ -88,6 +88,8 @@ enum Command {
         /// Print the plan only; change nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        options: MigrationOptions,
     },
 }
 
@@ -99,6 +101,13 @@ struct MigrateArgs {
     /// Destination agent, `HOST[:PORT]` (default port 7878).
     #[arg(long, requires = "container", value_parser = destination_arg)]
     dest: Option<String>,
+    #[command(flatten)]
+    options: MigrationOptions,
+}
+
+/// How a container moves: for one migration, and for each of a drain.
+#[derive(Args, Debug)]
+struct MigrationOptions {
     /// Do not forward new connections to the container's published ports on this host
     /// after it moved (connections that already exist are kept either way).
     #[arg(long)]
@@ -146,7 +155,7 @@ enum ModeArg {
     StopCopy,
 }
 
-impl MigrateArgs {
+impl MigrationOptions {
     fn mode(&self) -> ModeRequest {
         match self.mode {
             ModeArg::Auto => ModeRequest::Auto {
@@ -282,6 +291,32 @@ fn interrupts() -> Result<Interrupts> {
     })
 }
 
+/// A migration's flags (`--container`, `--mode`, ...) before a subcommand would go unused:
+/// they are refused. Global ones (`--state-dir`, `--json`, ...) go anywhere.
+fn migration_flags_alone(matches: &clap::ArgMatches) -> Result<()> {
+    let Some((subcommand, _)) = matches.subcommand() else {
+        return Ok(());
+    };
+    let command = <Cli as clap::CommandFactory>::command();
+    for arg in command.get_arguments().filter(|a| !a.is_global_set()) {
+        let id = arg.get_id().as_str();
+        if matches.ids().any(|given| given.as_str() == id)
+            && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+        {
+            anyhow::bail!(
+                "--{} is an option of a single migration, not of `{subcommand}`{}",
+                arg.get_long().unwrap_or(id),
+                if subcommand == "drain" {
+                    "; give drain its own after it (agent-client drain --help)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Writes a line to stderr, ignoring failure: after a hangup the terminal is gone, and a
 /// rollback under way must not die of a progress line (as `eprintln!` would panic).
 fn say(text: &str) {
@@ -291,7 +326,9 @@ fn say(text: &str) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli: Cli = match agent_config::parse("client") {
+    let cli: Cli = match agent_config::parse_with_matches("client")
+        .and_then(|(cli, matches)| migration_flags_alone(&matches).map(|()| cli))
+    {
         Ok(cli) => cli,
         Err(e) => {
             say(&format!("error: {e:#}"));
@@ -347,9 +384,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             to,
             parallel,
             dry_run,
+            options,
         }) => {
             let request = |container: &str, destination: &str| {
-                Ok(cli.migrate.apply(args.request(container, destination)?))
+                Ok(options.apply(args.request(container, destination)?))
             };
             drain::run(
                 args,
@@ -366,8 +404,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 (Some(container), Some(dest)) => args.request(container, dest)?,
                 _ => match interactive::choose(
                     args,
-                    cli.migrate.mode(),
-                    cli.migrate.stop_copy_memory(),
+                    cli.migrate.options.mode(),
+                    cli.migrate.options.stop_copy_memory(),
                 )
                 .await?
                 {
@@ -378,7 +416,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 },
             };
-            migrate::run(args, cli.migrate.apply(request)).await
+            migrate::run(args, cli.migrate.options.apply(request)).await
         }
     }
 }

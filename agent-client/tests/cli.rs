@@ -69,3 +69,53 @@ fn a_bad_destination_or_container_name_is_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("port 0 is out of range"), "{stderr}");
 }
+
+/// Flags for every command (`--state-dir`, `--json`) go before or after a subcommand;
+/// those of a single migration before one are refused rather than ignored, and `drain`
+/// takes its own.
+#[test]
+fn global_flags_go_anywhere_and_migration_flags_are_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_agent-client"))
+            .args(args)
+            .env("LM_STATE_DIR", &state)
+            .env("LM_CONFIG", &config)
+            .env_remove("LM_PODMAN_SOCKET")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+        )
+    };
+    let state_arg = state.to_str().unwrap();
+    for args in [
+        ["--json", "--state-dir", state_arg, "status"],
+        ["status", "--json", "--state-dir", state_arg],
+    ] {
+        let (ok, stdout, stderr) = run(&args);
+        assert!(ok, "{args:?}: {stderr}");
+        let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert!(status["hostname"].is_string(), "{args:?}: {stdout}");
+    }
+    let (ok, _, stderr) = run(&["--mode", "post-copy", "drain", "--to", "h2"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--mode is an option of a single migration, not of `drain`"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run(&["--container", "web", "--dest", "h2", "status"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--container is an option of a single migration"),
+        "{stderr}"
+    );
+    let (_, _, stderr) = run(&["drain", "--to", "h2", "--mode", "post-copy", "--dry-run"]);
+    assert!(!stderr.contains("unexpected argument"), "{stderr}");
+}

@@ -63,10 +63,18 @@ const SECTIONS: &[(&str, &[&str])] = &[
 ///
 /// An unknown key, or a value its flag would refuse, is an error naming the key.
 pub fn parse<C: clap::Parser>(section: &str) -> Result<C> {
+    parse_with_matches(section).map(|(parsed, _)| parsed)
+}
+
+/// [`parse`], and clap's matches, which say where each value came from.
+pub fn parse_with_matches<C: clap::Parser>(section: &str) -> Result<(C, clap::ArgMatches)> {
     parse_from(section, std::env::args_os().collect())
 }
 
-fn parse_from<C: clap::Parser>(section: &str, args: Vec<OsString>) -> Result<C> {
+fn parse_from<C: clap::Parser>(
+    section: &str,
+    args: Vec<OsString>,
+) -> Result<(C, clap::ArgMatches)> {
     let mut command = C::command();
     // The file's name comes from the command line or the environment, before the rest.
     let named = config_flag(&args).or_else(|| std::env::var_os("LM_CONFIG"));
@@ -104,13 +112,27 @@ fn parse_from<C: clap::Parser>(section: &str, args: Vec<OsString>) -> Result<C> 
                     first.trim_start_matches("error: ")
                 );
             }
+            // A subcommand with a flag of the same name (drain's migration options) takes
+            // the same default.
+            let subcommands: Vec<String> = command
+                .get_subcommands()
+                .filter(|sub| sub.get_arguments().any(|a| a.get_id() == flag.as_str()))
+                .map(|sub| sub.get_name().to_string())
+                .collect();
+            for name in subcommands {
+                let value = value.clone();
+                command = command.mut_subcommand(name, |sub| {
+                    sub.mut_arg(flag.as_str(), |a| a.default_value(value))
+                });
+            }
             command = command.mut_arg(flag.as_str(), |a| a.default_value(value));
         }
     }
     let matches = command
         .try_get_matches_from(args)
         .unwrap_or_else(|e| e.exit());
-    Ok(C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
+    let parsed = C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    Ok((parsed, matches))
 }
 
 /// `--config PATH` or `--config=PATH` on the command line.
@@ -197,14 +219,57 @@ mod tests {
         paths: HostPaths,
     }
 
-    fn parsed(file: &str, flags: &[&str]) -> Result<Server> {
+    #[derive(clap::Parser, Debug)]
+    #[command(args_conflicts_with_subcommands = true)]
+    struct Client {
+        #[arg(long, default_value_t = 256)]
+        post_copy_above: u64,
+        #[command(subcommand)]
+        command: Option<ClientCommand>,
+        #[command(flatten)]
+        paths: HostPaths,
+    }
+
+    #[derive(clap::Subcommand, Debug, PartialEq)]
+    enum ClientCommand {
+        Drain {
+            #[arg(long, default_value_t = 256)]
+            post_copy_above: u64,
+        },
+    }
+
+    fn parsed_as<C: clap::Parser>(section: &str, file: &str, flags: &[&str]) -> Result<C> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, file).unwrap();
-        let mut args: Vec<OsString> = vec!["agent-server".into(), "--config".into()];
+        let mut args: Vec<OsString> = vec!["agent".into(), "--config".into()];
         args.push(path.into());
         args.extend(flags.iter().map(OsString::from));
-        parse_from("server", args)
+        parse_from(section, args).map(|(parsed, _)| parsed)
+    }
+
+    fn parsed(file: &str, flags: &[&str]) -> Result<Server> {
+        parsed_as("server", file, flags)
+    }
+
+    #[test]
+    fn a_subcommand_flag_of_the_same_name_takes_the_file_too() {
+        let file = "[client]\npost_copy_above = 64\n";
+        let top: Client = parsed_as("client", file, &[]).unwrap();
+        assert_eq!((top.post_copy_above, top.command), (64, None));
+        let drain: Client = parsed_as("client", file, &["drain"]).unwrap();
+        assert_eq!(
+            drain.command,
+            Some(ClientCommand::Drain {
+                post_copy_above: 64
+            })
+        );
+        let flagged: Client =
+            parsed_as("client", file, &["drain", "--post-copy-above", "9"]).unwrap();
+        assert_eq!(
+            flagged.command,
+            Some(ClientCommand::Drain { post_copy_above: 9 })
+        );
     }
 
     #[test]
