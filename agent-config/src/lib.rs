@@ -220,7 +220,6 @@ mod tests {
     }
 
     #[derive(clap::Parser, Debug)]
-    #[command(args_conflicts_with_subcommands = true)]
     struct Client {
         #[arg(long, default_value_t = 256)]
         post_copy_above: u64,
