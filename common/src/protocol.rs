@@ -587,7 +587,8 @@ pub enum Verdict {
     Fenced,
 }
 
-/// Every page of a post-copy restore is on the destination: `PagesArrived`, decoded.
+/// Every page of a post-copy restore is on the destination: the answer `PagesArrived`,
+/// decoded (its time as a `Duration`); not itself on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagesArrived {
     /// How long after the restore the last one came.

@@ -272,7 +272,7 @@ pub async fn migrate(
                 &prepared.container,
                 request.forward_new_connections,
                 agent.peer_addr()?.port(),
-            )?)?;
+            ))?;
         }
 
         let work_dir = state_dir.join("outgoing");

@@ -40,21 +40,24 @@ impl SwitchPlan {
         container: &ContainerInfo,
         forward_new_connections: bool,
         agent_port: u16,
-    ) -> Result<Self> {
-        let mut ports = Vec::new();
-        if forward_new_connections {
-            for port in &container.published_ports {
-                ports.push((port.protocol, port.host_port, port.container_port));
-            }
-        }
-        Ok(Self {
+    ) -> Self {
+        let ports = if forward_new_connections {
+            container
+                .published_ports
+                .iter()
+                .map(|port| (port.protocol, port.host_port, port.container_port))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
             container_id: container.id.clone(),
             container_name: container.name.clone(),
             container_ip,
             interface: tunnel.interface.clone(),
             next_agent: tunnel.peer_agent(agent_port),
             ports,
-        })
+        }
     }
 }
 

@@ -35,7 +35,7 @@ impl Firewall {
     }
 
     /// Marks connections entering through `ifname` with ct mark `mark` and restores that
-    /// mark on their other packets, and drops returns that clash (see the module doc).
+    /// mark on their other packets, and drops returns that clash (see the `nft` module doc).
     /// Replaces an earlier mark of the same interface; no-op if already in place.
     pub fn mark_tunnel(&self, ifname: &str, mark: u32) -> Result<()> {
         check_ifname(ifname)?;
@@ -69,7 +69,7 @@ impl Firewall {
     }
 
     /// Untracks the packets of `flows` (protocol, source, destination, as they arrive)
-    /// that come through a tunnel, for `seconds` (see the module doc): they entered this
+    /// that come through a tunnel, for `seconds` (see the `nft` module doc): they entered this
     /// host directly, and their container came back to it.
     pub fn untrack_returning(
         &self,

@@ -174,25 +174,34 @@ pub(super) fn nft_error(e: NftablesError) -> anyhow::Error {
 }
 
 /// `nft -j list table inet live_migrate`, parsed as JSON; `None` if there is no table.
-/// Whether it exists is asked first, from the list of tables, rather than read from the
-/// text of nft's error.
+/// Whether it exists is asked from the list of tables, rather than read from the text of
+/// nft's error.
 pub(super) fn read_table() -> Result<Option<serde_json::Value>> {
-    let tables = helper::get_current_ruleset_with_args(helper::DEFAULT_NFT, ["list", "tables"])
-        .map_err(nft_error)
-        .context("listing nftables tables")?;
-    let exists = tables.objects.iter().any(|object| {
-        matches!(object, NfObject::ListObject(NfListObject::Table(t)) if t.family == FAMILY && t.name == TABLE)
-    });
-    if !exists {
+    if !table_listed()? {
         return Ok(None);
     }
-    let out =
-        helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "table", "inet", TABLE])
-            .map_err(nft_error)
-            .context("listing nftables table inet live_migrate")?;
+    let out = match helper::get_current_ruleset_raw(
+        helper::DEFAULT_NFT,
+        ["list", "table", "inet", TABLE],
+    ) {
+        Ok(out) => out,
+        // Removed since the first look (a cleanup racing this): absent, as if seen then.
+        Err(_) if !table_listed()? => return Ok(None),
+        Err(e) => return Err(nft_error(e)).context("listing nftables table inet live_migrate"),
+    };
     Ok(Some(
         serde_json::from_str(&out).context("parsing the output of nft -j list table")?,
     ))
+}
+
+/// Whether `nft list tables` shows the agent's table.
+fn table_listed() -> Result<bool> {
+    let tables = helper::get_current_ruleset_with_args(helper::DEFAULT_NFT, ["list", "tables"])
+        .map_err(nft_error)
+        .context("listing nftables tables")?;
+    Ok(tables.objects.iter().any(|object| {
+        matches!(object, NfObject::ListObject(NfListObject::Table(t)) if t.family == FAMILY && t.name == TABLE)
+    }))
 }
 
 pub(super) fn list_rules() -> Result<Vec<InstalledRule>> {

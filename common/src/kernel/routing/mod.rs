@@ -69,10 +69,16 @@ pub const AGENT_RULE_PRIORITIES: RangeInclusive<u32> =
 
 /// The errno carried by a netlink error reply, if the error is one.
 pub fn netlink_errno(err: &rtnetlink::Error) -> Option<Errno> {
+    raw_errno(err).map(Errno::from_raw)
+}
+
+/// The positive errno number of a netlink error reply (kept for messages: nix names only
+/// the numbers it knows).
+fn raw_errno(err: &rtnetlink::Error) -> Option<i32> {
     match err {
         rtnetlink::Error::NetlinkError(msg) => {
             let code = msg.raw_code().abs();
-            (code != 0).then(|| Errno::from_raw(code))
+            (code != 0).then_some(code)
         }
         _ => None,
     }
@@ -80,12 +86,11 @@ pub fn netlink_errno(err: &rtnetlink::Error) -> Option<Errno> {
 
 /// Turn an rtnetlink error into an `anyhow` error naming the operation and the errno.
 fn nl_error(err: rtnetlink::Error, what: impl fmt::Display) -> anyhow::Error {
-    match netlink_errno(&err) {
-        Some(errno) => anyhow!(
-            "{what}: {errno:?} ({}, errno {})",
-            errno.desc(),
-            errno as i32
-        ),
+    match raw_errno(&err) {
+        Some(code) => {
+            let errno = Errno::from_raw(code);
+            anyhow!("{what}: {errno:?} ({}, errno {code})", errno.desc())
+        }
         None => anyhow!("{what}: {err}"),
     }
 }

@@ -3,14 +3,13 @@
 //! Configuration goes through `wireguard-control`; the interface's MTU and up/down state go
 //! through rtnetlink ([`crate::kernel::routing`]). No `ip`/`wg` command is run.
 //!
-//! Three parts, each in its own file:
+//! Four parts, each in its own file:
 //! * keys: the agent's identity ([`KeyPair`], stored in `state_dir/`[`KEY_FILE_NAME`]) and
 //!   the peers' public keys ([`parse_public_key`]);
 //! * daemon: which implementation serves the tunnels ([`backend()`]: the kernel's, or the
 //!   userspace `wireguard-go` daemon) and that daemon's UAPI socket and lifecycle;
 //! * device: the tunnels themselves ([`ensure_tunnel`], [`set_allowed_ips`],
-//!   [`tunnel_info`], [`remove_tunnel`], [`list_tunnels`]).
-//!
+//!   [`tunnel_info`], [`remove_tunnel`], [`list_tunnels`]);
 //! * interface: what they share, the interface names and the tunnels' link settings.
 //!
 //! # Network namespaces

@@ -73,7 +73,7 @@ pub fn archive_dir(state_dir: &Path) -> PathBuf {
 }
 
 /// What carrying out the model does to this host, one call per step: the real host
-/// ([`crate::engine::podman::PodmanClient`] with the kernel's conntrack and routes), or in the unit tests below
+/// ([`crate::engine::podman::PodmanClient`] with the kernel's conntrack and routes), or in the unit tests (`tests.rs`)
 /// a fake that can crash at any step.
 #[allow(async_fn_in_trait)] // used with concrete types only, never as `dyn`
 pub trait DestinationActions {

@@ -25,7 +25,7 @@ use crate::session::remote::{RemoteAgent, RemoteError};
 use journal::{Journal, JournalRecord, Undo};
 
 /// What resolving a migration does to this host and asks of the destination, one call per
-/// step: [`SourceHost`] is the real one; the unit tests below use a fake world that can
+/// step: [`SourceHost`] is the real one; the unit tests (`tests.rs`) use a fake world that can
 /// crash at any step.
 #[allow(async_fn_in_trait)] // used with concrete types only, never as `dyn`
 pub trait SourceActions {
