@@ -1,6 +1,9 @@
 //! The shape of the product code, checked from its source: no file over 700 lines, the
 //! layers of `common/src` used only downwards, and no import circles between modules
-//! (a module and its children included).
+//! (a module and its children included; the crate root, which declares them all and holds
+//! a binary's shared context, is left out). Paths are read as text: `crate::`, `super::`
+//! and a child module's name start one, `use` statements over several lines and nested
+//! braces included.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -13,6 +16,8 @@ const PRODUCT: &[&str] = &[
     "agent-client/src",
     "agent-server/src",
 ];
+/// Also checked for circles: the lab's library (its binaries are crates of their own).
+const LAB: &str = "tests/src";
 const MAX_LINES: usize = 700;
 /// `common/src`'s top-level modules, lowest layer first: each may use only those before it.
 const LAYERS: &[&str] = &[
@@ -33,6 +38,9 @@ fn workspace() -> PathBuf {
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.ends_with("src/bin") {
+            continue;
+        }
         if path.is_dir() {
             rust_files(&path, out);
         } else if path.extension().is_some_and(|e| e == "rs") {
@@ -70,15 +78,51 @@ fn join(base: &str, segment: &str) -> String {
     }
 }
 
-/// The code of a file without comments and without its inline test module.
-fn code(text: &str) -> Vec<&str> {
+/// The code of a file without comments and without its inline test module, a `use`
+/// statement on one line however rustfmt wrapped it.
+fn code(text: &str) -> Vec<String> {
     let body = text
         .split("#[cfg(test)]\nmod tests {")
         .next()
         .unwrap_or(text);
-    body.lines()
-        .filter(|l| !l.trim_start().starts_with("//"))
-        .collect()
+    let mut out = Vec::new();
+    let mut statement: Option<String> = None;
+    for line in body.lines().filter(|l| !l.trim_start().starts_with("//")) {
+        let trimmed = line.trim();
+        let starts_use = trimmed.starts_with("use ")
+            || (trimmed.starts_with("pub") && trimmed.contains(" use "));
+        match statement.as_mut() {
+            Some(open) => open.push_str(trimmed),
+            None if starts_use => statement = Some(trimmed.to_string()),
+            None => {
+                out.push(line.to_string());
+                continue;
+            }
+        }
+        if trimmed.ends_with(';') {
+            out.extend(statement.take());
+        }
+    }
+    out.extend(statement);
+    out
+}
+
+/// `text` cut at its commas outside braces.
+fn top_level_items(text: &str) -> Vec<&str> {
+    let (mut depth, mut start, mut items) = (0usize, 0, Vec::new());
+    for (i, c) in text.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                items.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&text[start..]);
+    items
 }
 
 /// Lower-case path segments starting at `rest` (`a::b::{c, d::e}` gives `a/b/c`,
@@ -88,9 +132,21 @@ fn paths(rest: &str) -> Vec<Vec<String>> {
     let mut rest = rest;
     loop {
         if let Some(inner) = rest.strip_prefix('{') {
-            let inner = &inner[..inner.find('}').unwrap_or(inner.len())];
-            return inner
-                .split(',')
+            let mut depth = 1;
+            let end = inner
+                .char_indices()
+                .find(|&(_, c)| {
+                    depth += match c {
+                        '{' => 1,
+                        '}' => -1,
+                        _ => 0,
+                    };
+                    depth == 0
+                })
+                .map_or(inner.len(), |(i, _)| i);
+            return top_level_items(&inner[..end])
+                .into_iter()
+                .filter(|item| !item.trim().is_empty())
                 .flat_map(|item| paths(item.trim()))
                 .map(|tail| segments.iter().cloned().chain(tail).collect())
                 .collect();
@@ -141,7 +197,12 @@ fn references(line: &str, here: &str, modules: &BTreeSet<String>) -> BTreeSet<St
         for segments in paths(&line[at + 2..]) {
             match first {
                 "crate" => resolve("", &segments, &mut found),
-                "super" => resolve(parent(here), &segments, &mut found),
+                "super" => {
+                    // `super::super::...`: one level up per `super`.
+                    let ups = segments.iter().take_while(|s| *s == "super").count();
+                    let base = (0..ups).fold(parent(here), |m, _| parent(m));
+                    resolve(base, &segments[ups..], &mut found)
+                }
                 "self" => resolve(here, &segments, &mut found),
                 name if modules.contains(&join(here, name)) => {
                     resolve(&join(here, name), &segments, &mut found)
@@ -254,26 +315,34 @@ fn no_product_file_is_over_700_lines() {
     assert!(long.is_empty(), "over {MAX_LINES} lines: {long:#?}");
 }
 
-#[test]
-fn common_layers_are_used_only_downwards() {
-    let common = read_crate(&workspace().join("common/src"));
+/// Each use of a module in a later layer than the user's (or in none).
+fn upward_uses(uses: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
     let layer = |module: &str| {
         let top = module.split('/').next().unwrap_or_default();
         LAYERS.iter().position(|l| *l == top)
     };
     let mut upwards = Vec::new();
-    for (module, uses) in &common.uses {
+    for (module, used) in uses {
         if module.is_empty() {
             continue; // lib.rs declares them all
         }
-        let own = layer(module).unwrap_or_else(|| panic!("{module} is in no layer of {LAYERS:?}"));
-        for used in uses {
-            let theirs = layer(used).unwrap_or(usize::MAX);
-            if theirs > own {
+        let Some(own) = layer(module) else {
+            upwards.push(format!("{module} is in no layer of {LAYERS:?}"));
+            continue;
+        };
+        for used in used {
+            if layer(used).is_none_or(|theirs| theirs > own) {
                 upwards.push(format!("{module} uses {used}"));
             }
         }
     }
+    upwards
+}
+
+#[test]
+fn common_layers_are_used_only_downwards() {
+    let common = read_crate(&workspace().join("common/src"));
+    let upwards = upward_uses(&common.uses);
     assert!(
         upwards.is_empty(),
         "a layer uses a higher one: {upwards:#?}"
@@ -283,7 +352,7 @@ fn common_layers_are_used_only_downwards() {
 #[test]
 fn no_import_circles() {
     let mut found = Vec::new();
-    for dir in PRODUCT {
+    for dir in PRODUCT.iter().chain([&LAB]) {
         let krate = read_crate(&workspace().join(dir));
         found.extend(
             circles(&krate.uses)
@@ -323,4 +392,31 @@ fn the_checks_see_a_circle_and_an_upward_use() {
     .map(|(m, u)| (m.to_string(), u.into_iter().map(String::from).collect()))
     .collect();
     assert_eq!(circles(&uses), vec![vec!["a", "b", "c"]]);
+
+    // A wrapped `use` with nested braces, and `super::super`.
+    let text =
+        "use crate::{\n    kernel::{nft::Firewall, routing},\n    migration,\n};\nfn f() {}\n";
+    let modules: BTreeSet<String> = ["kernel", "kernel/nft", "kernel/routing", "migration"]
+        .map(String::from)
+        .into();
+    let refs: BTreeSet<String> = code(text)
+        .iter()
+        .flat_map(|line| references(line, "engine/podman", &modules))
+        .collect();
+    assert_eq!(
+        refs,
+        ["kernel/nft", "kernel/routing", "migration"]
+            .map(String::from)
+            .into()
+    );
+    assert_eq!(
+        references("use super::super::migration::x;", "a/b", &modules),
+        ["migration".to_string()].into()
+    );
+    let upward: BTreeMap<String, BTreeSet<String>> = [
+        ("kernel/nft".to_string(), ["migration".to_string()].into()),
+        ("migration".to_string(), ["kernel/nft".to_string()].into()),
+    ]
+    .into();
+    assert_eq!(upward_uses(&upward), vec!["kernel/nft uses migration"]);
 }
