@@ -300,9 +300,7 @@ fn migration_flags_alone(matches: &clap::ArgMatches) -> Result<()> {
     let command = <Cli as clap::CommandFactory>::command();
     for arg in command.get_arguments().filter(|a| !a.is_global_set()) {
         let id = arg.get_id().as_str();
-        if matches.ids().any(|given| given.as_str() == id)
-            && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
-        {
+        if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
             anyhow::bail!(
                 "--{} is an option of a single migration, not of `{subcommand}`{}",
                 arg.get_long().unwrap_or(id),

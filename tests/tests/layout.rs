@@ -215,12 +215,10 @@ fn references(line: &str, here: &str, modules: &BTreeSet<String>) -> BTreeSet<St
     found
 }
 
-struct Crate {
-    /// Module path -> the modules it refers to.
-    uses: BTreeMap<String, BTreeSet<String>>,
-}
+/// Module path -> the modules it refers to.
+type Uses = BTreeMap<String, BTreeSet<String>>;
 
-fn read_crate(src: &Path) -> Crate {
+fn read_crate(src: &Path) -> Uses {
     let mut files = Vec::new();
     rust_files(src, &mut files);
     let modules: BTreeSet<String> = files.iter().map(|f| module_of(src, f)).collect();
@@ -239,13 +237,13 @@ fn read_crate(src: &Path) -> Crate {
             .collect();
         uses.insert(module, refs);
     }
-    Crate { uses }
+    uses
 }
 
 /// Strongly connected components of more than one module (Tarjan).
-fn circles(uses: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
+fn circles(uses: &Uses) -> Vec<Vec<String>> {
     struct State<'a> {
-        uses: &'a BTreeMap<String, BTreeSet<String>>,
+        uses: &'a Uses,
         index: BTreeMap<&'a str, usize>,
         low: BTreeMap<&'a str, usize>,
         stack: Vec<&'a str>,
@@ -316,7 +314,7 @@ fn no_product_file_is_over_700_lines() {
 }
 
 /// Each use of a module in a later layer than the user's (or in none).
-fn upward_uses(uses: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+fn upward_uses(uses: &Uses) -> Vec<String> {
     let layer = |module: &str| {
         let top = module.split('/').next().unwrap_or_default();
         LAYERS.iter().position(|l| *l == top)
@@ -341,8 +339,7 @@ fn upward_uses(uses: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
 
 #[test]
 fn common_layers_are_used_only_downwards() {
-    let common = read_crate(&workspace().join("common/src"));
-    let upwards = upward_uses(&common.uses);
+    let upwards = upward_uses(&read_crate(&workspace().join("common/src")));
     assert!(
         upwards.is_empty(),
         "a layer uses a higher one: {upwards:#?}"
@@ -353,9 +350,8 @@ fn common_layers_are_used_only_downwards() {
 fn no_import_circles() {
     let mut found = Vec::new();
     for dir in PRODUCT.iter().chain([&LAB]) {
-        let krate = read_crate(&workspace().join(dir));
         found.extend(
-            circles(&krate.uses)
+            circles(&read_crate(&workspace().join(dir)))
                 .into_iter()
                 .map(|c| format!("{dir}: {c:?}")),
         );

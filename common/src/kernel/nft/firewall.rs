@@ -149,7 +149,7 @@ impl Firewall {
 
     /// Whether the agent's table exists in the current network namespace.
     pub fn table_exists() -> Result<bool> {
-        Ok(read_table()?.is_some())
+        table_listed()
     }
 
     /// Deletes the agent's table without a [`Firewall`] handle (cleanup paths).

@@ -174,28 +174,20 @@ pub(super) fn nft_error(e: NftablesError) -> anyhow::Error {
 }
 
 /// `nft -j list table inet live_migrate`, parsed as JSON; `None` if there is no table.
-/// Whether it exists is asked from the list of tables, rather than read from the text of
-/// nft's error.
+/// When nft fails, the list of tables says whether the table is absent (rather than the
+/// text of nft's error).
 pub(super) fn read_table() -> Result<Option<serde_json::Value>> {
-    if !table_listed()? {
-        return Ok(None);
+    match helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "table", "inet", TABLE]) {
+        Ok(out) => Ok(Some(
+            serde_json::from_str(&out).context("parsing the output of nft -j list table")?,
+        )),
+        Err(_) if !table_listed()? => Ok(None),
+        Err(e) => Err(nft_error(e)).context("listing nftables table inet live_migrate"),
     }
-    let out = match helper::get_current_ruleset_raw(
-        helper::DEFAULT_NFT,
-        ["list", "table", "inet", TABLE],
-    ) {
-        Ok(out) => out,
-        // Removed since the first look (a cleanup racing this): absent, as if seen then.
-        Err(_) if !table_listed()? => return Ok(None),
-        Err(e) => return Err(nft_error(e)).context("listing nftables table inet live_migrate"),
-    };
-    Ok(Some(
-        serde_json::from_str(&out).context("parsing the output of nft -j list table")?,
-    ))
 }
 
 /// Whether `nft list tables` shows the agent's table.
-fn table_listed() -> Result<bool> {
+pub(super) fn table_listed() -> Result<bool> {
     let tables = helper::get_current_ruleset_with_args(helper::DEFAULT_NFT, ["list", "tables"])
         .map_err(nft_error)
         .context("listing nftables tables")?;
