@@ -401,6 +401,14 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// The last `max` bytes of the log of `agent-server` in `host`, to explain a failure.
+    pub fn agent_log_tail(&self, host: &str, max: u64) -> Result<String> {
+        Ok(host::log_tail(
+            &Daemon::Agent.log_file(self.host(host)?),
+            max,
+        ))
+    }
+
     /// The packet-hold rules left in `host` (the agent's table `ip live_migrate_hold`), one
     /// per line; empty when there are none.
     pub fn hold_rules(&self, host: &str) -> Result<String> {

@@ -181,7 +181,19 @@ fn main() {
             let lab = lab.clone();
             let why = skip.clone().unwrap_or_default();
             Trial::test(name, move || match lab {
-                Some(lab) => scenario(&lab).map_err(|e| Failed::from(format!("{e:#}"))),
+                // The agents' logs say what they did about it (sweeps, recovery).
+                Some(lab) => scenario(&lab).map_err(|e| {
+                    let logs: String = ["h1", "h2"]
+                        .iter()
+                        .map(|h| {
+                            let tail = lab
+                                .agent_log_tail(h, 1500)
+                                .unwrap_or_else(|e| format!("{e:#}"));
+                            format!("\n--- agent-server log of {h}, last lines ---\n{tail}")
+                        })
+                        .collect();
+                    Failed::from(format!("{e:#}{logs}"))
+                }),
                 // Run although ignored (`--include-ignored`): no lab, no pass.
                 None => Err(Failed::from(format!("no lab: {why}"))),
             })
