@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::podman::PodmanClient;
+use crate::engine::podman::{ContainerInfo, PodmanClient};
 use crate::kernel::conntrack::Proto;
 use crate::kernel::nft::Firewall;
 use crate::kernel::overlay::MAIN_TABLE;
@@ -32,77 +32,93 @@ pub async fn sweep(state_dir: &Path, podman: &PodmanClient, token: &Token) -> Re
     } else {
         podman.list_running().await?
     };
-    for mut record in records {
-        // Running, not merely there: the stopped source copy stays until the migration that
-        // wrote this record has removed it.
-        if local.iter().any(|c| c.id == record.container_id) {
-            // It came back: the restore owns its route now, the forwards are stale.
-            record.remove(state_dir, true).await?;
-            removed.push(format!(
-                "{}: local again, forwarding removed",
-                record.container_name
-            ));
-            continue;
-        }
-        let others = local.iter().filter(|c| c.id != record.container_id);
-        if let Some(squatter) = others
-            .clone()
-            .find(|c| c.ipv4() == Some(record.container_ip))
-        {
-            record.remove(state_dir, false).await?;
-            removed.push(format!(
-                "{}: its address {} belongs to local container {} now, forwarding removed",
-                record.container_name, record.container_ip, squatter.name
-            ));
-            continue;
-        }
-        let taken: Vec<(Proto, u16)> = record
-            .ports
-            .iter()
-            .copied()
-            .filter(|&(proto, port)| {
-                others.clone().any(|c| {
-                    c.published_ports
-                        .iter()
-                        .any(|p| p.host_port == port && p.protocol == proto)
-                })
-            })
-            .collect();
-        if !taken.is_empty() {
-            record.unforward(&taken).await?;
-            record.ports.retain(|p| !taken.contains(p));
-            record.save(state_dir)?;
-            removed.push(format!(
-                "{}: port(s) {} published by a local container now, their forwarding removed",
-                record.container_name,
-                taken
-                    .iter()
-                    .map(|(proto, port)| format!("{proto}/{port}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-        let downstream_alive = match record.ask_downstream(token).await {
-            Ok(alive) => alive,
-            Err(e) => {
-                // Unknown is not gone: keep forwarding until the next host answers.
-                tracing::debug!(container = %record.container_name, "cannot ask {}: {e:#}", record.next_agent);
-                record.downstream_alive
-            }
-        };
-        if !downstream_alive {
-            record.remove(state_dir, false).await?;
-            removed.push(format!(
-                "{}: gone downstream, forwarding removed",
-                record.container_name
-            ));
-        } else if downstream_alive != record.downstream_alive {
-            record.downstream_alive = downstream_alive;
-            record.save(state_dir)?;
+    for record in records {
+        // One record that cannot be handled does not hold up the others.
+        match sweep_record(record, &local, state_dir, token).await {
+            Ok(done) => removed.extend(done),
+            Err(e) => tracing::warn!("forwarding sweep: {e:#}"),
         }
     }
     for line in &removed {
         tracing::info!("{line}");
+    }
+    Ok(removed)
+}
+
+/// Sweeps one record: what it removed of its forwarding.
+async fn sweep_record(
+    mut record: ForwardRecord,
+    local: &[ContainerInfo],
+    state_dir: &Path,
+    token: &Token,
+) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    // Running, not merely there: the stopped source copy stays until the migration that
+    // wrote this record has removed it.
+    if local.iter().any(|c| c.id == record.container_id) {
+        // It came back: the restore owns its route now, the forwards are stale.
+        record.remove(state_dir, true).await?;
+        removed.push(format!(
+            "{}: local again, forwarding removed",
+            record.container_name
+        ));
+        return Ok(removed);
+    }
+    let others = local.iter().filter(|c| c.id != record.container_id);
+    if let Some(squatter) = others
+        .clone()
+        .find(|c| c.ipv4() == Some(record.container_ip))
+    {
+        record.remove(state_dir, false).await?;
+        removed.push(format!(
+            "{}: its address {} belongs to local container {} now, forwarding removed",
+            record.container_name, record.container_ip, squatter.name
+        ));
+        return Ok(removed);
+    }
+    let taken: Vec<(Proto, u16)> = record
+        .ports
+        .iter()
+        .copied()
+        .filter(|&(proto, port)| {
+            others.clone().any(|c| {
+                c.published_ports
+                    .iter()
+                    .any(|p| p.host_port == port && p.protocol == proto)
+            })
+        })
+        .collect();
+    if !taken.is_empty() {
+        record.unforward(&taken).await?;
+        record.ports.retain(|p| !taken.contains(p));
+        record.save(state_dir)?;
+        removed.push(format!(
+            "{}: port(s) {} published by a local container now, their forwarding removed",
+            record.container_name,
+            taken
+                .iter()
+                .map(|(proto, port)| format!("{proto}/{port}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let downstream_alive = match record.ask_downstream(token).await {
+        Ok(alive) => alive,
+        Err(e) => {
+            // Unknown is not gone: keep forwarding until the next host answers.
+            tracing::debug!(container = %record.container_name, "cannot ask {}: {e:#}", record.next_agent);
+            record.downstream_alive
+        }
+    };
+    if !downstream_alive {
+        record.remove(state_dir, false).await?;
+        removed.push(format!(
+            "{}: gone downstream, forwarding removed",
+            record.container_name
+        ));
+    } else if downstream_alive != record.downstream_alive {
+        record.downstream_alive = downstream_alive;
+        record.save(state_dir)?;
     }
     Ok(removed)
 }
