@@ -132,10 +132,12 @@ async fn private_file(path: &std::path::Path) -> anyhow::Result<tokio::fs::File>
         .with_context(|| format!("create {}", path.display()))
 }
 
+/// `source`: the address the source's session comes from, where its page server listens.
 pub(super) async fn restore(
     shared: &Shared,
     declared: &ContainerRef,
     lazy: Option<LazyRestore>,
+    source: std::net::IpAddr,
     context: &ServerContext,
 ) -> Reply {
     let podman = &context.podman;
@@ -157,29 +159,31 @@ pub(super) async fn restore(
                 anyhow!("no complete, verified archive in this migration"),
             )
         })?;
-    let replica = lazy.is_some_and(|l| l.until_resumed);
+    let replica = lazy.as_ref().is_some_and(|l| l.until_resumed);
     let lazy = match lazy {
         None => None,
         Some(LazyRestore {
-            page_server_port, ..
+            page_server_port,
+            credentials,
+            ..
         }) => {
-            // Only the port is the peer's: the address is its end of our tunnel.
-            let address = migration.source_tunnel_address.ok_or_else(|| {
-                refuse(
-                    ErrorCode::State,
-                    anyhow!("post-copy needs the tunnel: PrepareTraffic first"),
-                )
-            })?;
+            // Only the port is the peer's: the address is where its session comes from.
+            let std::net::IpAddr::V4(address) = source else {
+                return Err(invalid(anyhow!(
+                    "lazy pages need the agents to talk over IPv4, not {source}"
+                )));
+            };
             if page_server_port == 0 {
                 return Err(invalid(anyhow!("page server port 0")));
             }
+            credentials.validate().map_err(invalid)?;
             let work_dir = post_copy::work_dir(&context.state_dir, &migration.migration_id);
             let source = PageServer {
                 address,
                 port: page_server_port,
             };
             migration.page_server = Some(source);
-            Some(post_copy::prepare(&archive, &work_dir, source, replica).await?)
+            Some(post_copy::prepare(&archive, &work_dir, source, &credentials, replica).await?)
         }
     };
     migration.pages_pending = lazy.is_some();

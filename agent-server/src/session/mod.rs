@@ -313,7 +313,7 @@ async fn handle(
         }
         ClientMessage::Restore { container, lazy } => {
             let shared = current(connection)?.clone();
-            restore(&shared, &container, lazy, context).await
+            restore(&shared, &container, lazy, connection.peer.ip(), context).await
         }
         ClientMessage::Resume { migration_id } => {
             validate::migration_id(&migration_id).map_err(invalid)?;

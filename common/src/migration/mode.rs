@@ -37,8 +37,8 @@ impl Mode {
 pub enum MemoryPath {
     /// In podman's checkpoint archive, on disk on both hosts.
     Archive,
-    /// From CRIU's page server on the source, through the tunnel, into the restored
-    /// processes (userfaultfd): on disk nowhere.
+    /// From CRIU's page server on the source, straight to the destination under TLS,
+    /// into the restored processes (userfaultfd): on disk nowhere.
     PageServer,
 }
 

@@ -22,7 +22,9 @@ use crate::kernel::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::kernel::routing::{Route, Routing};
 use crate::kernel::wireguard::KeyPair;
 use crate::migration::preflight::{self, Finding};
-use crate::protocol::{ContainerRef, HostReport, LazyRestore, RestoreTimes, MAX_FLOWS_PER_BATCH};
+use crate::protocol::{
+    ContainerRef, HostReport, LazyRestore, PageCredentials, RestoreTimes, MAX_FLOWS_PER_BATCH,
+};
 use crate::session::auth::Token;
 use crate::session::remote::RemoteAgent;
 
@@ -113,11 +115,6 @@ pub fn post_copy_problem(survey: &Survey) -> Option<String> {
     {
         return Some(problem);
     }
-    if survey.container.ipv4().is_none() {
-        // The destination learns the source's tunnel end, where the pages come from, with
-        // the container's flows.
-        return Some("the container has no IPv4 address".into());
-    }
     [Some(&survey.source), survey.destination.as_ref()]
         .into_iter()
         .flatten()
@@ -196,6 +193,8 @@ pub struct Checkpoint {
 /// A post-copy checkpoint that is still serving the container's memory.
 pub struct LazyDump {
     pub server: PageServer,
+    /// What the destination's end of the page connection needs ([`crate::engine::lazy_pages`]).
+    pub credentials: PageCredentials,
     /// The cgroup of the processes CRIU holds.
     pub held: Option<String>,
     /// podman's checkpoint call: it returns once the last page has moved (its export,
@@ -214,8 +213,9 @@ pub struct LazyDump {
 /// reason).
 ///
 /// Post-copy or streamed stop-copy (`page_server` is the address to serve the memory on):
-/// CRIU dumps lazily ([`crate::engine::lazy_pages`]); the phase ends as soon as CRIU serves the
-/// memory, with the other images packed here. Undo then first stops CRIU's page server,
+/// CRIU dumps lazily ([`crate::engine::lazy_pages`]), under TLS with credentials made for
+/// this migration; the phase ends as soon as CRIU serves the memory, with the other images
+/// packed here. Undo then first stops CRIU's page server,
 /// which lets the processes run again.
 pub async fn checkpoint(
     podman: &PodmanClient,
@@ -231,26 +231,38 @@ pub async fn checkpoint(
     let archive = work_dir.join(format!("{id}.tar"));
     let export = work_dir.join(format!("{id}.export.tar"));
     let container_ip = container.ipv4();
+    let tls = work_dir.join(format!("{id}.pages.pem"));
     let mut armed = match page_server {
         Some(address) => {
+            // Whether the processes outlive CRIU decides a streamed stop-copy.
+            let pid = container
+                .pid
+                .context("podman did not say which process is the container's init")?;
+            undo.record.held_init = Some(pid);
             let config = crate::engine::lazy_pages::dump_config(container.criu_config.as_deref())
                 .map_err(|problem| anyhow::anyhow!(problem))?;
-            Some(crate::engine::lazy_pages::arm(address, &config).await?)
+            let credentials = PageCredentials::generate()?;
+            credentials.write(&tls)?;
+            match crate::engine::lazy_pages::arm(address, &tls, &config).await {
+                Ok(armed) => Some((armed, credentials)),
+                Err(e) => {
+                    let _ = crate::files::remove_if_present(&tls);
+                    return Err(e);
+                }
+            }
         }
         None => None,
     };
-    if armed.is_some() {
-        // Whether the processes outlive CRIU decides a streamed stop-copy.
-        let pid = container
-            .pid
-            .context("podman did not say which process is the container's init")?;
-        undo.record.held_init = Some(pid);
-    }
     // Registered before the call: a checkpoint that fails halfway may still have stopped it.
     undo.freeze(
         [Undo::RemoveFile(archive.clone())]
             .into_iter()
-            .chain(armed.as_ref().map(|_| Undo::RemoveFile(export.clone())))
+            .chain(armed.iter().flat_map(|_| {
+                [
+                    Undo::RemoveFile(export.clone()),
+                    Undo::RemoveFile(tls.clone()),
+                ]
+            }))
             .chain(
                 container_ip
                     .into_iter()
@@ -261,7 +273,7 @@ pub async fn checkpoint(
                 container: container.name.clone(),
                 archive: archive.clone(),
             }])
-            .chain(armed.as_ref().map(|a| Undo::StopPageServer {
+            .chain(armed.as_ref().map(|(a, _)| Undo::StopPageServer {
                 server: a.server,
                 held: container.cgroup_path.clone(),
             })),
@@ -289,7 +301,7 @@ pub async fn checkpoint(
             podman.checkpoint_to_file(&container.name, &archive).await?;
             None
         }
-        Some(armed) => {
+        Some((armed, credentials)) => {
             let (podman, name, to) = (podman.clone(), container.name.clone(), export.clone());
             let podman_call =
                 tokio::spawn(async move { podman.checkpoint_to_file(&name, &to).await });
@@ -303,6 +315,7 @@ pub async fn checkpoint(
             }
             Some(LazyDump {
                 server: armed.server,
+                credentials: credentials.clone(),
                 held: container.cgroup_path.clone(),
                 podman_call,
             })
@@ -363,6 +376,7 @@ pub async fn await_pages(
         server,
         held,
         mut podman_call,
+        ..
     } = lazy;
     let migration_id = undo.record.migration_id.clone();
     let arrived = match remote {
@@ -478,7 +492,7 @@ pub async fn restore(
     undo: &mut UndoLog,
     state_dir: &Path,
 ) -> Result<(std::time::Instant, RestoreTimes)> {
-    let replica = lazy.is_some_and(|l| l.until_resumed);
+    let replica = lazy.as_ref().is_some_and(|l| l.until_resumed);
     if replica {
         undo.record.steps.push(Undo::FenceReplica {
             destination: undo.record.destination.clone(),

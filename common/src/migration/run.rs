@@ -277,6 +277,15 @@ pub async fn migrate(
 
         let work_dir = state_dir.join("outgoing");
         let lazy_pages = prepared.mode.memory == mode::MemoryPath::PageServer;
+        // Pages go straight to the destination, under TLS (faster than the tunnel): CRIU
+        // serves them where this session leaves this host.
+        let page_server = match agent.local_addr()?.ip() {
+            std::net::IpAddr::V4(address) => Some(address).filter(|_| lazy_pages),
+            std::net::IpAddr::V6(_) if lazy_pages => {
+                anyhow::bail!("lazy pages need the agents to talk over IPv4 (CRIU's page server is served on this session's address)")
+            }
+            std::net::IpAddr::V6(_) => None,
+        };
         // Streamed stop-copy: the memory moves during the freeze, into a stopped replica.
         let replica = lazy_pages && prepared.mode.mode == mode::Mode::StopCopy;
         // Not cancellable halfway: podman would finish the checkpoint anyway. A cancel
@@ -287,7 +296,7 @@ pub async fn migrate(
                 &prepared.container,
                 &work_dir,
                 request.hold_packets,
-                lazy_pages.then_some(tunnel.local_address),
+                page_server,
                 log,
             )
             .await?;
@@ -334,6 +343,7 @@ pub async fn migrate(
             let page_server = lazy.as_ref().map(|l| crate::protocol::LazyRestore {
                 page_server_port: l.server.port,
                 until_resumed: replica,
+                credentials: l.credentials.clone(),
             });
             let (resumed_at, destination) = phases::restore(
                 agent,

@@ -137,6 +137,10 @@ impl RemoteAgent {
         Ok(self.stream.get_ref().peer_addr()?)
     }
 
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr> {
+        Ok(self.stream.get_ref().local_addr()?)
+    }
+
     pub async fn prepare_traffic(
         &mut self,
         source_public_key: &str,

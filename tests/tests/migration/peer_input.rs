@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use common::kernel::conntrack::Flow;
 use common::protocol::{
-    ClientMessage, ContainerRef, ErrorCode, ServerMessage, MAX_FLOWS_PER_BATCH,
+    ClientMessage, ContainerRef, ErrorCode, LazyRestore, PageCredentials, ServerMessage,
+    MAX_FLOWS_PER_BATCH,
 };
 use common::session::auth::{authenticate_to_server, Token};
 use common::session::wire::FramedStream;
@@ -195,6 +196,21 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
                 ClientMessage::Restore {
                     container: other_container,
                     lazy: None,
+                },
+                ErrorCode::Invalid,
+            ),
+            (
+                "a lazy restore whose TLS credentials are not PEM",
+                ClientMessage::Restore {
+                    container: valid.clone(),
+                    lazy: Some(LazyRestore {
+                        page_server_port: 1,
+                        until_resumed: true,
+                        credentials: PageCredentials {
+                            certificate: "../../etc/shadow".into(),
+                            key: "-----BEGIN PRIVATE KEY-----".into(),
+                        },
+                    }),
                 },
                 ErrorCode::Invalid,
             ),

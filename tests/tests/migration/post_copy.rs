@@ -31,6 +31,41 @@ pub(super) fn criu_processes(lab: &Lab, host: &str) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// Starts a 1 GiB memhog's migration to h2 in `mode` (one that moves the memory from
+/// CRIU's page server) and holds it at the `pages` phase, with the source's page server
+/// stopped (SIGSTOP), so that the memory is still moving, whatever the machine's speed.
+/// Returns the client and the page server's PID.
+pub(super) fn hold_while_pages_move(lab: &Lab, name: &str, mode: &str) -> Result<(Client, u32)> {
+    start_memhog(lab, "h1", name, 1024, 0)?;
+    let client = Client::start_with(lab, name, Some("pages:stop"), &["--mode", mode])?;
+    wait_for("the pages phase", Duration::from_secs(120), || {
+        Ok(lab::procfs::is_stopped(client.pid))
+    })?;
+    let servers = criu_processes(lab, "h1")?;
+    ensure!(
+        servers.len() == 1,
+        "h1 has not one CRIU page server: {servers:?}"
+    );
+    lab::procfs::kill(servers[0], Signal::SIGSTOP);
+    pages_come_under_tls(lab)?;
+    Ok((client, servers[0]))
+}
+
+/// The lazy-pages daemon of h2 reached the source's page server under TLS (its log says
+/// so only once the handshake and the check of the source's certificate passed).
+fn pages_come_under_tls(lab: &Lab) -> Result<()> {
+    let logs = format!(
+        "{}/incoming/*.pages/lazy-pages.log",
+        lab::plan::STATE_DIR_IN_HOST
+    );
+    let log = lab.exec_stdout("h2", &["sh", "-c", &format!("cat {logs}")])?;
+    ensure!(
+        log.contains("TLS handshake completed"),
+        "h2's lazy-pages daemon did not connect under TLS:\n{log}"
+    );
+    Ok(())
+}
+
 /// Both hosts are done with every migration: no journal, session or archive is left.
 pub(super) fn wait_settled(lab: &Lab) -> Result<()> {
     wait_for("both hosts to settle", Duration::from_secs(60), || {
@@ -162,17 +197,13 @@ pub fn live_tcp_client_keeps_its_connection(lab: &Lab) -> Result<()> {
 /// missing pages), the source's processes were ended at the restore, both say so, and
 /// once the link is back nothing of the migration is left.
 pub fn link_cut_while_pages_move_stops_the_container(lab: &Lab) -> Result<()> {
-    // Large enough that its pages take seconds through the tunnel.
-    start_memhog(lab, "h1", "cuthog", 1024, 0)?;
-    let client = Client::start_with(lab, "cuthog", Some("pages:stop"), &["--mode", "post-copy"])?;
-    wait_for("the pages phase", Duration::from_secs(120), || {
-        Ok(lab::procfs::is_stopped(client.pid))
-    })?;
+    let (client, server) = hold_while_pages_move(lab, "cuthog", "post-copy")?;
     ensure!(
         is_running(lab, "h2", "cuthog")?,
         "h2 does not run it post-copy"
     );
     lab.cut_link("h1", "h2")?;
+    lab::procfs::kill(server, Signal::SIGCONT);
     lab::procfs::kill(client.pid, Signal::SIGCONT);
     let cut = std::time::Instant::now();
     // The destination sees its page transfer fail within the dead-peer timeouts.

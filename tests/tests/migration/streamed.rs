@@ -14,7 +14,7 @@ use lab::{wait_for, Lab};
 use nix::sys::signal::Signal;
 
 use super::faults::Client;
-use super::post_copy::{criu_processes, no_post_copy_left, wait_settled};
+use super::post_copy::{criu_processes, hold_while_pages_move, no_post_copy_left, wait_settled};
 use super::{exists, is_running, memhog_verify, migrate_with, start_memhog};
 
 /// The state letter of the container's init (`T`: stopped), or `None` if it has none.
@@ -31,26 +31,14 @@ fn init_state(lab: &Lab, host: &str, name: &str) -> Result<Option<char>> {
         .and_then(|(_, rest)| rest.trim_start().chars().next()))
 }
 
-/// Starts a 1 GiB memhog's migration to h2 and holds it at the `pages` phase, with the
-/// source's page server stopped (SIGSTOP), so that the memory is still streaming,
-/// whatever the machine's speed. Returns the client and the page server's PID.
+/// [`hold_while_pages_move`] in a streamed stop-copy, whose replica on h2 stays stopped.
 fn hold_while_streaming(lab: &Lab, name: &str) -> Result<(Client, u32)> {
-    start_memhog(lab, "h1", name, 1024, 0)?;
-    let client = Client::start_with(lab, name, Some("pages:stop"), &["--mode", "stop-copy"])?;
-    wait_for("the pages phase", Duration::from_secs(120), || {
-        Ok(lab::procfs::is_stopped(client.pid))
-    })?;
-    let servers = criu_processes(lab, "h1")?;
-    ensure!(
-        servers.len() == 1,
-        "h1 has not one CRIU page server: {servers:?}"
-    );
-    lab::procfs::kill(servers[0], Signal::SIGSTOP);
+    let held = hold_while_pages_move(lab, name, "stop-copy")?;
     ensure!(
         init_state(lab, "h2", name)? == Some('T'),
         "h2's replica is not stopped"
     );
-    Ok((client, servers[0]))
+    Ok(held)
 }
 
 pub fn memory_intact_and_source_keeps_nothing(lab: &Lab) -> Result<()> {

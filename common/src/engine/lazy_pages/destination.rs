@@ -18,10 +18,13 @@ use super::archive::append_bytes;
 use super::criu_config::{CONFIG_ANNOTATION, RESTORE_CONF};
 use super::page_server::{tune_page_connection, PageServer};
 use super::procfs::{borrow_fd, connections_to, descriptors, processes_running};
+use crate::protocol::PageCredentials;
 
 /// The socket `criu lazy-pages` opens in its work directory for the restore.
 const DAEMON_SOCKET: &str = "lazy-pages.socket";
 const DAEMON_LOG: &str = "lazy-pages.log";
+/// The page connection's certificate and key ([`PageCredentials::write`]).
+const TLS_FILE: &str = "pages.pem";
 
 /// Makes `archive` restore lazily with the daemon of `work_dir`: its spec names a CRIU
 /// configuration there (`lazy-pages`, and the work directory, where the daemon's socket
@@ -89,13 +92,25 @@ pub struct PagesDaemon {
 
 impl PagesDaemon {
     /// Starts it in `work_dir` (prepared by [`prepare_import`]) and waits until the restore
-    /// can find it. CRIU's lazy-pages daemon exists only as the `criu` command (fixed
-    /// arguments, no shell).
-    pub async fn start(work_dir: &Path, source: PageServer) -> Result<Self> {
+    /// can find it; it connects to `source` under TLS with `credentials`. CRIU's lazy-pages
+    /// daemon exists only as the `criu` command (fixed arguments, no shell).
+    pub async fn start(
+        work_dir: &Path,
+        source: PageServer,
+        credentials: &PageCredentials,
+    ) -> Result<Self> {
         let socket = work_dir.join(DAEMON_SOCKET);
         crate::files::remove_if_present(&socket)?;
-        let mut child = tokio::process::Command::new("criu")
-            .arg("lazy-pages")
+        let tls = work_dir.join(TLS_FILE);
+        credentials.write(&tls)?;
+        let mut command = tokio::process::Command::new("criu");
+        // `lazy-pages` first: [`Self::find_left_behind`] knows the daemon by it.
+        command.arg("lazy-pages");
+        for (option, value) in super::tls::criu_options(&tls) {
+            command.arg(format!("--{option}"));
+            command.args(value);
+        }
+        let mut child = command
             .arg("--page-server")
             .arg("--address")
             .arg(source.address.to_string())

@@ -28,11 +28,12 @@ pub struct ArmedDump {
     armed: bool,
 }
 
-/// Makes the next checkpoint on this host a lazy one, serving pages on `address`, with
+/// Makes the next checkpoint on this host a lazy one, serving pages on `address` under
+/// TLS with the credentials in `tls` ([`crate::protocol::PageCredentials::write`]), with
 /// options in `config` (where runc reads them for the container, [`super::dump_config`]).
 /// Waits up to 10 s for another lazy checkpoint of this host to start first. A runc
 /// configuration of the operator's own is left alone: post-copy is refused instead.
-pub async fn arm(address: Ipv4Addr, config: &Path) -> Result<ArmedDump> {
+pub async fn arm(address: Ipv4Addr, tls: &Path, config: &Path) -> Result<ArmedDump> {
     let lock = open_lock()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut lock = lock;
@@ -61,8 +62,14 @@ pub async fn arm(address: Ipv4Addr, config: &Path) -> Result<ArmedDump> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     // No network lock of CRIU's: a failed lazy dump never lifts it (`cr_dump_finish`),
     // and the agent's packet hold, outside the container, keeps its traffic away anyway.
-    let content =
+    let mut content =
         format!("{MARKER}\nlazy-pages\nnetwork-lock skip\naddress {address}\nport {port}\n");
+    for (option, value) in super::tls::criu_options(tls) {
+        match value {
+            Some(path) => content.push_str(&format!("{option} {}\n", path.display())),
+            None => content.push_str(&format!("{option}\n")),
+        }
+    }
     crate::files::write_atomic(config, content.as_bytes())?;
     Ok(ArmedDump {
         server,

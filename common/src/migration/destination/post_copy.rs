@@ -16,7 +16,7 @@ use super::{DestinationActions, IncomingMigration, PagesState, Shared};
 use crate::engine::lazy_pages::{LeftBehind, PageServer, PagesDaemon};
 use crate::engine::podman::PodmanClient;
 use crate::migration::ownership::DestinationStage;
-use crate::protocol::PagesArrived;
+use crate::protocol::{PageCredentials, PagesArrived};
 
 /// How long a lazy-pages daemon that holds no userfaultfd may take to end on its own.
 const NOTHING_TO_FETCH: std::time::Duration = std::time::Duration::from_secs(10);
@@ -28,12 +28,13 @@ pub struct Prepared {
     work_dir: PathBuf,
 }
 
-/// Prepares the restore of `archive` in `work_dir`, its pages coming from `source`;
-/// `stopped`: a replica, whose processes stay stopped.
+/// Prepares the restore of `archive` in `work_dir`, its pages coming from `source` under
+/// TLS with `credentials`; `stopped`: a replica, whose processes stay stopped.
 pub async fn prepare(
     archive: &Path,
     work_dir: &Path,
     source: PageServer,
+    credentials: &PageCredentials,
     stopped: bool,
 ) -> Result<Prepared> {
     let (from, dir) = (archive.to_path_buf(), work_dir.to_path_buf());
@@ -42,7 +43,7 @@ pub async fn prepare(
             crate::engine::lazy_pages::prepare_import(&from, &dir, stopped)
         })
         .await??;
-        let daemon = PagesDaemon::start(work_dir, source).await?;
+        let daemon = PagesDaemon::start(work_dir, source, credentials).await?;
         anyhow::Ok((import, daemon))
     };
     match prepared.await {
