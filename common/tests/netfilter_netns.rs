@@ -29,6 +29,10 @@ fn main() {
                 "tunnel_mark_and_forward_with_traffic",
                 tunnel_mark_and_forward_with_traffic,
             ),
+            (
+                "page_server_guard_lets_only_the_peer_in",
+                page_server_guard_lets_only_the_peer_in,
+            ),
         ],
     )
 }
@@ -420,6 +424,110 @@ fn tunnel_mark_and_forward_with_traffic() {
     drop(host);
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
+    }
+}
+
+/// The guard of a page server's port: a connection from the peer gets through, one from
+/// another address of the same network is dropped (it times out, it is not refused), and
+/// once the guard goes both get through.
+fn page_server_guard_lets_only_the_peer_in() {
+    let host = Netns::new("guardhost");
+    let client = Netns::new("guardclient");
+    let (host_name, client_name) = (host.name.clone(), client.name.clone());
+    let result = std::thread::spawn(move || {
+        enter(&host_name);
+        ip(&["link", "set", "lo", "up"]);
+        ip(&[
+            "link",
+            "add",
+            "lmg0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c0",
+            "netns",
+            &client_name,
+        ]);
+        ip(&["addr", "add", "10.9.1.1/24", "dev", "lmg0"]);
+        ip(&["link", "set", "lmg0", "up"]);
+        let server: SocketAddrV4 = "10.9.1.1:9100".parse().unwrap();
+        // Never accepted: the kernel completes the handshakes.
+        let _listener = TcpListener::bind(server).unwrap();
+        let (peer, stranger) = (Ipv4Addr::new(10, 9, 1, 2), Ipv4Addr::new(10, 9, 1, 3));
+        let attempts = move |first: bool| {
+            let client_name = client_name.clone();
+            std::thread::spawn(move || {
+                enter(&client_name);
+                if first {
+                    ip(&["link", "set", "lo", "up"]);
+                    ip(&["addr", "add", "10.9.1.2/24", "dev", "c0"]);
+                    ip(&["addr", "add", "10.9.1.3/24", "dev", "c0"]);
+                    ip(&["link", "set", "c0", "up"]);
+                }
+                (connect_from(peer, server), connect_from(stranger, server))
+            })
+            .join()
+            .unwrap()
+        };
+        let fw = Firewall::ensure().unwrap();
+        fw.guard_pages(server, peer).unwrap();
+        let (from_peer, from_stranger) = attempts(true);
+        assert!(from_peer.is_ok(), "the peer was kept out: {from_peer:?}");
+        assert_eq!(
+            from_stranger.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::TimedOut),
+            "a stranger got through, or was refused rather than dropped"
+        );
+        fw.unguard_pages(server).unwrap();
+        fw.unguard_pages(server).unwrap(); // no-op
+        assert!(fw.rules().unwrap().is_empty());
+        let (from_peer, from_stranger) = attempts(false);
+        assert!(
+            from_peer.is_ok() && from_stranger.is_ok(),
+            "unguarded: {from_peer:?} {from_stranger:?}"
+        );
+        fw.remove_all().unwrap();
+    })
+    .join();
+    drop(client);
+    drop(host);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// A TCP connection to `to` from the local address `source`, given a second.
+fn connect_from(source: Ipv4Addr, to: SocketAddrV4) -> std::io::Result<()> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use std::os::fd::AsRawFd;
+    let socket = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    bind(
+        socket.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(source, 0)),
+    )?;
+    match connect(socket.as_raw_fd(), &SockaddrIn::from(to)) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let stream = TcpStream::from(socket);
+    let mut ready = [PollFd::new(&stream, PollFlags::OUT)];
+    let second = Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
+    if poll(&mut ready, Some(&second))? == 0 {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    }
+    match stream.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

@@ -190,6 +190,14 @@ pub struct Checkpoint {
     pub lazy: Option<LazyDump>,
 }
 
+/// Where a lazy checkpoint serves the container's memory (`at`, this host's address of
+/// the session with the destination), and the one host let in (`to`, the destination).
+#[derive(Debug, Clone, Copy)]
+pub struct ServePages {
+    pub at: Ipv4Addr,
+    pub to: Ipv4Addr,
+}
+
 /// A post-copy checkpoint that is still serving the container's memory.
 pub struct LazyDump {
     pub server: PageServer,
@@ -222,7 +230,7 @@ pub async fn checkpoint(
     container: &ContainerInfo,
     work_dir: &Path,
     hold_packets: u32,
-    page_server: Option<Ipv4Addr>,
+    page_server: Option<ServePages>,
     undo: &mut UndoLog,
 ) -> Result<Checkpoint> {
     crate::files::create_private_dir(work_dir)
@@ -233,7 +241,7 @@ pub async fn checkpoint(
     let container_ip = container.ipv4();
     let tls = work_dir.join(format!("{id}.pages.pem"));
     let mut armed = match page_server {
-        Some(address) => {
+        Some(ServePages { at, to }) => {
             // Whether the processes outlive CRIU decides a streamed stop-copy.
             let pid = container
                 .pid
@@ -243,7 +251,7 @@ pub async fn checkpoint(
                 .map_err(|problem| anyhow::anyhow!(problem))?;
             let credentials = PageCredentials::generate()?;
             credentials.write(&tls)?;
-            match crate::engine::lazy_pages::arm(address, &tls, &config).await {
+            match crate::engine::lazy_pages::arm(at, to, &tls, &config).await {
                 Ok(armed) => Some((armed, credentials)),
                 Err(e) => {
                     let _ = crate::files::remove_if_present(&tls);
@@ -404,6 +412,8 @@ pub async fn await_pages(
     if !ended {
         crate::engine::lazy_pages::stop_serving(server, held.as_deref()).await?;
         let _ = tokio::time::timeout(CALL_AFTER_PAGES, podman_call).await;
+    } else {
+        crate::engine::lazy_pages::unguard(server).await?;
     }
     undo.drop_step(&Undo::StopPageServer { server, held })?;
     let arrived = arrived?;

@@ -279,12 +279,12 @@ pub async fn migrate(
         let lazy_pages = prepared.mode.memory == mode::MemoryPath::PageServer;
         // Pages go straight to the destination, under TLS (faster than the tunnel): CRIU
         // serves them where this session leaves this host.
-        let page_server = match agent.local_addr()?.ip() {
-            std::net::IpAddr::V4(address) => Some(address).filter(|_| lazy_pages),
-            std::net::IpAddr::V6(_) if lazy_pages => {
-                anyhow::bail!("lazy pages need the agents to talk over IPv4 (CRIU's page server is served on this session's address)")
+        let page_server = match (agent.local_addr()?.ip(), agent.peer_addr()?.ip()) {
+            _ if !lazy_pages => None,
+            (std::net::IpAddr::V4(at), std::net::IpAddr::V4(to)) => {
+                Some(phases::ServePages { at, to })
             }
-            std::net::IpAddr::V6(_) => None,
+            _ => anyhow::bail!("lazy pages need the agents to talk over IPv4 (CRIU's page server is served on this session's address)"),
         };
         // Streamed stop-copy: the memory moves during the freeze, into a stopped replica.
         let replica = lazy_pages && prepared.mode.mode == mode::Mode::StopCopy;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use lab::flow::FlowClient;
 use lab::{wait_for, Lab};
 use nix::sys::signal::Signal;
@@ -48,7 +48,43 @@ pub(super) fn hold_while_pages_move(lab: &Lab, name: &str, mode: &str) -> Result
     );
     lab::procfs::kill(servers[0], Signal::SIGSTOP);
     pages_come_under_tls(lab)?;
+    only_h2_reaches_the_page_server(lab)?;
     Ok((client, servers[0]))
+}
+
+/// h1 lets only h2 reach the port of its page server: h3's connection is dropped (it
+/// times out; it is not refused, nor taken).
+fn only_h2_reaches_the_page_server(lab: &Lab) -> Result<()> {
+    let guard = page_server_guard(lab, "h1")?.context("h1 does not guard its page server")?;
+    let (address, port) = guard.rsplit_once(':').context("the guard's address")?;
+    let tried = lab.exec_unchecked(
+        "h3",
+        &[
+            "timeout",
+            "2",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{address}/{port}"),
+        ],
+    )?;
+    ensure!(
+        tried.status.code() == Some(124),
+        "h3's connection to h1's page server {guard} was not dropped: {tried:?}"
+    );
+    Ok(())
+}
+
+/// Where the guard of a page server in `host`'s table lets only its destination in, if
+/// one is there.
+fn page_server_guard(lab: &Lab, host: &str) -> Result<Option<String>> {
+    let table = lab.exec_unchecked(host, &["nft", "list", "table", "inet", "live_migrate"])?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    Ok(table
+        .lines()
+        .filter(|l| l.contains("lm:guard-pages"))
+        .flat_map(str::split_whitespace)
+        .find_map(|word| word.strip_prefix("at="))
+        .map(str::to_string))
 }
 
 /// The lazy-pages daemon of h2 reached the source's page server under TLS (its log says
@@ -85,6 +121,9 @@ pub(super) fn no_post_copy_left(lab: &Lab, host: &str) -> Result<()> {
         &["sh", "-c", "cat /etc/criu/runc.conf 2>/dev/null || true"],
     )?;
     ensure!(conf.is_empty(), "{host} keeps a CRIU configuration: {conf}");
+    if let Some(guard) = page_server_guard(lab, host)? {
+        bail!("{host} keeps the guard of a page server on {guard}");
+    }
     wait_for(
         &format!("CRIU to end on {host}"),
         Duration::from_secs(30),

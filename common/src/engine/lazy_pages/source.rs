@@ -28,12 +28,18 @@ pub struct ArmedDump {
     armed: bool,
 }
 
-/// Makes the next checkpoint on this host a lazy one, serving pages on `address` under
-/// TLS with the credentials in `tls` ([`crate::protocol::PageCredentials::write`]), with
-/// options in `config` (where runc reads them for the container, [`super::dump_config`]).
-/// Waits up to 10 s for another lazy checkpoint of this host to start first. A runc
-/// configuration of the operator's own is left alone: post-copy is refused instead.
-pub async fn arm(address: Ipv4Addr, tls: &Path, config: &Path) -> Result<ArmedDump> {
+/// Makes the next checkpoint on this host a lazy one, serving pages on `address` to `peer`
+/// alone ([`guard`], until [`stop_serving`] or [`unguard`]), under TLS with the
+/// credentials in `tls` ([`crate::protocol::PageCredentials::write`]), with options in
+/// `config` (where runc reads them for the container, [`super::dump_config`]). Waits up to
+/// 10 s for another lazy checkpoint of this host to start first. A runc configuration of
+/// the operator's own is left alone: post-copy is refused instead.
+pub async fn arm(
+    address: Ipv4Addr,
+    peer: Ipv4Addr,
+    tls: &Path,
+    config: &Path,
+) -> Result<ArmedDump> {
     let lock = open_lock()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut lock = lock;
@@ -60,6 +66,7 @@ pub async fn arm(address: Ipv4Addr, tls: &Path, config: &Path) -> Result<ArmedDu
         .parent()
         .context("a configuration file in no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    guard(server, peer).await?;
     // No network lock of CRIU's: a failed lazy dump never lifts it (`cr_dump_finish`),
     // and the agent's packet hold, outside the container, keeps its traffic away anyway.
     let mut content =
@@ -70,7 +77,10 @@ pub async fn arm(address: Ipv4Addr, tls: &Path, config: &Path) -> Result<ArmedDu
             None => content.push_str(&format!("{option}\n")),
         }
     }
-    crate::files::write_atomic(config, content.as_bytes())?;
+    if let Err(e) = crate::files::write_atomic(config, content.as_bytes()) {
+        let _ = unguard(server).await;
+        return Err(e.into());
+    }
     Ok(ArmedDump {
         server,
         _lock: lock,
@@ -156,6 +166,34 @@ pub async fn wait_serving<T>(
 /// dump's TCP connections out of repair mode: this does ([`release_repair`]). Only a
 /// CRIU that does not end within 10 s is killed.
 pub async fn stop_serving(server: PageServer, held: Option<&str>) -> Result<()> {
+    let stopped = stop_server_process(server, held).await;
+    let unguarded = unguard(server).await;
+    stopped.and(unguarded)
+}
+
+/// Lets only `peer` reach the page server's port ([`crate::kernel::nft`]): CRIU serves
+/// the first connection it gets, and one from elsewhere would fail the migration.
+async fn guard(server: PageServer, peer: Ipv4Addr) -> Result<()> {
+    let at = SocketAddrV4::new(server.address, server.port);
+    tokio::task::spawn_blocking(move || {
+        crate::kernel::nft::Firewall::ensure()?.guard_pages(at, peer)
+    })
+    .await?
+}
+
+/// Removes the guard of the page server's port ([`guard`]): it serves no more.
+pub async fn unguard(server: PageServer) -> Result<()> {
+    let at = SocketAddrV4::new(server.address, server.port);
+    tokio::task::spawn_blocking(move || {
+        if !crate::kernel::nft::Firewall::table_exists()? {
+            return Ok(());
+        }
+        crate::kernel::nft::Firewall::ensure()?.unguard_pages(at)
+    })
+    .await?
+}
+
+async fn stop_server_process(server: PageServer, held: Option<&str>) -> Result<()> {
     let at = SocketAddrV4::new(server.address, server.port);
     // Listening, or (CRIU serves one restore) connected to the destination.
     let sockets: Vec<_> = tcp_sockets()?

@@ -137,6 +137,19 @@ impl Firewall {
         .with_context(|| format!("removing the forward of {proto} port {host_port}"))
     }
 
+    /// Lets only `peer` reach the TCP port `server` of this host (CRIU's page server,
+    /// which serves the first connection it gets); replaces an earlier guard of it.
+    pub fn guard_pages(&self, server: SocketAddrV4, peer: Ipv4Addr) -> Result<()> {
+        self.replace(&[RuleKind::GuardPages { server, peer }])
+            .with_context(|| format!("guarding the page server on {server}"))
+    }
+
+    /// Removes the guard of `server` (no-op if none).
+    pub fn unguard_pages(&self, server: SocketAddrV4) -> Result<()> {
+        self.remove_where(|k| matches!(k, RuleKind::GuardPages { server: s, .. } if *s == server))
+            .with_context(|| format!("removing the guard of the page server on {server}"))
+    }
+
     /// The rules of the agent's table (empty if the table does not exist).
     pub fn rules(&self) -> Result<Vec<InstalledRule>> {
         list_rules()

@@ -40,6 +40,12 @@ pub enum RuleKind {
         host_port: u16,
         container: SocketAddrV4,
     },
+    /// `ip daddr <server ip> tcp dport <server port> ip saddr != <peer> drop` (chain
+    /// `prerouting`): only the destination reaches CRIU's page server.
+    GuardPages {
+        server: SocketAddrV4,
+        peer: std::net::Ipv4Addr,
+    },
     /// A rule of the table whose comment is not one of ours (never created by the agent).
     Unknown { comment: Option<String> },
 }
@@ -61,6 +67,9 @@ impl RuleKind {
                 host_port,
                 container,
             } => format!("{COMMENT_PREFIX}forward {proto} port={host_port} to={container}"),
+            RuleKind::GuardPages { server, peer } => {
+                format!("{COMMENT_PREFIX}guard-pages at={server} from={peer}")
+            }
             RuleKind::Unknown { comment } => comment.clone().unwrap_or_default(),
         }
     }
@@ -159,6 +168,25 @@ impl RuleKind {
                     flags: None,
                 })),
             ],
+            RuleKind::GuardPages { server, peer } => vec![
+                matches(meta(MetaKey::Nfproto), Operator::EQ, string("ipv4")),
+                matches(
+                    payload("ip", "daddr"),
+                    Operator::EQ,
+                    string(&server.ip().to_string()),
+                ),
+                matches(
+                    payload("tcp", "dport"),
+                    Operator::EQ,
+                    Expression::Number(u32::from(server.port())),
+                ),
+                matches(
+                    payload("ip", "saddr"),
+                    Operator::NEQ,
+                    string(&peer.to_string()),
+                ),
+                Statement::Drop(None),
+            ],
             RuleKind::Unknown { .. } => bail!("cannot build an unknown rule"),
         })
     }
@@ -171,6 +199,9 @@ impl RuleKind {
             | (RuleKind::RestoreMark { ifname: a, .. }, RuleKind::RestoreMark { ifname: b, .. })
             | (RuleKind::DropClash { ifname: a }, RuleKind::DropClash { ifname: b }) => a == b,
             (RuleKind::UntrackReturning, RuleKind::UntrackReturning) => true,
+            (RuleKind::GuardPages { server: a, .. }, RuleKind::GuardPages { server: b, .. }) => {
+                a == b
+            }
             (
                 RuleKind::ForwardPort {
                     proto: p1,
@@ -228,6 +259,10 @@ pub(super) fn parse_comment(c: &str) -> Option<RuleKind> {
             ifname: field(words.next(), "if")?,
         },
         "untrack-returning" => RuleKind::UntrackReturning,
+        "guard-pages" => RuleKind::GuardPages {
+            server: field(words.next(), "at")?.parse().ok()?,
+            peer: field(words.next(), "from")?.parse().ok()?,
+        },
         "forward" => RuleKind::ForwardPort {
             proto: words.next()?.parse().ok()?,
             host_port: field(words.next(), "port")?.parse().ok()?,

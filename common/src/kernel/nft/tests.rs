@@ -23,6 +23,10 @@ fn kinds() -> Vec<RuleKind> {
             ifname: "wg-lm0".into(),
         },
         RuleKind::UntrackReturning,
+        RuleKind::GuardPages {
+            server: "10.77.0.11:40000".parse().unwrap(),
+            peer: "10.77.0.12".parse().unwrap(),
+        },
     ]
 }
 
@@ -53,7 +57,19 @@ fn comments_round_trip() {
 
 #[test]
 fn rule_json_matches_nft_schema() {
-    let [mark, restore, fwd, clash, untrack]: [RuleKind; 5] = kinds().try_into().unwrap();
+    let [mark, restore, fwd, clash, untrack, guard]: [RuleKind; 6] = kinds().try_into().unwrap();
+    let guard = serde_json::to_value(guard.to_rule().unwrap()).unwrap();
+    assert_eq!(guard["chain"], "prerouting");
+    assert_eq!(
+        guard["expr"],
+        json!([
+            {"match": {"left": {"meta": {"key": "nfproto"}}, "right": "ipv4", "op": "=="}},
+            {"match": {"left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "10.77.0.11", "op": "=="}},
+            {"match": {"left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 40000, "op": "=="}},
+            {"match": {"left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "10.77.0.12", "op": "!="}},
+            {"drop": null}
+        ])
+    );
     let untrack = serde_json::to_value(untrack.to_rule().unwrap()).unwrap();
     assert_eq!(untrack["chain"], "raw_prerouting");
     assert_eq!(

@@ -201,8 +201,8 @@ pub enum Undo {
     /// The container's cgroup was frozen here ([`crate::kernel::freezer`]): thaw it.
     Thaw(String),
     /// CRIU serves the container's memory here ([`crate::engine::lazy_pages`]), holding the
-    /// processes of cgroup `held`: stop it. Before their last page has gone, that lets
-    /// them run again.
+    /// processes of cgroup `held`, to the destination alone: stop it, and remove the guard
+    /// of its port. Before their last page has gone, that lets them run again.
     StopPageServer {
         server: crate::engine::lazy_pages::PageServer,
         held: Option<String>,
