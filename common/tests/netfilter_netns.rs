@@ -105,6 +105,45 @@ where
     }
 }
 
+/// Runs `body` on a fresh thread inside a fresh host namespace, joined to a fresh client
+/// namespace by a veth: `host_if` here, up and holding `host_address` (with its prefix),
+/// and `c0` there, down and without an address. `body` gets the client namespace's name.
+/// Panics in `body` are re-raised after both namespaces are deleted.
+fn host_and_client<F>(suffix: &str, host_if: &str, host_address: &str, body: F)
+where
+    F: FnOnce(String) + Send + 'static,
+{
+    let host = Netns::new(&format!("{suffix}host"));
+    let client = Netns::new(&format!("{suffix}client"));
+    let (host_name, client_name) = (host.name.clone(), client.name.clone());
+    let (host_if, host_address) = (host_if.to_string(), host_address.to_string());
+    let result = std::thread::spawn(move || {
+        enter(&host_name);
+        ip(&["link", "set", "lo", "up"]);
+        ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c0",
+            "netns",
+            &client_name,
+        ]);
+        ip(&["addr", "add", &host_address, "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        body(client_name);
+    })
+    .join();
+    drop(client);
+    drop(host);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// Table names in the current namespace, from `nft -j list tables`.
 fn tables() -> Vec<(String, String)> {
     let out = Command::new("nft")
@@ -358,26 +397,7 @@ fn conntrack_sees_real_traffic() {
 /// from the client to a forwarded port is DNATed and its conntrack entry carries the
 /// tunnel's mark.
 fn tunnel_mark_and_forward_with_traffic() {
-    let host = Netns::new("host");
-    let client = Netns::new("client");
-    let (host_name, client_name) = (host.name.clone(), client.name.clone());
-    let result = std::thread::spawn(move || {
-        enter(&host_name);
-        ip(&["link", "set", "lo", "up"]);
-        ip(&[
-            "link",
-            "add",
-            "wg-lm0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "c0",
-            "netns",
-            &client_name,
-        ]);
-        ip(&["addr", "add", "10.9.0.1/24", "dev", "wg-lm0"]);
-        ip(&["link", "set", "wg-lm0", "up"]);
+    host_and_client("", "wg-lm0", "10.9.0.1/24", |client_name| {
         let fw = Firewall::ensure().unwrap();
         fw.mark_tunnel("wg-lm0", 0x7801).unwrap();
         fw.forward_port(Proto::Tcp, 8080, Ipv4Addr::new(10, 9, 0, 1), 9000)
@@ -418,39 +438,14 @@ fn tunnel_mark_and_forward_with_traffic() {
         assert_eq!(plain.orig.dst, "10.9.0.1:9000".parse().unwrap());
         assert_eq!(conntrack::involving(&flows, client_addr.ip()).len(), 1);
         fw.remove_all().unwrap();
-    })
-    .join();
-    drop(client);
-    drop(host);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    });
 }
 
 /// The guard of a page server's port: a connection from the peer gets through, one from
 /// another address of the same network is dropped (it times out, it is not refused), and
 /// once the guard goes both get through.
 fn page_server_guard_lets_only_the_peer_in() {
-    let host = Netns::new("guardhost");
-    let client = Netns::new("guardclient");
-    let (host_name, client_name) = (host.name.clone(), client.name.clone());
-    let result = std::thread::spawn(move || {
-        enter(&host_name);
-        ip(&["link", "set", "lo", "up"]);
-        ip(&[
-            "link",
-            "add",
-            "lmg0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "c0",
-            "netns",
-            &client_name,
-        ]);
-        ip(&["addr", "add", "10.9.1.1/24", "dev", "lmg0"]);
-        ip(&["link", "set", "lmg0", "up"]);
+    host_and_client("guard", "lmg0", "10.9.1.1/24", |client_name| {
         let server: SocketAddrV4 = "10.9.1.1:9100".parse().unwrap();
         // Never accepted: the kernel completes the handshakes.
         let _listener = TcpListener::bind(server).unwrap();
@@ -488,13 +483,7 @@ fn page_server_guard_lets_only_the_peer_in() {
             "unguarded: {from_peer:?} {from_stranger:?}"
         );
         fw.remove_all().unwrap();
-    })
-    .join();
-    drop(client);
-    drop(host);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    });
 }
 
 /// A TCP connection to `to` from the local address `source`, given a second.
