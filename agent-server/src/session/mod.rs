@@ -239,7 +239,6 @@ async fn handle(
                 )));
             }
             let end = TunnelEnd::to_peer(&context.keys.public_base64(), &source_public_key).await?;
-            migration.source_tunnel_address = Some(end.peer_address);
             if migration.held_ip.is_none() {
                 // Until the restored sockets exist, packets for the container must be
                 // held or dropped here, not answered with a reset by its half-restored

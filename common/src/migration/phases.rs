@@ -223,8 +223,8 @@ pub struct LazyDump {
 /// Post-copy or streamed stop-copy (`page_server` is the address to serve the memory on):
 /// CRIU dumps lazily ([`crate::engine::lazy_pages`]), under TLS with credentials made for
 /// this migration; the phase ends as soon as CRIU serves the memory, with the other images
-/// packed here. Undo then first stops CRIU's page server,
-/// which lets the processes run again.
+/// packed here. Undo then first stops CRIU's page server, which lets the processes run
+/// again.
 pub async fn checkpoint(
     podman: &PodmanClient,
     container: &ContainerInfo,

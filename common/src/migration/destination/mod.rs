@@ -173,9 +173,6 @@ pub struct IncomingMigration {
     /// restore waits for it before it answers.
     #[serde(skip)]
     pub ahead_of_restore: Vec<tokio::task::JoinHandle<Result<()>>>,
-    /// The source's end of the tunnel, where a post-copy migration's pages come from.
-    #[serde(default)]
-    pub source_tunnel_address: Option<Ipv4Addr>,
     /// Restored post-copy, and not all of its memory is here yet: it needs the source's
     /// page server until then ([`crate::engine::lazy_pages`]).
     #[serde(default)]
@@ -229,7 +226,6 @@ impl IncomingMigration {
             holding: None,
             archive_verified: false,
             ahead_of_restore: Vec::new(),
-            source_tunnel_address: None,
             pages_pending: false,
             page_server: None,
             replica: false,
