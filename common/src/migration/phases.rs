@@ -180,6 +180,9 @@ pub struct Checkpoint {
     /// What the destination restores from: podman's export (stop-copy), or the images
     /// packed here while CRIU serves the memory (post-copy).
     pub archive: PathBuf,
+    /// When the container's traffic stopped reaching it (held or dropped), the start of
+    /// the freeze its clients see; what came before (the lazy dump armed) did not stop it.
+    pub frozen_at: std::time::Instant,
     /// How long freezing the container's cgroup took, if it was frozen before podman's call.
     pub cgroup_frozen_in: Option<std::time::Duration>,
     /// What did not go as it should and made the freeze worse (packets dropped, not held;
@@ -287,6 +290,7 @@ pub async fn checkpoint(
             })),
     )?;
     let mut problems = Vec::new();
+    let frozen_at = std::time::Instant::now();
     if let Some(ip) = container_ip.filter(|_| hold_packets > 0) {
         // Before the freeze: packets that arrive while CRIU stops the container would be
         // dropped by its network lock.
@@ -351,6 +355,7 @@ pub async fn checkpoint(
     }
     Ok(Checkpoint {
         archive,
+        frozen_at,
         cgroup_frozen_in,
         problems,
         lazy,
@@ -409,13 +414,17 @@ pub async fn await_pages(
         })
         .await
         .is_ok();
-    if !ended {
+    if ended {
+        // Its guard goes at the clean-up: removing it now would lengthen the freeze.
+        undo.narrow_step(
+            &Undo::StopPageServer { server, held },
+            Undo::Unguard(server),
+        )?;
+    } else {
         crate::engine::lazy_pages::stop_serving(server, held.as_deref()).await?;
         let _ = tokio::time::timeout(CALL_AFTER_PAGES, podman_call).await;
-    } else {
-        crate::engine::lazy_pages::unguard(server).await?;
+        undo.drop_step(&Undo::StopPageServer { server, held })?;
     }
-    undo.drop_step(&Undo::StopPageServer { server, held })?;
     let arrived = arrived?;
     Ok(PagesReport {
         after_restore_ms: millis(arrived.after_restore),

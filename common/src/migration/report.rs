@@ -105,8 +105,9 @@ pub struct MigrationReport {
 /// CRIU and runc took.
 #[derive(Debug, Clone, Serialize)]
 pub struct FreezeSteps {
-    /// Checkpoint here: podman's checkpoint and export (runc, CRIU), with the packet hold,
-    /// the cgroup freeze and the route around it.
+    /// Checkpoint here, from the packet hold on: podman's checkpoint and export (runc,
+    /// CRIU), with the cgroup freeze and the route around it. (Arming a lazy dump comes
+    /// before the hold: the container still runs.)
     pub checkpoint_ms: f64,
     /// Of that: freezing the container's cgroup before podman's call.
     pub cgroup_freeze_ms: Option<f64>,

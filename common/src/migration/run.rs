@@ -303,9 +303,10 @@ pub async fn migrate(
             crate::fault::at(state_dir, "checkpointed")?;
             anyhow::Ok(checkpoint)
         };
-        let (checkpoint, frozen_at) = clock
+        let (checkpoint, _) = clock
             .run(&mut phase, Phase::Checkpoint, may_cancel, checkpointing)
             .await?;
+        let frozen_at = checkpoint.frozen_at;
         let checkpoint_ms = millis(frozen_at.elapsed());
         let mut lazy = checkpoint.lazy;
         warnings.extend(checkpoint.problems);

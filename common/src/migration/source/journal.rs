@@ -207,6 +207,9 @@ pub enum Undo {
         server: crate::engine::lazy_pages::PageServer,
         held: Option<String>,
     },
+    /// CRIU's page server here has ended, every page delivered; the guard of its port is
+    /// left (removing it would lengthen the freeze): remove it.
+    Unguard(crate::engine::lazy_pages::PageServer),
     /// The destination may hold a stopped replica (streamed stop-copy): fence it (it is
     /// removed there, and never runs).
     FenceReplica {
@@ -228,6 +231,11 @@ impl std::fmt::Display for Undo {
             Undo::StopPageServer { server, .. } => write!(
                 f,
                 "stop CRIU's page server on {}:{}",
+                server.address, server.port
+            ),
+            Undo::Unguard(server) => write!(
+                f,
+                "remove the guard of the page server's port {}:{}",
                 server.address, server.port
             ),
             Undo::FenceReplica { destination, .. } => {

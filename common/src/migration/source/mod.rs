@@ -110,6 +110,7 @@ impl SourceActions for SourceHost<'_> {
             Undo::StopPageServer { server, held } => {
                 crate::engine::lazy_pages::stop_serving(*server, held.as_deref()).await
             }
+            Undo::Unguard(server) => crate::engine::lazy_pages::unguard(*server).await,
             Undo::FenceReplica {
                 destination,
                 migration_id,
@@ -204,6 +205,15 @@ impl UndoLog {
     /// A step that is done by other means (CRIU's page server ended): no undo needs it.
     pub fn drop_step(&mut self, done: &Undo) -> Result<()> {
         self.record.steps.retain(|s| s != done);
+        self.save()
+    }
+
+    /// A step that is done but for what `rest` undoes, later (the page server ended; the
+    /// guard of its port is left).
+    pub fn narrow_step(&mut self, done: &Undo, rest: Undo) -> Result<()> {
+        for step in self.record.steps.iter_mut().filter(|s| *s == done) {
+            *step = rest.clone();
+        }
         self.save()
     }
 
@@ -446,8 +456,14 @@ pub async fn release_source(
             log.record.container
         ));
     }
-    // Its files, and the hold if switching the traffic did not end it.
-    let leftovers = log.steps_where(|s| matches!(s, Undo::RemoveFile(_) | Undo::ReleaseHold(_)));
+    // Its files, the hold if switching the traffic did not end it, and the guard of a page
+    // server that ended.
+    let leftovers = log.steps_where(|s| {
+        matches!(
+            s,
+            Undo::RemoveFile(_) | Undo::ReleaseHold(_) | Undo::Unguard(_)
+        )
+    });
     warnings.extend(undo_each(host, leftovers).await);
     log.record.steps.clear();
     let told = match remote {

@@ -101,7 +101,7 @@ impl SourceActions for Fake {
                 Undo::RemoveFile(_) => w.archive = false,
                 Undo::RemoveContainerRoute(_) => w.blackholed = false,
                 Undo::ReleaseHold(_) => w.held = false,
-                Undo::Thaw(_) | Undo::StopPageServer { .. } => {}
+                Undo::Thaw(_) | Undo::StopPageServer { .. } | Undo::Unguard(_) => {}
                 Undo::FenceReplica { .. } => {
                     anyhow::ensure!(w.reachable, "unreachable");
                     anyhow::ensure!(!w.dest_runs, "the destination runs it");
