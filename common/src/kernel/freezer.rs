@@ -61,6 +61,13 @@ impl Freezer {
         }
     }
 
+    fn threads(&self) -> PathBuf {
+        match self {
+            Freezer::V1(state) => state.with_file_name("tasks"),
+            Freezer::V2(dir) => dir.join("cgroup.threads"),
+        }
+    }
+
     fn is_frozen(&self) -> Result<bool> {
         Ok(match self {
             Freezer::V1(state) => std::fs::read_to_string(state)?.trim() == "FROZEN",
@@ -97,7 +104,15 @@ pub fn thaw(cgroup: &str) -> Result<()> {
 
 /// The processes in the cgroup (by the freezer's hierarchy).
 pub fn processes(cgroup: &str) -> Result<Vec<i32>> {
-    let path = Freezer::of(cgroup)?.processes();
+    read_ids(Freezer::of(cgroup)?.processes())
+}
+
+/// The threads in the cgroup, of every process (by the freezer's hierarchy).
+pub fn threads(cgroup: &str) -> Result<Vec<i32>> {
+    read_ids(Freezer::of(cgroup)?.threads())
+}
+
+fn read_ids(path: PathBuf) -> Result<Vec<i32>> {
     let listed =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     listed

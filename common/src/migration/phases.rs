@@ -185,6 +185,9 @@ pub struct Checkpoint {
     pub frozen_at: std::time::Instant,
     /// How long freezing the container's cgroup took, if it was frozen before podman's call.
     pub cgroup_frozen_in: Option<std::time::Duration>,
+    /// How many times the cgroup was frozen again, for a lazy dump, to step around a
+    /// page-aligned stack pointer ([`crate::engine::lazy_pages::refreeze_off_aligned_stacks`]).
+    pub stack_refreezes: usize,
     /// What did not go as it should and made the freeze worse (packets dropped, not held;
     /// CRIU left to freeze the container).
     pub problems: Vec<String>,
@@ -302,9 +305,28 @@ pub async fn checkpoint(
         }
     }
     let mut cgroup_frozen_in = None;
+    let mut stack_refreezes = 0;
     if let Some(cgroup) = container.cgroup_path.clone() {
-        match tokio::task::spawn_blocking(move || crate::kernel::freezer::freeze(&cgroup)).await? {
-            Ok(took) => cgroup_frozen_in = Some(took),
+        let lazy = armed.is_some();
+        let freezing = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            crate::kernel::freezer::freeze(&cgroup)?;
+            let refrozen = match lazy {
+                true => Some(crate::engine::lazy_pages::refreeze_off_aligned_stacks(
+                    &cgroup,
+                )?),
+                false => None,
+            };
+            anyhow::Ok((started.elapsed(), refrozen))
+        });
+        match freezing.await? {
+            Ok((took, refrozen)) => {
+                cgroup_frozen_in = Some(took);
+                if let Some(refrozen) = refrozen {
+                    stack_refreezes = refrozen.times;
+                    problems.extend(refrozen.costly);
+                }
+            }
             Err(e) => problems.push(format!("CRIU froze the container itself (slower): {e:#}")),
         }
     }
@@ -357,6 +379,7 @@ pub async fn checkpoint(
         archive,
         frozen_at,
         cgroup_frozen_in,
+        stack_refreezes,
         problems,
         lazy,
     })

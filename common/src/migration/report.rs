@@ -111,6 +111,9 @@ pub struct FreezeSteps {
     pub checkpoint_ms: f64,
     /// Of that: freezing the container's cgroup before podman's call.
     pub cgroup_freeze_ms: Option<f64>,
+    /// Of that: how many times the cgroup was frozen again for a lazy dump, to step around
+    /// a stack pointer on a page boundary (a CRIU bug, `engine::lazy_pages` `stacks.rs`).
+    pub stack_refreezes: usize,
     /// CRIU's part of it, from its statistics in the archive (`None` if unreadable).
     pub criu_dump: Option<crate::engine::criu::DumpTimes>,
     /// Sending the archive.

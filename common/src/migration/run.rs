@@ -311,6 +311,7 @@ pub async fn migrate(
         let mut lazy = checkpoint.lazy;
         warnings.extend(checkpoint.problems);
         let cgroup_freeze_ms = checkpoint.cgroup_frozen_in.map(millis);
+        let stack_refreezes = checkpoint.stack_refreezes;
         let archive = checkpoint.archive;
 
         let (bytes, sending) = clock
@@ -402,6 +403,7 @@ pub async fn migrate(
             steps: FreezeSteps {
                 checkpoint_ms,
                 cgroup_freeze_ms,
+                stack_refreezes,
                 criu_dump: None,
                 transfer_ms,
                 flows_ms,

@@ -183,7 +183,7 @@ pub fn markdown(r: &Report) -> String {
         if !r.echo_steps.is_empty() {
             let _ = writeln!(
                 s,
-                "Where the freeze went (`freeze_steps` of the reports):\n\n| step | p50 ms | p95 ms | worst ms |\n|---|---|---|---|"
+                "Where the freeze went (`freeze_steps` of the reports; milliseconds, but for the counts `pages_written` and `stack_refreezes`):\n\n| step | p50 | p95 | worst |\n|---|---|---|---|"
             );
             for (step, spread) in &r.echo_steps {
                 let _ = writeln!(s, "{}", row(step, &Some(*spread)));

@@ -19,7 +19,8 @@
 //! kernel's sockets and descriptors; `criu_config.rs` the configuration files that carry
 //! the options; `tls.rs` the credentials of the page connection; `page_server.rs` where
 //! the memory is served, and whether a host can take part at all ([`host_problem`]);
-//! `archive.rs` the entries the agent packs itself.
+//! `archive.rs` the entries the agent packs itself; `stacks.rs` a CRIU bug that would make
+//! a lazy dump copy all of the memory, stepped around.
 
 mod archive;
 mod criu_config;
@@ -27,6 +28,7 @@ mod destination;
 mod page_server;
 mod procfs;
 mod source;
+mod stacks;
 mod tls;
 
 pub use criu_config::{dump_config, CONFIG_ANNOTATION, RUNC_CONF};
@@ -36,3 +38,4 @@ pub use source::{
     arm, pack_images, remove_stale_config, stop_serving, tune_serving, unguard, wait_serving,
     ArmedDump, NetworkAttachment,
 };
+pub use stacks::{refreeze_off_aligned_stacks, Refrozen};
