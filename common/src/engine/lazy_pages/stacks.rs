@@ -70,7 +70,7 @@ fn threads_on_aligned_stacks(cgroup: &str) -> Result<Vec<i32>> {
             std::fs::read_to_string(format!("/proc/{tid}/syscall"))
                 .ok()
                 .and_then(|line| stack_pointer(&line))
-                .is_some_and(|sp| sp % page == 0)
+                .is_some_and(|sp| sp.is_multiple_of(page))
         })
         .collect())
 }
