@@ -58,6 +58,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         post_copy::link_cut_while_pages_move_stops_the_container,
     ),
     (
+        "post_copy_guard_left_by_a_killed_client_is_cleaned_up",
+        post_copy::guard_left_by_a_killed_client_is_cleaned_up,
+    ),
+    (
         "streamed_memhog_256mib_memory_intact_and_source_keeps_nothing",
         streamed::memory_intact_and_source_keeps_nothing,
     ),

@@ -234,6 +234,7 @@ pub struct LazyDump {
 pub async fn checkpoint(
     podman: &PodmanClient,
     container: &ContainerInfo,
+    state_dir: &Path,
     work_dir: &Path,
     hold_packets: u32,
     page_server: Option<ServePages>,
@@ -255,28 +256,25 @@ pub async fn checkpoint(
             undo.record.held_init = Some(pid);
             let config = crate::engine::lazy_pages::dump_config(container.criu_config.as_deref())
                 .map_err(|problem| anyhow::anyhow!(problem))?;
+            let server = PageServer::on_a_free_port(at)?;
+            // Journaled first: an agent that dies right after leaves nothing unaccounted.
+            undo.register([Undo::RemoveFile(tls.clone()), Undo::Unguard(server)])?;
             let credentials = PageCredentials::generate()?;
             credentials.write(&tls)?;
-            match crate::engine::lazy_pages::arm(at, to, &tls, &config).await {
-                Ok(armed) => Some((armed, credentials)),
-                Err(e) => {
-                    let _ = crate::files::remove_if_present(&tls);
-                    return Err(e);
-                }
-            }
+            let armed = crate::engine::lazy_pages::arm(server, to, &tls, &config).await?;
+            Some((armed, credentials))
         }
         None => None,
     };
+    if armed.is_some() {
+        // Guarded, not yet journaled: what only `agent-client cleanup` finds.
+        crate::fault::at(state_dir, "guarded")?;
+    }
     // Registered before the call: a checkpoint that fails halfway may still have stopped it.
     undo.freeze(
         [Undo::RemoveFile(archive.clone())]
             .into_iter()
-            .chain(armed.iter().flat_map(|_| {
-                [
-                    Undo::RemoveFile(export.clone()),
-                    Undo::RemoveFile(tls.clone()),
-                ]
-            }))
+            .chain(armed.iter().map(|_| Undo::RemoveFile(export.clone())))
             .chain(
                 container_ip
                     .into_iter()
@@ -437,17 +435,13 @@ pub async fn await_pages(
         })
         .await
         .is_ok();
-    if ended {
-        // Its guard goes at the clean-up: removing it now would lengthen the freeze.
-        undo.narrow_step(
-            &Undo::StopPageServer { server, held },
-            Undo::Unguard(server),
-        )?;
-    } else {
+    if !ended {
         crate::engine::lazy_pages::stop_serving(server, held.as_deref()).await?;
         let _ = tokio::time::timeout(CALL_AFTER_PAGES, podman_call).await;
-        undo.drop_step(&Undo::StopPageServer { server, held })?;
     }
+    // A guard left (CRIU ended on its own) goes at the clean-up, by the journal's Unguard:
+    // removing it now would lengthen the freeze.
+    undo.drop_step(&Undo::StopPageServer { server, held })?;
     let arrived = arrived?;
     Ok(PagesReport {
         after_restore_ms: millis(arrived.after_restore),

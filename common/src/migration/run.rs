@@ -294,6 +294,7 @@ pub async fn migrate(
             let checkpoint = phases::checkpoint(
                 &request.podman,
                 &prepared.container,
+                state_dir,
                 &work_dir,
                 request.hold_packets,
                 page_server,

@@ -11,7 +11,8 @@ use nix::sys::signal::Signal;
 
 use super::faults::Client;
 use super::{
-    flow_survived, is_running, memhog_verify, migrate_with, outgoing_is_empty, start_memhog,
+    agent_client, flow_survived, is_running, memhog_verify, migrate_with, outgoing_is_empty,
+    start_memhog,
 };
 
 /// The CRIU processes of `host` (page servers, lazy-pages daemons, dumps and restores).
@@ -111,6 +112,37 @@ pub(super) fn wait_settled(lab: &Lab) -> Result<()> {
                 .all(|d| lab.agent_state(h, d).is_ok_and(|s| s.is_empty()))
         }))
     })
+}
+
+/// A client killed once the page server's port is guarded, before the checkpoint (fault
+/// point `guarded`): its journal names the guard and the credentials' file, so
+/// `agent-client cleanup` rolls it back and leaves nothing (and removes CRIU's
+/// configuration); the container runs on h1, its memory intact.
+pub fn guard_left_by_a_killed_client_is_cleaned_up(lab: &Lab) -> Result<()> {
+    let name = "guardme";
+    start_memhog(lab, "h1", name, 16, 0)?;
+    let client = Client::start_with(lab, name, Some("guarded:stop"), &["--mode", "post-copy"])?;
+    wait_for("the fault point guarded", Duration::from_secs(60), || {
+        Ok(lab::procfs::is_stopped(client.pid))
+    })?;
+    ensure!(
+        page_server_guard(lab, "h1")?.is_some(),
+        "h1 has no guard at the fault point"
+    );
+    lab::procfs::kill(client.pid, Signal::SIGKILL);
+    let (ok, _) = client.finish_with_status()?;
+    ensure!(!ok, "the killed client reported success");
+    let (ok, stdout, stderr) = agent_client(lab, "h1", &["cleanup"])?;
+    ensure!(ok, "cleanup failed: {stderr}");
+    ensure!(
+        stdout.contains(name) && stdout.contains("rolled back"),
+        "cleanup did not report the rollback: {stdout}"
+    );
+    no_post_copy_left(lab, "h1")?;
+    ensure!(is_running(lab, "h1", name)?, "{name} is not running on h1");
+    memhog_verify(lab, "h1", name, 16 * 256)?;
+    lab.podman("h1", &["rm", "-f", "-t", "0", name])?;
+    Ok(())
 }
 
 /// Nothing of a post-copy checkpoint is left on `host`: no lazy-dump configuration, no

@@ -14,6 +14,18 @@ pub struct PageServer {
     pub port: u16,
 }
 
+impl PageServer {
+    /// A port of `address` that is free now (the kernel's choice), for CRIU to serve on.
+    pub fn on_a_free_port(address: Ipv4Addr) -> anyhow::Result<PageServer> {
+        use anyhow::Context;
+        let port = std::net::TcpListener::bind((address, 0))
+            .with_context(|| format!("find a free port on {address}"))?
+            .local_addr()?
+            .port();
+        Ok(PageServer { address, port })
+    }
+}
+
 /// Why this host cannot take part in a post-copy migration, if it cannot. `uffd`: whether
 /// CRIU found non-cooperative userfaultfd (`criu check --feature uffd-noncoop`).
 pub fn host_problem(uffd: bool) -> Option<String> {

@@ -28,14 +28,14 @@ pub struct ArmedDump {
     armed: bool,
 }
 
-/// Makes the next checkpoint on this host a lazy one, serving pages on `address` to `peer`
-/// alone ([`guard`], until [`stop_serving`] or [`unguard`]), under TLS with the
+/// Makes the next checkpoint on this host a lazy one, serving pages on `server` (a port
+/// found free, [`PageServer::on_a_free_port`]) to `peer` alone ([`guard`], until [`stop_serving`] or [`unguard`]), under TLS with the
 /// credentials in `tls` ([`crate::protocol::PageCredentials::write`]), with options in
 /// `config` (where runc reads them for the container, [`super::dump_config`]). Waits up to
 /// 10 s for another lazy checkpoint of this host to start first. A runc configuration of
 /// the operator's own is left alone: post-copy is refused instead.
 pub async fn arm(
-    address: Ipv4Addr,
+    server: PageServer,
     peer: Ipv4Addr,
     tls: &Path,
     config: &Path,
@@ -57,11 +57,7 @@ pub async fn arm(
     if let Some(foreign) = foreign_options(config)? {
         bail!("{} holds options of its own ({foreign}); a lazy dump would change them for this checkpoint: use --mode stop-copy --archive", config.display());
     }
-    let port = std::net::TcpListener::bind((address, 0))
-        .with_context(|| format!("find a free port on {address}"))?
-        .local_addr()?
-        .port();
-    let server = PageServer { address, port };
+    let PageServer { address, port } = server;
     let dir = config
         .parent()
         .context("a configuration file in no directory")?;

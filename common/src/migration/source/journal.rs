@@ -207,8 +207,9 @@ pub enum Undo {
         server: crate::engine::lazy_pages::PageServer,
         held: Option<String>,
     },
-    /// CRIU's page server here has ended, every page delivered; the guard of its port is
-    /// left (removing it would lengthen the freeze): remove it.
+    /// The port of CRIU's page server here is guarded (journaled before the guard, which
+    /// stays after CRIU ended until the clean-up: removing it in the freeze would lengthen
+    /// the freeze): remove the guard.
     Unguard(crate::engine::lazy_pages::PageServer),
     /// The destination may hold a stopped replica (streamed stop-copy): fence it (it is
     /// removed there, and never runs).

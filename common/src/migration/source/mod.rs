@@ -176,6 +176,12 @@ impl UndoLog {
 
     /// Records how to undo the freeze and enters [`SourceStage::Frozen`], in one durable
     /// write (it is part of the freeze).
+    /// Journals steps to undo before the phase does them, without changing the stage.
+    pub fn register(&mut self, undo: impl IntoIterator<Item = Undo>) -> Result<()> {
+        self.record.steps.extend(undo);
+        self.save()
+    }
+
     pub fn freeze(&mut self, undo: impl IntoIterator<Item = Undo>) -> Result<()> {
         self.record.steps.extend(undo);
         self.enter(SourceStage::Frozen)
@@ -205,15 +211,6 @@ impl UndoLog {
     /// A step that is done by other means (CRIU's page server ended): no undo needs it.
     pub fn drop_step(&mut self, done: &Undo) -> Result<()> {
         self.record.steps.retain(|s| s != done);
-        self.save()
-    }
-
-    /// A step that is done but for what `rest` undoes, later (the page server ended; the
-    /// guard of its port is left).
-    pub fn narrow_step(&mut self, done: &Undo, rest: Undo) -> Result<()> {
-        for step in self.record.steps.iter_mut().filter(|s| *s == done) {
-            *step = rest.clone();
-        }
         self.save()
     }
 
