@@ -15,7 +15,7 @@ use crate::migration::source::held_processes_alive;
 use crate::migration::source::journal::Undo;
 use crate::migration::source::UndoLog;
 
-use crate::engine::lazy_pages::PageServer;
+use crate::engine::lazy_pages::{refreeze_off_aligned_stacks, PageServer};
 use crate::engine::podman::{ContainerInfo, PodmanClient};
 use crate::kernel::conntrack;
 use crate::kernel::overlay::{TunnelEnd, MAIN_TABLE};
@@ -267,7 +267,8 @@ pub async fn checkpoint(
         None => None,
     };
     if armed.is_some() {
-        // Guarded, not yet journaled: what only `agent-client cleanup` finds.
+        // Guarded and journaled, nothing frozen yet: a client killed here is rolled back
+        // from its journal alone.
         crate::fault::at(state_dir, "guarded")?;
     }
     // Registered before the call: a checkpoint that fails halfway may still have stopped it.
@@ -309,11 +310,10 @@ pub async fn checkpoint(
         let freezing = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             crate::kernel::freezer::freeze(&cgroup)?;
-            let refrozen = match lazy {
-                true => Some(crate::engine::lazy_pages::refreeze_off_aligned_stacks(
-                    &cgroup,
-                )?),
-                false => None,
+            let refrozen = if lazy {
+                Some(refreeze_off_aligned_stacks(&cgroup)?)
+            } else {
+                None
             };
             anyhow::Ok((started.elapsed(), refrozen))
         });
