@@ -9,8 +9,8 @@
 //!   SIGCONT);
 //! - `fail`: the step fails with an error.
 //!
-//! Points: `guarded` (source, lazy dumps: the page server's port is guarded, before the
-//! journal says so), `checkpointed` (source: the container is stopped, before the transfer),
+//! Points: `guarded` (source, lazy dumps: the page server's port is guarded and
+//! journaled, nothing frozen yet), `checkpointed` (source: the container is stopped, before the transfer),
 //! `transferring` (source: after the first part of the archive is sent),
 //! `restore-requested` (source: the restore request is sent, before its answer), `pages`
 //! (source, lazy dumps: before it waits for the destination's last page), `restored`

@@ -60,9 +60,7 @@ pub fn refreeze_off_aligned_stacks(cgroup: &str) -> Result<Refrozen> {
 
 /// The frozen threads of `cgroup` whose stack pointer is page-aligned.
 fn threads_on_aligned_stacks(cgroup: &str) -> Result<Vec<i32>> {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)?
-        .and_then(|size| u64::try_from(size).ok())
-        .unwrap_or(4096);
+    let page = rustix::param::page_size() as u64;
     Ok(freezer::threads(cgroup)?
         .into_iter()
         .filter(|tid| {
