@@ -29,11 +29,12 @@ pub struct ArmedDump {
 }
 
 /// Makes the next checkpoint on this host a lazy one, serving pages on `server` (a port
-/// found free, [`PageServer::on_a_free_port`]) to `peer` alone ([`guard`], until [`stop_serving`] or [`unguard`]), under TLS with the
-/// credentials in `tls` ([`crate::protocol::PageCredentials::write`]), with options in
-/// `config` (where runc reads them for the container, [`super::dump_config`]). Waits up to
-/// 10 s for another lazy checkpoint of this host to start first. A runc configuration of
-/// the operator's own is left alone: post-copy is refused instead.
+/// found free, [`PageServer::on_a_free_port`]) to `peer` alone ([`guard`], until
+/// [`stop_serving`] or [`unguard`]), under TLS with the credentials in `tls`
+/// ([`crate::protocol::PageCredentials::write`]), with options in `config` (where runc
+/// reads them for the container, [`super::dump_config`]). Waits up to 10 s for another
+/// lazy checkpoint of this host to start first. A runc configuration of the operator's own
+/// is left alone: post-copy is refused instead.
 pub async fn arm(
     server: PageServer,
     peer: Ipv4Addr,

@@ -207,9 +207,8 @@ pub enum Undo {
         server: crate::engine::lazy_pages::PageServer,
         held: Option<String>,
     },
-    /// The port of CRIU's page server here is guarded (journaled before the guard, which
-    /// stays after CRIU ended until the clean-up: removing it in the freeze would lengthen
-    /// the freeze): remove the guard.
+    /// The port of CRIU's page server here is guarded: remove the guard. Journaled before
+    /// the guard exists; it outlives CRIU until the clean-up, out of the freeze.
     Unguard(crate::engine::lazy_pages::PageServer),
     /// The destination may hold a stopped replica (streamed stop-copy): fence it (it is
     /// removed there, and never runs).
