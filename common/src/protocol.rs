@@ -30,8 +30,15 @@
 //!      second session through it, then goes on with this one;
 //!    - `Preflight` -> `Preflight` (what the destination has and can do);
 //!    - `PutImage` + data frames + `EndOfStream` -> `ImageLoaded`;
-//!    - `PutCheckpoint` + data frames + `EndOfStream` -> `CheckpointStored`: starts the
-//!      migration `migration_id` (32 hex digits, fresh per migration) on this connection;
+//!    - `BeginMigration` -> `MigrationBegun`, before the source freezes the container:
+//!      starts the migration `migration_id` (32 hex digits, fresh per migration) of the
+//!      declared container on this connection, and, for a container with an address,
+//!      holds the packets that reach the destination for it other than through the
+//!      source's tunnel ([`crate::kernel::hold`]), so that this costs nothing in the
+//!      freeze. Refused if the container, or a migration of it, is here already;
+//!    - `PutCheckpoint` + data frames + `EndOfStream` -> `CheckpointStored`: the archive
+//!      of the migration begun on this connection, once (its ID and container must be
+//!      the begun ones);
 //!    - `PrepareTraffic` -> `TrafficPrepared` (before the restore: the container's flows
 //!      get conntrack entries marked for the tunnel, so its replies go back through it).
 //!      Sent in batches of at most [`MAX_FLOWS_PER_BATCH`]; each flow must have the
@@ -82,7 +89,7 @@ use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// Default TCP port of `agent-server`.
 pub const DEFAULT_PORT: u16 = 7878;
@@ -124,6 +131,13 @@ pub enum ClientMessage {
     },
     PutImage {
         image_id: String,
+    },
+    BeginMigration {
+        migration_id: String,
+        container: ContainerRef,
+        /// The source agent's WireGuard public key: names the tunnel whose packets are
+        /// not held.
+        source_public_key: String,
     },
     PutCheckpoint {
         migration_id: String,
@@ -196,6 +210,7 @@ pub enum ServerMessage {
     },
     Preflight(Box<HostReport>),
     ImageLoaded,
+    MigrationBegun,
     CheckpointStored {
         bytes: u64,
     },

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use common::engine::lazy_pages::PageServer;
 use common::kernel::conntrack;
+use common::kernel::overlay::TunnelEnd;
 use common::migration::destination::post_copy;
 use common::migration::destination::{IncomingMigration, Shared};
 use common::migration::ownership::DestinationStage;
@@ -27,7 +28,7 @@ const CHECKPOINT_LIMIT: u64 = 256 << 30;
 /// of its answer.
 pub(super) const RETURNING_MARGIN: Duration = Duration::from_secs(5);
 
-/// The connection's migration, once `PutCheckpoint` started one.
+/// The connection's migration, once `BeginMigration` started one.
 pub(super) struct Connection {
     pub(super) peer: SocketAddr,
     pub(super) migration: Option<Shared>,
@@ -44,7 +45,7 @@ pub(super) fn current(connection: &Connection) -> Result<&Shared, Refusal> {
     connection.migration.as_ref().ok_or_else(|| {
         refuse(
             ErrorCode::State,
-            anyhow!("no checkpoint was uploaded on this connection"),
+            anyhow!("no migration was begun on this connection"),
         )
     })
 }
@@ -66,15 +67,19 @@ pub(super) fn receiving(migration: &IncomingMigration) -> Result<(), Refusal> {
     }
 }
 
-pub(super) async fn put_checkpoint(
+/// Starts the migration of `container` on this connection, before the source freezes it,
+/// and holds the packets that reach this host for its address other than through the
+/// source's tunnel: starting the hold is an nftables commit that would lengthen the freeze.
+pub(super) async fn begin_migration(
     migration_id: String,
     container: ContainerRef,
-    stream: &mut FramedStream<TcpStream>,
+    source_public_key: String,
     context: &ServerContext,
     connection: &mut Connection,
 ) -> Reply {
     validate::migration_id(&migration_id).map_err(invalid)?;
     validate_container(&container)?;
+    validate::public_key(&source_public_key).map_err(invalid)?;
     if connection.migration.is_some() {
         return Err(refuse(
             ErrorCode::State,
@@ -90,7 +95,8 @@ pub(super) async fn put_checkpoint(
             ));
         }
     }
-    let name = container.name.clone();
+    let address = container.address;
+    let end = TunnelEnd::to_peer(&context.keys.public_base64(), &source_public_key).await?;
     let migration = IncomingMigration::new(
         &context.state_dir,
         &migration_id,
@@ -104,11 +110,58 @@ pub(super) async fn put_checkpoint(
         .insert(migration)
         .map_err(|busy| refuse(ErrorCode::Busy, anyhow!("{busy}")))?;
     let mut migration = shared.lock().await;
+    if let Some(ip) = address {
+        // Journaled before it exists: a crash right after leaves no hold unaccounted.
+        migration.holding = Some(ip);
+    }
     if let Err(e) = migration.save() {
         context.migrations.remove(&migration_id);
         return Err(e.into());
     }
     connection.migration = Some(shared.clone());
+    if let Some(ip) = address {
+        // Still journaled if it failed: releasing it removes whatever it left.
+        if let Err(e) = hold_packets(ip, &end).await {
+            tracing::warn!("packets for {ip} are dropped until the restore: {e:#}");
+        }
+    }
+    tracing::info!(container = %migration.container.name, %migration_id, "migration begun");
+    Ok(ServerMessage::MigrationBegun)
+}
+
+/// Packets for the incoming container's `ip` that reach this host other than through the
+/// source's tunnel (it is where the container is published, or a former host forwards to
+/// it) wait for the restore, and for the source's held packets to go first.
+pub(super) async fn hold_packets(ip: std::net::Ipv4Addr, end: &TunnelEnd) -> anyhow::Result<()> {
+    common::kernel::hold::start(
+        ip,
+        common::kernel::hold::DEFAULT_BOUND,
+        Some(&end.interface),
+    )
+    .await
+}
+
+/// Receives the checkpoint archive of the migration begun on this connection.
+pub(super) async fn put_checkpoint(
+    migration_id: String,
+    container: ContainerRef,
+    stream: &mut FramedStream<TcpStream>,
+    connection: &mut Connection,
+) -> Reply {
+    let mut migration = current(connection)?.lock().await;
+    receiving(&migration)?;
+    if migration_id != migration.migration_id || container != migration.container {
+        return Err(invalid(anyhow!(
+            "migration {migration_id} of {} is not the one begun on this connection",
+            container.name
+        )));
+    }
+    if migration.archive_verified {
+        return Err(refuse(
+            ErrorCode::State,
+            anyhow!("migration {migration_id} has its archive already"),
+        ));
+    }
     let path = migration
         .archive
         .clone()
@@ -117,7 +170,7 @@ pub(super) async fn put_checkpoint(
     let bytes = receive_stream(stream, &mut file, CHECKPOINT_LIMIT).await?;
     migration.archive_verified = true;
     migration.save()?;
-    tracing::info!(container = %name, bytes, "checkpoint received and verified");
+    tracing::info!(container = %container.name, bytes, "checkpoint received and verified");
     Ok(ServerMessage::CheckpointStored { bytes })
 }
 

@@ -209,10 +209,24 @@ async fn handle(
             }
             Ok(ServerMessage::ImageLoaded)
         }
+        ClientMessage::BeginMigration {
+            migration_id,
+            container,
+            source_public_key,
+        } => {
+            begin_migration(
+                migration_id,
+                container,
+                source_public_key,
+                context,
+                connection,
+            )
+            .await
+        }
         ClientMessage::PutCheckpoint {
             migration_id,
             container,
-        } => put_checkpoint(migration_id, container, stream, context, connection).await,
+        } => put_checkpoint(migration_id, container, stream, connection).await,
         ClientMessage::PrepareTraffic {
             source_public_key,
             container_ip,
@@ -245,6 +259,9 @@ async fn handle(
                 // network namespace. This also replaces a route into a tunnel left from when the
                 // container lived here.
                 migration.held_ip = Some(container_ip);
+                // Held since `BeginMigration`: from now on `held_ip` stands for that hold
+                // too, and its release ends both.
+                let held_already = migration.holding.take() == Some(container_ip);
                 migration.save()?;
                 // Coming back to a former host: it no longer forwards the container
                 // elsewhere (the route goes with the blackhole below; the rest waits).
@@ -257,20 +274,14 @@ async fn handle(
                     }
                     Ok(())
                 }));
-                // Packets that reach this host other than through the source's tunnel
-                // (it is where the container is published, or a former host forwards to
-                // it) wait for the restore, and for the source's held packets to go first.
                 // Held before the blackhole replaces the route: the hold comes before
                 // routing, and a packet routed in between would be dropped.
-                let hold = common::kernel::hold::start(
-                    container_ip,
-                    common::kernel::hold::DEFAULT_BOUND,
-                    Some(&end.interface),
-                );
-                if let Err(e) = hold.await {
-                    tracing::warn!(
-                        "packets for {container_ip} are dropped until the restore: {e:#}"
-                    );
+                if !held_already {
+                    if let Err(e) = hold_packets(container_ip, &end).await {
+                        tracing::warn!(
+                            "packets for {container_ip} are dropped until the restore: {e:#}"
+                        );
+                    }
                 }
                 Routing::new()?
                     .replace_route(&Route::blackhole_v4(container_ip, 32, MAIN_TABLE))

@@ -461,6 +461,21 @@ pub enum PagesEnd {
 /// How long podman's checkpoint call may take to return once the pages are through.
 const CALL_AFTER_PAGES: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// End of the prepare phase: the destination starts the migration, and holds the packets
+/// that reach it for the container from now on (off the freeze: that is an nftables
+/// commit). Nothing to undo here: the destination drops the migration, and lets its
+/// packets go, when the connection closes before a restore.
+pub async fn begin(
+    remote: &mut RemoteAgent,
+    keys: &KeyPair,
+    migration_id: &str,
+    container: &ContainerRef,
+) -> Result<()> {
+    remote
+        .begin_migration(migration_id, container, &keys.public_base64())
+        .await
+}
+
 /// Part of the restore phase: tell the destination about the container's flows, as it will
 /// see them (without this host's NAT), so it tracks them as established connections that
 /// came through the tunnel. The destination removes them unless it comes to own the

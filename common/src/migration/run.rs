@@ -246,22 +246,26 @@ pub async fn migrate(
             .await?;
         tunneled = Some(through_tunnel);
 
+        let migration_id = log.record.migration_id.clone();
+        let preparing = async {
+            let prepared = phases::prepare(
+                &request.podman,
+                agent,
+                &info.id,
+                request.mode,
+                request.stop_copy_memory,
+                state_dir,
+            )
+            .await?;
+            phases::begin(agent, &keys, &migration_id, &prepared.container.to_ref()).await?;
+            anyhow::Ok(prepared)
+        };
         let (prepared, _) = clock
             .run(
                 &mut phase,
                 Phase::Prepare,
                 may_cancel,
-                cancellable(
-                    cancel,
-                    phases::prepare(
-                        &request.podman,
-                        agent,
-                        &info.id,
-                        request.mode,
-                        request.stop_copy_memory,
-                        state_dir,
-                    ),
-                ),
+                cancellable(cancel, preparing),
             )
             .await?;
         let container_ip = prepared.container.ipv4();

@@ -188,8 +188,26 @@ impl RemoteAgent {
         )
     }
 
-    /// Starts migration `migration_id` on this connection with its checkpoint archive;
-    /// `progress` gets the bytes sent so far.
+    /// Starts migration `migration_id` of `container` on this connection; the destination
+    /// holds the packets that reach it for the container from now on.
+    pub async fn begin_migration(
+        &mut self,
+        migration_id: &str,
+        container: &ContainerRef,
+        source_public_key: &str,
+    ) -> Result<()> {
+        let reply = self
+            .request(&ClientMessage::BeginMigration {
+                migration_id: migration_id.to_string(),
+                container: container.clone(),
+                source_public_key: source_public_key.to_string(),
+            })
+            .await?;
+        expect_reply!(reply, "begin migration", ServerMessage::MigrationBegun => ())
+    }
+
+    /// Sends the checkpoint archive of the migration begun on this connection; `progress`
+    /// gets the bytes sent so far.
     pub async fn put_checkpoint(
         &mut self,
         migration_id: &str,

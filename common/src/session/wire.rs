@@ -396,6 +396,11 @@ mod tests {
                         "10.0.0.9:40000".parse().unwrap(),
                     )],
                 },
+                ClientMessage::BeginMigration {
+                    migration_id: "0".repeat(32),
+                    container: container.clone(),
+                    source_public_key: "A".repeat(43) + "=",
+                },
                 ClientMessage::PutCheckpoint {
                     migration_id: "0".repeat(32),
                     container,

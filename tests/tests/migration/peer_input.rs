@@ -77,11 +77,29 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
             ),
             (
                 "a path-like migration ID",
-                ClientMessage::PutCheckpoint {
+                ClientMessage::BeginMigration {
                     migration_id: "../../tmp/x".into(),
                     container: valid.clone(),
+                    source_public_key: "A".repeat(43) + "=",
                 },
                 ErrorCode::Invalid,
+            ),
+            (
+                "a key that is not a key, to begin with",
+                ClientMessage::BeginMigration {
+                    migration_id: "c".repeat(32),
+                    container: valid.clone(),
+                    source_public_key: "../wg".into(),
+                },
+                ErrorCode::Invalid,
+            ),
+            (
+                "an upload with no migration begun",
+                ClientMessage::PutCheckpoint {
+                    migration_id: "c".repeat(32),
+                    container: valid.clone(),
+                },
+                ErrorCode::State,
             ),
             (
                 "a path-like container to query",
@@ -142,6 +160,37 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
 
         // A migration of its own, then requests that reach past it.
         let migration_id = "c".repeat(32);
+        let key = "A".repeat(43) + "=";
+        stream
+            .send(&ClientMessage::BeginMigration {
+                migration_id: migration_id.clone(),
+                container: valid.clone(),
+                source_public_key: key.clone(),
+            })
+            .await?;
+        match stream.recv::<ServerMessage>().await? {
+            ServerMessage::MigrationBegun => {}
+            other => bail!("begin: {other:?}"),
+        }
+        let rules = lab.exec_stdout("h2", &["nft", "list", "table", "ip", "live_migrate_hold"])?;
+        ensure!(
+            rules.contains(&format!("lm:hold {ADDRESS}")),
+            "the begun migration does not hold its packets: {rules}"
+        );
+        let other_container = ContainerRef {
+            id: "d".repeat(64),
+            ..valid.clone()
+        };
+        refused(
+            &mut stream,
+            "an upload of another container",
+            &ClientMessage::PutCheckpoint {
+                migration_id: migration_id.clone(),
+                container: other_container.clone(),
+            },
+            ErrorCode::Invalid,
+        )
+        .await?;
         stream
             .send(&ClientMessage::PutCheckpoint {
                 migration_id: migration_id.clone(),
@@ -154,15 +203,10 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
             ServerMessage::CheckpointStored { .. } => {}
             other => bail!("upload: {other:?}"),
         }
-        let key = "A".repeat(43) + "=";
         let foreign = Ipv4Addr::new(10, 88, 2, 251);
         let too_many = (0..=MAX_FLOWS_PER_BATCH as u16)
             .map(|p| flow_to(ADDRESS, p))
             .collect();
-        let other_container = ContainerRef {
-            id: "d".repeat(64),
-            ..valid.clone()
-        };
         let cases = [
             (
                 "another container's address",
@@ -215,10 +259,19 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
                 ErrorCode::Invalid,
             ),
             (
-                "a second migration on one connection",
+                "a second upload",
                 ClientMessage::PutCheckpoint {
+                    migration_id: migration_id.clone(),
+                    container: valid.clone(),
+                },
+                ErrorCode::State,
+            ),
+            (
+                "a second migration on one connection",
+                ClientMessage::BeginMigration {
                     migration_id: "e".repeat(32),
                     container: valid.clone(),
+                    source_public_key: key.clone(),
                 },
                 ErrorCode::State,
             ),
@@ -230,9 +283,10 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
         // The same container cannot migrate twice at once.
         let mut other = session(second, &token).await?;
         other
-            .send(&ClientMessage::PutCheckpoint {
+            .send(&ClientMessage::BeginMigration {
                 migration_id: "f".repeat(32),
                 container: valid.clone(),
+                source_public_key: key.clone(),
             })
             .await?;
         match other.recv::<ServerMessage>().await? {
@@ -270,6 +324,12 @@ pub fn peer_input_is_refused(lab: &Lab) -> Result<()> {
     })?;
     let routes = lab.exec_stdout("h2", &["ip", "route", "show", "table", "main"])?;
     ensure!(!routes.contains("10.88.2.25"), "a route was left: {routes}");
+    // `BeginMigration` held the probe's packets.
+    let rules = lab.exec_stdout("h2", &["nft", "list", "ruleset"])?;
+    ensure!(
+        !rules.contains("10.88.2.25"),
+        "a hold rule was left: {rules}"
+    );
     let tracked = lab.exec_stdout("h2", &["conntrack", "-L"])?;
     ensure!(
         !tracked.contains("10.88.2.25"),
