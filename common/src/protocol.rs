@@ -79,7 +79,8 @@
 //!    Any request may instead be answered by `Error`, with an [`ErrorCode`].
 //! 3. A connection that closes (or goes silent: both ends use TCP keepalive and a user
 //!    timeout) without `Finish` ends a migration the destination does not own yet: it drops
-//!    the archive, any copy and the flows' entries. One it owns stays, and is kept until the
+//!    the archive, any copy and the flows' entries, and lets the packets it held go on
+//!    through routing. One it owns stays, and is kept until the
 //!    source `Resolve`s and `Settle`s it. There is no abort request: a source that gives up
 //!    closes the connection, or asks `Resolve`.
 
