@@ -33,16 +33,19 @@
 //!    - `BeginMigration` -> `MigrationBegun`, before the source freezes the container:
 //!      starts the migration `migration_id` (32 hex digits, fresh per migration) of the
 //!      declared container on this connection, and, for a container with an address,
-//!      holds the packets that reach the destination for it other than through the
-//!      source's tunnel ([`crate::kernel::hold`]), so that this costs nothing in the
-//!      freeze. Refused if the container, or a migration of it, is here already;
+//!      arms the hold of the packets that reach the destination for it other than
+//!      through the source's tunnel ([`crate::kernel::hold`]), so that its nftables
+//!      commit is not in the freeze; they go on as routed until `PrepareTraffic` holds
+//!      them. Refused if the container, or a migration of it, is here already;
 //!    - `PutCheckpoint` + data frames + `EndOfStream` -> `CheckpointStored`: the archive
 //!      of the migration begun on this connection, once (its ID and container must be
 //!      the begun ones);
-//!    - `PrepareTraffic` -> `TrafficPrepared` (before the restore: the container's flows
-//!      get conntrack entries marked for the tunnel, so its replies go back through it).
-//!      Sent in batches of at most [`MAX_FLOWS_PER_BATCH`]; each flow must have the
-//!      container's own address on one end;
+//!    - `PrepareTraffic` -> `TrafficPrepared`, before the restore, before or after the
+//!      archive (the source sends it while podman checkpoints the frozen container): the
+//!      container's flows get conntrack entries marked for the tunnel, so its replies go
+//!      back through it, and the destination blackholes the container's address and holds
+//!      its packets. Sent in batches of at most [`MAX_FLOWS_PER_BATCH`]; each flow must
+//!      have the container's own address on one end;
 //!    - `Restore` -> `Restored`: restores the archive of this connection's migration, and
 //!      only the container declared with it. The destination records that it owns the
 //!      container before it answers (the decision point, [`crate::migration::ownership`]).

@@ -33,6 +33,10 @@ fn main() {
                 "page_server_guard_lets_only_the_peer_in",
                 page_server_guard_lets_only_the_peer_in,
             ),
+            (
+                "armed_hold_passes_then_holds_in_order",
+                armed_hold_passes_then_holds_in_order,
+            ),
         ],
     )
 }
@@ -483,6 +487,88 @@ fn page_server_guard_lets_only_the_peer_in() {
             "unguarded: {from_peer:?} {from_stranger:?}"
         );
         fw.remove_all().unwrap();
+    });
+}
+
+/// An armed packet hold lets datagrams through as they come and counts none; held back,
+/// it keeps them until the release, which lets them through in order and counts them.
+fn armed_hold_passes_then_holds_in_order() {
+    use common::kernel::hold;
+    host_and_client("hold", "lmh0", "10.9.2.1/24", |client_name| {
+        let address = Ipv4Addr::new(10, 9, 2, 1);
+        let server = SocketAddrV4::new(address, 9200);
+        let send = move |first: bool, messages: &'static [&'static str]| {
+            let client_name = client_name.clone();
+            std::thread::spawn(move || {
+                enter(&client_name);
+                if first {
+                    ip(&["addr", "add", "10.9.2.2/24", "dev", "c0"]);
+                    ip(&["link", "set", "c0", "up"]);
+                }
+                let socket = std::net::UdpSocket::bind("10.9.2.2:0").unwrap();
+                for message in messages {
+                    socket.send_to(message.as_bytes(), server).unwrap();
+                }
+            })
+            .join()
+            .unwrap()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("building a runtime");
+        rt.block_on(async move {
+            let receiver = tokio::net::UdpSocket::bind(server).await.unwrap();
+            let receive = |within: std::time::Duration| {
+                let receiver = &receiver;
+                async move {
+                    let mut buffer = [0; 16];
+                    let (len, _) = tokio::time::timeout(within, receiver.recv_from(&mut buffer))
+                        .await
+                        .ok()?
+                        .ok()?;
+                    Some(String::from_utf8_lossy(&buffer[..len]).into_owned())
+                }
+            };
+            let second = std::time::Duration::from_secs(1);
+            hold::arm(address, 100, None).await.unwrap();
+            send(true, &["p0", "p1"]);
+            assert_eq!(
+                receive(second).await.as_deref(),
+                Some("p0"),
+                "armed, not passing"
+            );
+            assert_eq!(receive(second).await.as_deref(), Some("p1"));
+
+            assert!(hold::hold_back(address));
+            assert!(
+                !hold::hold_back(Ipv4Addr::new(10, 9, 2, 9)),
+                "no hold there"
+            );
+            send(false, &["h0", "h1", "h2"]);
+            // Absence can only be waited for: a held datagram would have come by now.
+            assert_eq!(
+                receive(std::time::Duration::from_millis(300)).await,
+                None,
+                "not held"
+            );
+
+            let report = hold::release(address).await.unwrap().expect("a live hold");
+            assert_eq!(
+                (report.held, report.dropped),
+                (3, 0),
+                "passed packets counted as held"
+            );
+            for expected in ["h0", "h1", "h2"] {
+                assert_eq!(receive(second).await.as_deref(), Some(expected));
+            }
+            let rules = Command::new("nft")
+                .args(["list", "ruleset"])
+                .output()
+                .unwrap();
+            let rules = String::from_utf8_lossy(&rules.stdout);
+            assert!(!rules.contains("lm:hold"), "hold rule left:\n{rules}");
+        });
     });
 }
 

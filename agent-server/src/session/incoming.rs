@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use common::engine::lazy_pages::PageServer;
 use common::kernel::conntrack;
+use common::kernel::nft::Firewall;
 use common::kernel::overlay::TunnelEnd;
 use common::migration::destination::post_copy;
 use common::migration::destination::{IncomingMigration, Shared};
@@ -26,7 +27,7 @@ const CHECKPOINT_LIMIT: u64 = 256 << 30;
 /// How long packets of a returning container that come through a tunnel stay untracked
 /// after its restore may have ended: the source's held packets arrive within milliseconds
 /// of its answer.
-pub(super) const RETURNING_MARGIN: Duration = Duration::from_secs(5);
+const RETURNING_MARGIN: Duration = Duration::from_secs(5);
 
 /// The connection's migration, once `BeginMigration` started one.
 pub(super) struct Connection {
@@ -68,8 +69,9 @@ pub(super) fn receiving(migration: &IncomingMigration) -> Result<(), Refusal> {
 }
 
 /// Starts the migration of `container` on this connection, before the source freezes it,
-/// and holds the packets that reach this host for its address other than through the
-/// source's tunnel: starting the hold is an nftables commit that would lengthen the freeze.
+/// and arms the hold of the packets that reach this host for its address other than
+/// through the source's tunnel: its nftables commit would lengthen the freeze. They still
+/// go where they are routed until `PrepareTraffic` holds them back.
 pub(super) async fn begin_migration(
     migration_id: String,
     container: ContainerRef,
@@ -120,9 +122,15 @@ pub(super) async fn begin_migration(
     }
     connection.migration = Some(shared.clone());
     if let Some(ip) = address {
-        // Still journaled if it failed: releasing it removes whatever it left.
-        if let Err(e) = hold_packets(ip, &end).await {
-            tracing::warn!("packets for {ip} are dropped until the restore: {e:#}");
+        // Still journaled if it failed: releasing it removes whatever it left, and
+        // `PrepareTraffic` tries again.
+        let armed = common::kernel::hold::arm(
+            ip,
+            common::kernel::hold::DEFAULT_BOUND,
+            Some(&end.interface),
+        );
+        if let Err(e) = armed.await {
+            tracing::warn!("packets for {ip} cannot be held yet: {e:#}");
         }
     }
     tracing::info!(container = %migration.container.name, %migration_id, "migration begun");
@@ -242,6 +250,18 @@ pub(super) async fn restore(
     migration.pages_pending = lazy.is_some();
     migration.replica = replica;
     migration.enter(DestinationStage::Restoring)?;
+    let returning = std::mem::take(&mut migration.returning);
+    if !returning.is_empty() {
+        // The source lets its held packets through once it hears of the restore; those of
+        // flows that entered here come back through the tunnel ([`common::kernel::nft`]):
+        // untracked until well after the restore, which the archive's size bounds.
+        let seconds = (migration.restore_window() + RETURNING_MARGIN).as_secs() as u32;
+        migration
+            .ahead_of_restore
+            .push(tokio::task::spawn_blocking(move || {
+                Firewall::ensure()?.untrack_returning(&returning, seconds)
+            }));
+    }
     let started = Instant::now();
     let restored = match (common::fault::at(&context.state_dir, "restore"), &lazy) {
         (Err(e), _) => Err(e),

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::anyhow;
-use common::kernel::nft::Firewall;
 use common::kernel::overlay::{TunnelEnd, MAIN_TABLE};
 use common::kernel::routing::{Route, Routing};
 use common::migration::destination::post_copy;
@@ -259,9 +258,10 @@ async fn handle(
                 // network namespace. This also replaces a route into a tunnel left from when the
                 // container lived here.
                 migration.held_ip = Some(container_ip);
-                // Held since `BeginMigration`: from now on `held_ip` stands for that hold
+                // Armed by `BeginMigration`: from now on `held_ip` stands for that hold
                 // too, and its release ends both.
-                let held_already = migration.holding.take() == Some(container_ip);
+                let held_already = migration.holding.take() == Some(container_ip)
+                    && common::kernel::hold::hold_back(container_ip);
                 migration.save()?;
                 // Coming back to a former host: it no longer forwards the container
                 // elsewhere (the route goes with the blackhole below; the rest waits).
@@ -305,17 +305,8 @@ async fn handle(
             }
             migration.save()?;
             created?;
-            if !entered_here.is_empty() {
-                // The source lets its held packets through once it hears of the restore;
-                // those of flows that entered here come back through the tunnel
-                // ([`common::kernel::nft`]); untracked until well after the restore.
-                let seconds = (migration.restore_window() + RETURNING_MARGIN).as_secs() as u32;
-                migration
-                    .ahead_of_restore
-                    .push(tokio::task::spawn_blocking(move || {
-                        Firewall::ensure()?.untrack_returning(&entered_here, seconds)
-                    }));
-            }
+            // Untracked from the restore on ([`incoming::restore`]).
+            migration.returning.extend(entered_here);
             tracing::info!(flows = migration.flows.len(), %container_ip, "flows prepared");
             Ok(ServerMessage::TrafficPrepared {
                 flows: migration.flows.len(),

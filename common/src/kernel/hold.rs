@@ -9,6 +9,10 @@
 //! and go on through routing, as if they had just arrived: to the destination, or to the
 //! container here again after a rollback.
 //!
+//! A hold can also be [`arm`]ed ahead of the freeze: its rule is in place, but the packets
+//! go on through routing as they come until [`hold_back`], which needs no nftables
+//! commit (a commit takes tens of milliseconds, which the freeze would otherwise pay).
+//!
 //! The rule lives in a table of its own, `ip live_migrate_hold`, with one base chain
 //! (prerouting, priority -50: after the DNAT of published ports, so that their packets
 //! carry the container's address). The queue target is xtables' `NFQUEUE` through
@@ -27,7 +31,8 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -60,7 +65,13 @@ const CHAIN_PRIORITY: i32 = -50;
 pub const DEFAULT_BOUND: u32 = 20_000;
 
 /// Holds of this process, by container address: [`release`] lets their packets through.
-static LIVE: Mutex<BTreeMap<Ipv4Addr, oneshot::Sender<Release>>> = Mutex::new(BTreeMap::new());
+static LIVE: Mutex<BTreeMap<Ipv4Addr, Live>> = Mutex::new(BTreeMap::new());
+
+struct Live {
+    release: oneshot::Sender<Release>,
+    /// Off while an [`arm`]ed hold still lets every packet through as it comes.
+    holding: Arc<AtomicBool>,
+}
 
 /// Asks a hold's task to let its packets through and report.
 type Release = oneshot::Sender<Result<HoldReport>>;
@@ -68,6 +79,30 @@ type Release = oneshot::Sender<Result<HoldReport>>;
 /// Starts holding packets for `ip`, at most `bound` at a time; with `except_from`, not
 /// those that arrive through that interface.
 pub async fn start(ip: Ipv4Addr, bound: u32, except_from: Option<&str>) -> Result<()> {
+    queue_packets(ip, bound, except_from, true).await
+}
+
+/// Like [`start`], but the packets go on through routing as they come until [`hold_back`]:
+/// the nftables commit of the rule happens now, and holding then costs no kernel change.
+pub async fn arm(ip: Ipv4Addr, bound: u32, except_from: Option<&str>) -> Result<()> {
+    queue_packets(ip, bound, except_from, false).await
+}
+
+/// Packets for `ip` that meet its [`arm`]ed hold are held from now on. False if this
+/// process has no hold on `ip`.
+pub fn hold_back(ip: Ipv4Addr) -> bool {
+    let live = LIVE.lock().expect("hold registry poisoned");
+    live.get(&ip)
+        .map(|hold| hold.holding.store(true, Ordering::Release))
+        .is_some()
+}
+
+async fn queue_packets(
+    ip: Ipv4Addr,
+    bound: u32,
+    except_from: Option<&str>,
+    holding: bool,
+) -> Result<()> {
     // A rule left by a hold that was never released would come first and, without its
     // listener, drop the packets.
     release(ip).await?;
@@ -76,11 +111,16 @@ pub async fn start(ip: Ipv4Addr, bound: u32, except_from: Option<&str>) -> Resul
         .await
         .with_context(|| format!("installing the hold rule for {ip}"))?;
     let (release, released) = oneshot::channel();
-    LIVE.lock()
-        .expect("hold registry poisoned")
-        .insert(ip, release);
+    let holding = Arc::new(AtomicBool::new(holding));
+    LIVE.lock().expect("hold registry poisoned").insert(
+        ip,
+        Live {
+            release,
+            holding: holding.clone(),
+        },
+    );
     tokio::spawn(async move {
-        let held = hold(&mut socket, released).await;
+        let held = hold(&mut socket, queue, &holding, released).await;
         if let Some((held, reply)) = held {
             let queue = Queue {
                 queue,
@@ -99,9 +139,9 @@ pub async fn start(ip: Ipv4Addr, bound: u32, except_from: Option<&str>) -> Resul
 /// (it died, or none was started) only the rule, if any, is removed. Idempotent.
 pub async fn release(ip: Ipv4Addr) -> Result<Option<HoldReport>> {
     let live = LIVE.lock().expect("hold registry poisoned").remove(&ip);
-    if let Some(task) = live {
+    if let Some(live) = live {
         let (reply, report) = oneshot::channel();
-        if task.send(reply).is_ok() {
+        if live.release.send(reply).is_ok() {
             if let Ok(report) = report.await {
                 return report.map(Some);
             }
@@ -202,10 +242,13 @@ struct Held {
     last_id: Option<u32>,
 }
 
-/// Takes note of the queue's packets until asked to let them through; `None` if the asker
-/// went away (the process is ending: the kernel drops the packets with the socket).
+/// Takes note of the queue's packets until asked to let them through (while not
+/// `holding`, lets them through as they come); `None` if the asker went away (the process
+/// is ending: the kernel drops the packets with the socket).
 async fn hold(
     socket: &mut TokioSocket,
+    queue: u16,
+    holding: &AtomicBool,
     mut released: oneshot::Receiver<Release>,
 ) -> Option<(Held, Release)> {
     let mut held = Held::default();
@@ -213,7 +256,19 @@ async fn hold(
         tokio::select! {
             reply = &mut released => return reply.ok().map(|reply| (held, reply)),
             received = socket.recv_from_full() => match received {
-                Ok((data, _)) => note_packets(&data, &mut held),
+                Ok((data, _)) if holding.load(Ordering::Acquire) => note_packets(&data, &mut held),
+                Ok((data, _)) => {
+                    // Passed, not held: only the newest id counts (a packet whose verdict
+                    // fails here stays queued until the release's batch).
+                    let held_so_far = held.count;
+                    note_packets(&data, &mut held);
+                    held.count = held_so_far;
+                    if let Some(last) = held.last_id {
+                        if let Err(e) = accept_up_to(socket, queue, last).await {
+                            tracing::debug!("nfqueue verdict: {e:#}");
+                        }
+                    }
+                }
                 // ENOBUFS: notifications were lost; the kernel dropped and counted those
                 // packets.
                 Err(e) => tracing::debug!("nfqueue receive: {e}"),
@@ -370,7 +425,8 @@ struct QueueState {
 }
 
 fn queue_state(queue: u16) -> Result<QueueState> {
-    const PATH: &str = "/proc/net/netfilter/nfnetlink_queue";
+    // The calling thread's network namespace, which may not be the process's.
+    const PATH: &str = "/proc/thread-self/net/netfilter/nfnetlink_queue";
     let table = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
     parse_queue_state(&table, queue).with_context(|| format!("queue {queue} is not in {PATH}"))
 }
