@@ -9,9 +9,10 @@
 //! and go on through routing, as if they had just arrived: to the destination, or to the
 //! container here again after a rollback.
 //!
-//! A hold can also be [`arm`]ed ahead of the freeze: its rule is in place, but the packets
-//! go on through routing as they come until [`hold_back`], which needs no nftables
-//! commit (a commit takes tens of milliseconds, which the freeze would otherwise pay).
+//! Both hosts [`arm`] their hold ahead of the freeze: its rule is in place, but the
+//! packets go on through routing as they come until [`hold_back`], which needs no
+//! nftables commit (a commit takes 10 ms or more, which the freeze would otherwise pay).
+//! The source arms it just before the freeze, the destination when the migration begins.
 //!
 //! The rule lives in a table of its own, `ip live_migrate_hold`, with one base chain
 //! (prerouting, priority -50: after the DNAT of published ports, so that their packets

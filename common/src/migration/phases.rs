@@ -297,16 +297,29 @@ pub async fn checkpoint<T>(
             })),
     )?;
     let mut problems = Vec::new();
+    let mut not_held = |ip: Ipv4Addr, why: String| {
+        tracing::warn!("packets for {ip} are dropped during the freeze: {why}");
+        problems.push(format!(
+            "packets for {ip} were dropped during the freeze, not held: {why}"
+        ));
+    };
+    // The hold's rule is an nftables commit (10-15 ms here): made while the container
+    // still runs, its packets passing through the queue as they come.
+    let hold = match container_ip.filter(|_| hold_packets > 0) {
+        Some(ip) => match crate::kernel::hold::arm(ip, hold_packets, None).await {
+            Ok(()) => Some(ip),
+            Err(e) => {
+                not_held(ip, format!("{e:#}"));
+                None
+            }
+        },
+        None => None,
+    };
     let frozen_at = std::time::Instant::now();
-    if let Some(ip) = container_ip.filter(|_| hold_packets > 0) {
-        // Before the freeze: packets that arrive while CRIU stops the container would be
-        // dropped by its network lock.
-        if let Err(e) = crate::kernel::hold::start(ip, hold_packets, None).await {
-            tracing::warn!("packets for {ip} are dropped during the freeze: {e:#}");
-            problems.push(format!(
-                "packets for {ip} were dropped during the freeze, not held: {e:#}"
-            ));
-        }
+    // Held from before the freeze: packets that arrive while CRIU stops the container
+    // would be dropped by its network lock.
+    if let Some(ip) = hold.filter(|ip| !crate::kernel::hold::hold_back(*ip)) {
+        not_held(ip, "the hold ended before the freeze".into());
     }
     let mut cgroup_frozen_in = None;
     let mut stack_refreezes = 0;
