@@ -231,19 +231,14 @@ pub struct LazyDump {
 /// this migration; the phase ends as soon as CRIU serves the memory, with the other images
 /// packed here. Undo then first stops CRIU's page server, which lets the processes run
 /// again.
-///
-/// `alongside` runs beside podman's call once the cgroup is frozen, so that it costs the
-/// freeze nothing: the container can then open no connection that it would miss. If the
-/// cgroup could not be frozen here (CRIU freezes it itself), it runs after the call.
-pub async fn checkpoint<T>(
+pub async fn checkpoint(
     podman: &PodmanClient,
     container: &ContainerInfo,
     state_dir: &Path,
     hold_packets: u32,
     page_server: Option<ServePages>,
     undo: &mut UndoLog,
-    alongside: impl std::future::Future<Output = Result<T>>,
-) -> Result<(Checkpoint, T)> {
+) -> Result<Checkpoint> {
     let work_dir = &state_dir.join("outgoing");
     crate::files::create_private_dir(work_dir)
         .with_context(|| format!("create work directory {}", work_dir.display()))?;
@@ -346,48 +341,31 @@ pub async fn checkpoint<T>(
             Err(e) => problems.push(format!("CRIU froze the container itself (slower): {e:#}")),
         }
     }
-    let podman_checkpoint = async {
-        match armed.as_mut() {
-            None => {
-                podman.checkpoint_to_file(&container.name, &archive).await?;
-                Ok(None)
-            }
-            Some((armed, credentials)) => {
-                let (podman, name, to) = (podman.clone(), container.name.clone(), export.clone());
-                let podman_call =
-                    tokio::spawn(async move { podman.checkpoint_to_file(&name, &to).await });
-                let serving =
-                    crate::engine::lazy_pages::wait_serving(armed.server, &podman_call).await;
-                armed.disarm()?;
-                if let Err(e) = serving {
-                    if podman_call.is_finished() {
-                        podman_call.await??; // podman's error says more
-                    }
-                    return Err(e);
-                }
-                Ok(Some((credentials.clone(), podman_call)))
-            }
+    let lazy = match armed.as_mut() {
+        None => {
+            podman.checkpoint_to_file(&container.name, &archive).await?;
+            None
         }
-    };
-    let (checkpointed, beside) = if cgroup_frozen_in.is_some() {
-        tokio::join!(podman_checkpoint, alongside)
-    } else {
-        let checkpointed = podman_checkpoint.await;
-        (checkpointed, alongside.await)
-    };
-    let lazy = match checkpointed? {
-        None => None,
-        Some((credentials, podman_call)) => {
-            let server = armed.as_ref().expect("a lazy dump is armed").0.server;
+        Some((armed, credentials)) => {
+            let (podman, name, to) = (podman.clone(), container.name.clone(), export.clone());
+            let podman_call =
+                tokio::spawn(async move { podman.checkpoint_to_file(&name, &to).await });
+            let serving = crate::engine::lazy_pages::wait_serving(armed.server, &podman_call).await;
+            armed.disarm()?;
+            if let Err(e) = serving {
+                if podman_call.is_finished() {
+                    podman_call.await??; // podman's error says more
+                }
+                return Err(e);
+            }
             Some(LazyDump {
-                server,
-                credentials,
+                server: armed.server,
+                credentials: credentials.clone(),
                 held: container.cgroup_path.clone(),
                 podman_call,
             })
         }
     };
-    let beside = beside?;
     if let Some(ip) = container_ip {
         Routing::new()?
             .replace_route(&Route::blackhole_v4(ip, 32, MAIN_TABLE))
@@ -408,15 +386,14 @@ pub async fn checkpoint<T>(
         })
         .await??;
     }
-    let checkpoint = Checkpoint {
+    Ok(Checkpoint {
         archive,
         frozen_at,
         cgroup_frozen_in,
         stack_refreezes,
         problems,
         lazy,
-    };
-    Ok((checkpoint, beside))
+    })
 }
 
 /// Post-copy, once the destination runs the container: the processes CRIU still holds
@@ -497,9 +474,9 @@ pub enum PagesEnd {
 /// How long podman's checkpoint call may take to return once the pages are through.
 const CALL_AFTER_PAGES: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// End of the prepare phase: the destination starts the migration, and holds the packets
-/// that reach it for the container from now on (off the freeze: that is an nftables
-/// commit). Nothing to undo here: the destination drops the migration, and lets its
+/// End of the prepare phase: the destination starts the migration, and arms the hold of
+/// the packets that reach it for the container (off the freeze: that is an nftables
+/// commit); it holds them from `PrepareTraffic` on. Nothing to undo here: the destination drops the migration, and lets its
 /// packets go, when the connection closes before a restore.
 pub async fn begin(
     remote: &mut RemoteAgent,
@@ -512,10 +489,12 @@ pub async fn begin(
         .await
 }
 
-/// Beside the checkpoint, once the container is frozen: tell the destination about the
-/// container's flows, as it will see them (without this host's NAT), so it tracks them as
-/// established connections that came through the tunnel, and holds the container's address
-/// there. The destination removes them unless it comes to own the container.
+/// Part of the restore phase: tell the destination about the container's flows, as it will
+/// see them (without this host's NAT), so it tracks them as established connections that
+/// came through the tunnel, and holds the container's address there. The destination
+/// removes them unless it comes to own the container. Not sent beside the checkpoint: a
+/// former host the container returns to stops forwarding it here on this request, which a
+/// rollback does not undo yet.
 pub async fn prepare_flows(
     remote: &mut RemoteAgent,
     keys: &KeyPair,

@@ -162,10 +162,10 @@ pub struct IncomingMigration {
     /// The incoming container's address, held: blackholed, and its packets held, until
     /// the container runs.
     pub held_ip: Option<Ipv4Addr>,
-    /// The container's address, routed as before, its packets held: from `BeginMigration`
-    /// until `PrepareTraffic` blackholes it (`held_ip` then stands for the hold), and again
-    /// once it runs, routed here, until the source's held packets are through
-    /// (`TrafficSwitched`).
+    /// The container's address, routed as before, with a hold on its packets: armed (they
+    /// pass) from `BeginMigration` until `PrepareTraffic` holds them and blackholes the
+    /// address (`held_ip` then stands for the hold), and holding again once it runs, routed
+    /// here, until the source's held packets are through (`TrafficSwitched`).
     #[serde(default)]
     pub holding: Option<Ipv4Addr>,
     /// The whole archive arrived and matched its SHA-256: only then may it be restored.
