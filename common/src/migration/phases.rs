@@ -217,7 +217,7 @@ pub struct LazyDump {
 }
 
 /// Checkpoint: freeze the container (with its established TCP connections), export the
-/// checkpoint to `STATE_DIR/outgoing`, and keep its traffic here until the destination runs it.
+/// checkpoint to `work_dir`, and keep its traffic here until the destination runs it.
 /// Packets for it are held, at most `hold_packets` ([`crate::kernel::hold`]), and the address is
 /// blackholed, so that whatever is not held is dropped. Answering them, or letting them
 /// reach a network namespace whose sockets are not restored yet, would reset the client's
@@ -235,11 +235,11 @@ pub async fn checkpoint(
     podman: &PodmanClient,
     container: &ContainerInfo,
     state_dir: &Path,
+    work_dir: &Path,
     hold_packets: u32,
     page_server: Option<ServePages>,
     undo: &mut UndoLog,
 ) -> Result<Checkpoint> {
-    let work_dir = &state_dir.join("outgoing");
     crate::files::create_private_dir(work_dir)
         .with_context(|| format!("create work directory {}", work_dir.display()))?;
     let id = &undo.record.migration_id;
@@ -313,8 +313,10 @@ pub async fn checkpoint(
     let frozen_at = std::time::Instant::now();
     // Held from before the freeze: packets that arrive while CRIU stops the container
     // would be dropped by its network lock.
-    if let Some(ip) = hold.filter(|ip| !crate::kernel::hold::hold_back(*ip)) {
-        not_held(ip, "the hold ended before the freeze".into());
+    if let Some(ip) = hold {
+        if !crate::kernel::hold::hold_back(ip) {
+            not_held(ip, "the hold ended before the freeze".into());
+        }
     }
     let mut cgroup_frozen_in = None;
     let mut stack_refreezes = 0;
@@ -476,8 +478,9 @@ const CALL_AFTER_PAGES: std::time::Duration = std::time::Duration::from_secs(30)
 
 /// End of the prepare phase: the destination starts the migration, and arms the hold of
 /// the packets that reach it for the container (off the freeze: that is an nftables
-/// commit); it holds them from `PrepareTraffic` on. Nothing to undo here: the destination drops the migration, and lets its
-/// packets go, when the connection closes before a restore.
+/// commit); it holds them from `PrepareTraffic` on. Nothing to undo here: the destination
+/// drops the migration, and lets its packets go, when the connection closes before a
+/// restore.
 pub async fn begin(
     remote: &mut RemoteAgent,
     keys: &KeyPair,

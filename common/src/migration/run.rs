@@ -279,6 +279,7 @@ pub async fn migrate(
             ))?;
         }
 
+        let work_dir = state_dir.join("outgoing");
         let lazy_pages = prepared.mode.memory == mode::MemoryPath::PageServer;
         // Pages go straight to the destination, under TLS (faster than the tunnel): CRIU
         // serves them where this session leaves this host.
@@ -298,6 +299,7 @@ pub async fn migrate(
                 &request.podman,
                 &prepared.container,
                 state_dir,
+                &work_dir,
                 request.hold_packets,
                 page_server,
                 log,

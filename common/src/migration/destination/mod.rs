@@ -12,7 +12,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::fs::{File, TryLockError};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::engine::lazy_pages::PageServer;
 use crate::kernel::conntrack::Flow;
 use crate::migration::ownership::{self, DestinationAction, DestinationStage};
+use crate::protocol::ContainerRef;
 use crate::protocol::HoldReport;
 use crate::protocol::Verdict;
-use crate::protocol::{ContainerRef, Proto};
 
 /// How long a restarted agent waits for a restore that podman may still finish on its own
 /// (the agent died after handing podman the archive) before it counts it as not coming:
@@ -175,11 +175,6 @@ pub struct IncomingMigration {
     /// restore waits for it before it answers.
     #[serde(skip)]
     pub ahead_of_restore: Vec<tokio::task::JoinHandle<Result<()>>>,
-    /// How the packets of flows that entered this host arrive back through the tunnel
-    /// (protocol, from, to): untracked from the restore on. Not journaled: before the
-    /// restore a restarted agent drops the migration, and the untracking times out.
-    #[serde(skip)]
-    pub returning: Vec<(Proto, SocketAddrV4, SocketAddrV4)>,
     /// Restored post-copy, and not all of its memory is here yet: it needs the source's
     /// page server until then ([`crate::engine::lazy_pages`]).
     #[serde(default)]
@@ -233,7 +228,6 @@ impl IncomingMigration {
             holding: None,
             archive_verified: false,
             ahead_of_restore: Vec::new(),
-            returning: Vec::new(),
             pages_pending: false,
             page_server: None,
             replica: false,
