@@ -540,9 +540,9 @@ fn armed_hold_passes_then_holds_in_order() {
             );
             assert_eq!(receive(second).await.as_deref(), Some("p1"));
 
-            assert!(hold::hold_back(address));
+            assert!(hold::hold_back(address).await);
             assert!(
-                !hold::hold_back(Ipv4Addr::new(10, 9, 2, 9)),
+                !hold::hold_back(Ipv4Addr::new(10, 9, 2, 9)).await,
                 "no hold there"
             );
             send(false, &["h0", "h1", "h2"]);

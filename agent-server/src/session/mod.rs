@@ -262,7 +262,7 @@ async fn handle(
                 // Armed by `BeginMigration`: from now on `held_ip` stands for that hold
                 // too, and its release ends both.
                 let held_already = migration.holding.take() == Some(container_ip)
-                    && common::kernel::hold::hold_back(container_ip);
+                    && common::kernel::hold::hold_back(container_ip).await;
                 migration.save()?;
                 // Coming back to a former host: it no longer forwards the container
                 // elsewhere (the route goes with the blackhole below; the rest waits).

@@ -314,7 +314,7 @@ pub async fn checkpoint(
     // Held from before the freeze: packets that arrive while CRIU stops the container
     // would be dropped by its network lock.
     if let Some(ip) = hold {
-        if !crate::kernel::hold::hold_back(ip) {
+        if !crate::kernel::hold::hold_back(ip).await {
             not_held(ip, "the hold ended before the freeze".into());
         }
     }
