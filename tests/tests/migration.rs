@@ -160,6 +160,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ),
     ("fault_matrix_keeps_exactly_one_copy", faults::fault_matrix),
     (
+        "failed_return_keeps_the_former_host_forwarding",
+        faults::failed_return_keeps_the_former_host_forwarding,
+    ),
+    (
         "second_migration_of_a_container_is_refused",
         faults::second_migration_is_refused,
     ),

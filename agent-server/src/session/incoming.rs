@@ -314,7 +314,7 @@ pub(super) async fn restore(
     }
     // Its sockets exist: its address is routed here again. Packets held here wait for the
     // source's (`TrafficSwitched`).
-    migration.route_here().await?;
+    migration.route_here(&context.state_dir).await?;
     // The decision point: journaled before the source hears of it.
     migration.enter(DestinationStage::Owns)?;
     common::fault::at(&context.state_dir, "restored")?;
@@ -366,7 +366,7 @@ pub(super) async fn settle(
             ),
         ));
     }
-    migration.release_held_ip(&context.podman).await?;
+    migration.release_held_ip(&context.podman, true).await?;
     migration.forget()?;
     context.migrations.remove(&migration.migration_id);
     Ok(())

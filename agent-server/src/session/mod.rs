@@ -15,9 +15,9 @@ use common::kernel::overlay::{TunnelEnd, MAIN_TABLE};
 use common::kernel::routing::{Route, Routing};
 use common::migration::destination::post_copy;
 use common::migration::destination::{self, ResumeError, Shared};
-use common::migration::forwarding::ForwardRecord;
 use common::migration::history::{self, Direction, HistoryEntry};
 use common::migration::ownership::{self, DestinationStage};
+use common::migration::switch;
 use common::protocol::{ClientMessage, ErrorCode, ServerMessage, MAX_FLOWS_PER_BATCH};
 use common::session::auth::authenticate_client;
 use common::session::transfer::receive_stream;
@@ -263,18 +263,11 @@ async fn handle(
                 // too, and its release ends both.
                 let held_already = migration.holding.take() == Some(container_ip)
                     && common::kernel::hold::hold_back(container_ip).await;
+                // Coming back to a former host: the route into the tunnel that the
+                // blackhole below replaces is journaled first, to be put back if the
+                // container does not come.
+                migration.forwarded_via = switch::tunnel_of(container_ip).await?;
                 migration.save()?;
-                // Coming back to a former host: it no longer forwards the container
-                // elsewhere (the route goes with the blackhole below; the rest waits).
-                let state_dir = context.state_dir.clone();
-                migration.ahead_of_restore.push(tokio::spawn(async move {
-                    for record in ForwardRecord::load_all(&state_dir) {
-                        if record.container_ip == container_ip {
-                            record.remove(&state_dir, true).await?;
-                        }
-                    }
-                    Ok(())
-                }));
                 // Held before the blackhole replaces the route: the hold comes before
                 // routing, and a packet routed in between would be dropped.
                 if !held_already {
@@ -336,7 +329,7 @@ async fn handle(
             };
             let shared = context.migrations.get(&migration_id).ok_or_else(gone)?;
             let mut migration = shared.lock().await;
-            match migration.resume(podman).await {
+            match migration.resume(podman, &context.state_dir).await {
                 Ok(()) => {
                     tracing::info!(container = %migration.container.name, "replica resumed; this host owns it");
                     Ok(ServerMessage::Resumed)
@@ -382,7 +375,7 @@ async fn handle(
                     anyhow!("the container of this migration is not restored here"),
                 ));
             }
-            let held = migration.release_held_ip(podman).await?;
+            let held = migration.release_held_ip(podman, true).await?;
             migration.save()?;
             Ok(ServerMessage::HoldReleased { held })
         }

@@ -12,7 +12,7 @@ use crate::engine::podman::ContainerInfo;
 use crate::kernel::conntrack::Proto;
 use crate::kernel::nft::Firewall;
 use crate::kernel::overlay::{TunnelEnd, MAIN_TABLE};
-use crate::kernel::routing::{Route, Routing};
+use crate::kernel::routing::{Route, RouteKind, Routing};
 use crate::migration::forwarding::ForwardRecord;
 use crate::protocol::HoldReport;
 
@@ -68,14 +68,7 @@ impl SwitchPlan {
 /// container, so it is never undone; every step is idempotent, so it can be run again
 /// after a crash. Returns what the hold did, if this process held the packets.
 pub async fn switch_traffic(plan: &SwitchPlan, state_dir: &Path) -> Result<Option<HoldReport>> {
-    Routing::new()?
-        .replace_route(&Route::device_v4(
-            plan.container_ip,
-            32,
-            MAIN_TABLE,
-            plan.interface.clone(),
-        ))
-        .await?;
+    route_container_into(plan.container_ip, &plan.interface).await?;
     // Reported once the rest is done: new connections and the record do not wait on it.
     let held = crate::kernel::hold::release(plan.container_ip).await;
     for &(protocol, host_port, container_port) in &plan.ports {
@@ -103,4 +96,25 @@ pub async fn route_container_locally(container_ip: Ipv4Addr) -> Result<()> {
         .delete_route(IpAddr::V4(container_ip), 32, MAIN_TABLE)
         .await?;
     Ok(())
+}
+
+/// Routes the container's address into the tunnel `interface`, to where it lives now.
+pub async fn route_container_into(container_ip: Ipv4Addr, interface: &str) -> Result<()> {
+    Routing::new()?
+        .replace_route(&Route::device_v4(container_ip, 32, MAIN_TABLE, interface))
+        .await
+}
+
+/// The tunnel this host routes the container's address into, if it does: the container
+/// lived here and moved on.
+pub async fn tunnel_of(container_ip: Ipv4Addr) -> Result<Option<String>> {
+    let routes = Routing::new()?.routes_in_table(MAIN_TABLE).await?;
+    Ok(routes.into_iter().find_map(|route| match route.kind {
+        RouteKind::Device(interface)
+            if route.dst == IpAddr::V4(container_ip) && route.prefix == 32 =>
+        {
+            Some(interface)
+        }
+        _ => None,
+    }))
 }

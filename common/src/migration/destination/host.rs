@@ -58,8 +58,17 @@ impl DestinationActions for PodmanClient {
         conntrack::delete(flow).await
     }
 
-    async fn release_ip(&self, ip: Ipv4Addr) -> Result<Option<HoldReport>> {
-        crate::migration::switch::route_container_locally(ip).await?;
+    async fn release_ip(
+        &self,
+        ip: Ipv4Addr,
+        into_tunnel: Option<&str>,
+    ) -> Result<Option<HoldReport>> {
+        match into_tunnel {
+            Some(interface) => {
+                crate::migration::switch::route_container_into(ip, interface).await?
+            }
+            None => crate::migration::switch::route_container_locally(ip).await?,
+        }
         crate::kernel::hold::release(ip).await
     }
 

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::lazy_pages::PageServer;
 use crate::kernel::conntrack::Flow;
+use crate::migration::forwarding::ForwardRecord;
 use crate::migration::ownership::{self, DestinationAction, DestinationStage};
 use crate::protocol::ContainerRef;
 use crate::protocol::HoldReport;
@@ -86,9 +87,14 @@ pub trait DestinationActions {
     /// Lets a replica's stopped processes go on (SIGCONT to each).
     async fn resume_container(&self, id: &str) -> Result<()>;
     async fn delete_flow(&self, flow: &Flow) -> Result<()>;
-    /// Ends the hold on `ip` (its blackhole, and its held packets): it is routed locally
-    /// again. Says what the packet hold did, if this process held packets.
-    async fn release_ip(&self, ip: Ipv4Addr) -> Result<Option<HoldReport>>;
+    /// Ends the hold on `ip` (its blackhole, and its held packets): it is routed into the
+    /// tunnel `into_tunnel`, or else locally, again. Says what the packet hold did, if this
+    /// process held packets.
+    async fn release_ip(
+        &self,
+        ip: Ipv4Addr,
+        into_tunnel: Option<&str>,
+    ) -> Result<Option<HoldReport>>;
     /// Takes over the page transfer of `migration`, restored lazily by a previous run of
     /// the agent with its memory still coming ([`post_copy::take_over`]). Returns
     /// what it found, for the report.
@@ -168,6 +174,12 @@ pub struct IncomingMigration {
     /// here, until the source's held packets are through (`TrafficSwitched`).
     #[serde(default)]
     pub holding: Option<Ipv4Addr>,
+    /// The tunnel this host routed the container's address into until `PrepareTraffic`
+    /// blackholed it: the container had moved on from here and comes back. Its address
+    /// goes back into that tunnel if it does not come, and this host's forwarding of it
+    /// ([`crate::migration::forwarding`]) stays until it runs here.
+    #[serde(default)]
+    pub forwarded_via: Option<String>,
     /// The whole archive arrived and matched its SHA-256: only then may it be restored.
     #[serde(default)]
     pub archive_verified: bool,
@@ -226,6 +238,7 @@ impl IncomingMigration {
             flows: Vec::new(),
             held_ip: None,
             holding: None,
+            forwarded_via: None,
             archive_verified: false,
             ahead_of_restore: Vec::new(),
             pages_pending: false,
@@ -271,7 +284,7 @@ impl IncomingMigration {
             host.delete_flow(flow).await?;
             self.flows.pop();
         }
-        self.release_held_ip(host).await?;
+        self.release_held_ip(host, false).await?;
         self.discard_archive();
         self.stage = DestinationStage::Fenced;
         self.done = true;
@@ -288,15 +301,19 @@ impl IncomingMigration {
             .with_context(|| format!("remove {}", self.journal.display()))
     }
 
-    /// The container's address is routed locally again and its held packets go to it (its
-    /// sockets exist, or it is not coming). Says what the packet hold did.
+    /// The container's address is routed where the container is again and its held
+    /// packets go there: here if it `runs_here` (its sockets exist), else where it was
+    /// before (into the tunnel it had left through, or here). Says what the packet hold
+    /// did.
     pub async fn release_held_ip(
         &mut self,
         host: &impl DestinationActions,
+        runs_here: bool,
     ) -> Result<Option<HoldReport>> {
         let mut held = None;
         if let Some(ip) = self.held_ip {
-            held = host.release_ip(ip).await?;
+            let into_tunnel = self.forwarded_via.as_deref().filter(|_| !runs_here);
+            held = host.release_ip(ip, into_tunnel).await?;
             self.held_ip = None;
         }
         // Routed here already (and maybe elsewhere again since): only the packets go.
@@ -307,11 +324,26 @@ impl IncomingMigration {
         Ok(held)
     }
 
-    /// It runs: its address is routed here again; its packets stay held.
-    pub async fn route_here(&mut self) -> Result<()> {
+    /// It runs: its address is routed here again; its packets stay held. If it had moved
+    /// on from here before, this host's forwarding of it goes, after the answer.
+    pub async fn route_here(&mut self, state_dir: &Path) -> Result<()> {
         if let Some(ip) = self.held_ip.take() {
             crate::migration::switch::route_container_locally(ip).await?;
             self.holding = Some(ip);
+        }
+        if self.forwarded_via.take().is_some() {
+            // Its nftables commits stay off the freeze; if the agent dies first, the
+            // sweeper removes it (the container runs here).
+            let (state_dir, id) = (state_dir.to_path_buf(), self.container.id.clone());
+            tokio::spawn(async move {
+                for record in ForwardRecord::load_all(&state_dir) {
+                    if record.container_id == id {
+                        if let Err(e) = record.remove(&state_dir, true).await {
+                            tracing::warn!("the forwarding of a returned container: {e:#}");
+                        }
+                    }
+                }
+            });
         }
         Ok(())
     }
@@ -346,7 +378,7 @@ impl IncomingMigration {
             }
             DestinationAction::Keep => {
                 // It runs: its sockets exist and the archive is of no use any more.
-                self.release_held_ip(host).await?;
+                self.release_held_ip(host, true).await?;
                 self.discard_archive();
                 self.save()?;
                 Ok(true)
@@ -468,7 +500,11 @@ impl IncomingMigration {
     /// Answers `Resume`: a replica whose memory is all here becomes this host's (journaled
     /// first: the decision point), then runs. One resumed already is resumed again (a
     /// SIGCONT to a running process does nothing).
-    pub async fn resume(&mut self, host: &impl DestinationActions) -> Result<(), ResumeError> {
+    pub async fn resume(
+        &mut self,
+        host: &impl DestinationActions,
+        state_dir: &Path,
+    ) -> Result<(), ResumeError> {
         if !ownership::may_resume(self.stage) || self.done {
             return Err(ResumeError::Gone);
         }
@@ -480,7 +516,7 @@ impl IncomingMigration {
         }
         self.enter(DestinationStage::Owns)?;
         host.resume_container(&self.container.id).await?;
-        self.route_here().await?;
+        self.route_here(state_dir).await?;
         Ok(self.save()?)
     }
 }

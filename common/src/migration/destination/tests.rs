@@ -14,9 +14,21 @@ struct World {
     /// podman's container: `Some(running)`.
     container: Option<bool>,
     flows: usize,
-    held: bool,
+    address: Address,
     removed_an_owned_copy: bool,
 }
+
+/// Where the container's address goes.
+#[derive(Debug, Clone, Default, PartialEq)]
+enum Address {
+    #[default]
+    Held,
+    Local,
+    Tunnel(String),
+}
+
+/// The tunnel a returning container's address was routed into before the migration.
+const BACK: &str = "lmwg-back";
 
 struct Fake {
     world: Arc<Mutex<World>>,
@@ -57,8 +69,9 @@ impl DestinationActions for Fake {
         self.step(|w| w.flows = w.flows.saturating_sub(1)).await
     }
 
-    async fn release_ip(&self, _: Ipv4Addr) -> Result<Option<HoldReport>> {
-        self.step(|w| w.held = false).await?;
+    async fn release_ip(&self, _: Ipv4Addr, into: Option<&str>) -> Result<Option<HoldReport>> {
+        let to = into.map_or(Address::Local, |tunnel| Address::Tunnel(tunnel.into()));
+        self.step(|w| w.address = to).await?;
         Ok(None)
     }
 
@@ -79,9 +92,14 @@ fn container() -> ContainerRef {
     }
 }
 
-/// A migration journaled at `stage` with two flows and a held address; podman has
-/// `container`. Returns the state directory and the world.
-fn journaled(stage: DestinationStage, container: Option<bool>) -> (tempfile::TempDir, World) {
+/// A migration journaled at `stage` with two flows and a held address, which was routed
+/// into a tunnel before if the container is `returning`; podman has `container`. Returns
+/// the state directory and the world.
+fn journaled(
+    stage: DestinationStage,
+    container: Option<bool>,
+    returning: bool,
+) -> (tempfile::TempDir, World) {
     let dir = tempfile::tempdir().unwrap();
     let mut migration = IncomingMigration::new(
         dir.path(),
@@ -96,12 +114,12 @@ fn journaled(stage: DestinationStage, container: Option<bool>) -> (tempfile::Tem
     );
     migration.flows = vec![flow.clone(), flow];
     migration.held_ip = Some(Ipv4Addr::new(10, 88, 1, 2));
+    migration.forwarded_via = returning.then(|| BACK.to_string());
     migration.stage = stage;
     migration.save().unwrap();
     let world = World {
         container,
         flows: 2,
-        held: true,
         ..World::default()
     };
     (dir, world)
@@ -111,9 +129,10 @@ fn journaled(stage: DestinationStage, container: Option<bool>) -> (tempfile::Tem
 async fn lose_then_restart(
     stage: DestinationStage,
     container: Option<bool>,
+    returning: bool,
     crash: Option<Crash>,
 ) -> (World, bool, usize) {
-    let (dir, start) = journaled(stage, container);
+    let (dir, start) = journaled(stage, container, returning);
     let owned = stage == DestinationStage::Owns;
     let world = Arc::new(Mutex::new(start));
     let dying = Fake {
@@ -156,7 +175,7 @@ async fn lose_then_restart(
 /// copy stays a stopped replica, its address held, for the source's word.
 #[tokio::test(start_paused = true)]
 async fn a_replica_restored_while_the_agent_was_down_stays_a_replica() {
-    let (dir, start) = journaled(DestinationStage::Restoring, Some(true));
+    let (dir, start) = journaled(DestinationStage::Restoring, Some(true), false);
     let path = dir
         .path()
         .join("sessions")
@@ -176,7 +195,10 @@ async fn a_replica_restored_while_the_agent_was_down_stays_a_replica() {
     let kept = registry.get(&"0".repeat(32)).expect("kept");
     assert_eq!(kept.lock().await.stage, DestinationStage::Replica);
     let end = world.lock().unwrap().clone();
-    assert!(end.held && end.container == Some(true), "{end:?}");
+    assert!(
+        end.address == Address::Held && end.container == Some(true),
+        "{end:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -189,16 +211,27 @@ async fn a_crash_before_or_after_any_step_keeps_exactly_what_it_owns() {
         (DestinationStage::Replica, Some(true)),
         (DestinationStage::Owns, Some(true)),
     ];
-    for (stage, container) in cases {
-        let (_, _, steps) = lose_then_restart(stage, container, None).await;
+    for ((stage, container), returning) in cases
+        .into_iter()
+        .flat_map(|case| [(case, false), (case, true)])
+    {
+        let (_, _, steps) = lose_then_restart(stage, container, returning, None).await;
         for crash in Crash::all(steps) {
-            let (end, kept, _) = lose_then_restart(stage, container, crash).await;
-            let case = format!("{stage:?} podman={container:?} {crash:?}: {end:?}");
+            let (end, kept, _) = lose_then_restart(stage, container, returning, crash).await;
+            let case =
+                format!("{stage:?} podman={container:?} returning={returning} {crash:?}: {end:?}");
             assert!(!end.removed_an_owned_copy, "removed what it owns: {case}");
             // A replica waits for the source's word with its address held: it does
-            // not run.
-            let waits = stage == DestinationStage::Replica;
-            assert_eq!(end.held, waits, "the address held or not: {case}");
+            // not run. A copy kept runs here; without one, the address goes where the
+            // container still lives: back into the tunnel it had left through.
+            let expected = if stage == DestinationStage::Replica {
+                Address::Held
+            } else if kept || !returning {
+                Address::Local
+            } else {
+                Address::Tunnel(BACK.into())
+            };
+            assert_eq!(end.address, expected, "where the address goes: {case}");
             // Kept exactly when a copy runs, and then with its flows; otherwise nothing
             // is left. Owned stays owned; a restore podman finished without the agent
             // may be kept (if the agent died before removing it) or not.
