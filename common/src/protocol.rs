@@ -40,12 +40,12 @@
 //!    - `PutCheckpoint` + data frames + `EndOfStream` -> `CheckpointStored`: the archive
 //!      of the migration begun on this connection, once (its ID and container must be
 //!      the begun ones);
-//!    - `PrepareTraffic` -> `TrafficPrepared`, before the restore (the source sends it
-//!      after the archive): the container's flows get conntrack entries marked for the
-//!      tunnel, so its replies go back through it, and the destination blackholes the
-//!      container's address and holds its packets. Sent in batches of at most
-//!      [`MAX_FLOWS_PER_BATCH`]; each flow must have the container's own address on one
-//!      end;
+//!    - `PrepareTraffic` -> `TrafficPrepared`, before the restore, before or after the
+//!      archive (the source sends it while podman checkpoints the frozen container): the
+//!      container's flows get conntrack entries marked for the tunnel, so its replies go
+//!      back through it, and the destination blackholes the container's address and holds
+//!      its packets. Sent in batches of at most [`MAX_FLOWS_PER_BATCH`]; each flow must
+//!      have the container's own address on one end;
 //!    - `Restore` -> `Restored`: restores the archive of this connection's migration, and
 //!      only the container declared with it. The destination records that it owns the
 //!      container before it answers (the decision point, [`crate::migration::ownership`]).

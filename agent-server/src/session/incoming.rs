@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use common::engine::lazy_pages::PageServer;
 use common::kernel::conntrack;
+use common::kernel::nft::Firewall;
 use common::kernel::overlay::TunnelEnd;
 use common::migration::destination::post_copy;
 use common::migration::destination::{IncomingMigration, Shared};
@@ -26,7 +27,7 @@ const CHECKPOINT_LIMIT: u64 = 256 << 30;
 /// How long packets of a returning container that come through a tunnel stay untracked
 /// after its restore may have ended: the source's held packets arrive within milliseconds
 /// of its answer.
-pub(super) const RETURNING_MARGIN: Duration = Duration::from_secs(5);
+const RETURNING_MARGIN: Duration = Duration::from_secs(5);
 
 /// The connection's migration, once `BeginMigration` started one.
 pub(super) struct Connection {
@@ -249,6 +250,18 @@ pub(super) async fn restore(
     migration.pages_pending = lazy.is_some();
     migration.replica = replica;
     migration.enter(DestinationStage::Restoring)?;
+    let returning = std::mem::take(&mut migration.returning);
+    if !returning.is_empty() {
+        // The source lets its held packets through once it hears of the restore; those of
+        // flows that entered here come back through the tunnel ([`common::kernel::nft`]):
+        // untracked until well after the restore, which the archive's size bounds.
+        let seconds = (migration.restore_window() + RETURNING_MARGIN).as_secs() as u32;
+        migration
+            .ahead_of_restore
+            .push(tokio::task::spawn_blocking(move || {
+                Firewall::ensure()?.untrack_returning(&returning, seconds)
+            }));
+    }
     let started = Instant::now();
     let restored = match (common::fault::at(&context.state_dir, "restore"), &lazy) {
         (Err(e), _) => Err(e),

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::anyhow;
-use common::kernel::nft::Firewall;
 use common::kernel::overlay::{TunnelEnd, MAIN_TABLE};
 use common::kernel::routing::{Route, Routing};
 use common::migration::destination::post_copy;
@@ -299,17 +298,8 @@ async fn handle(
             }
             migration.save()?;
             created?;
-            if !entered_here.is_empty() {
-                // The source lets its held packets through once it hears of the restore;
-                // those of flows that entered here come back through the tunnel
-                // ([`common::kernel::nft`]); untracked until well after the restore.
-                let seconds = (migration.restore_window() + RETURNING_MARGIN).as_secs() as u32;
-                migration
-                    .ahead_of_restore
-                    .push(tokio::task::spawn_blocking(move || {
-                        Firewall::ensure()?.untrack_returning(&entered_here, seconds)
-                    }));
-            }
+            // Untracked from the restore on ([`incoming::restore`]).
+            migration.returning.extend(entered_here);
             tracing::info!(flows = migration.flows.len(), %container_ip, "flows prepared");
             Ok(ServerMessage::TrafficPrepared {
                 flows: migration.flows.len(),

@@ -217,7 +217,7 @@ pub struct LazyDump {
 }
 
 /// Checkpoint: freeze the container (with its established TCP connections), export the
-/// checkpoint to `work_dir`, and keep its traffic here until the destination runs it.
+/// checkpoint into `STATE_DIR/outgoing`, and keep its traffic here until the destination runs it.
 /// Packets for it are held, at most `hold_packets` ([`crate::kernel::hold`]), and the address is
 /// blackholed, so that whatever is not held is dropped. Answering them, or letting them
 /// reach a network namespace whose sockets are not restored yet, would reset the client's
@@ -231,15 +231,20 @@ pub struct LazyDump {
 /// this migration; the phase ends as soon as CRIU serves the memory, with the other images
 /// packed here. Undo then first stops CRIU's page server, which lets the processes run
 /// again.
-pub async fn checkpoint(
+///
+/// `alongside` runs beside podman's call once the cgroup is frozen, so that it costs the
+/// freeze nothing: the container can then open no connection that it would miss. If the
+/// cgroup could not be frozen here (CRIU freezes it itself), it runs after the call.
+pub async fn checkpoint<T>(
     podman: &PodmanClient,
     container: &ContainerInfo,
     state_dir: &Path,
-    work_dir: &Path,
     hold_packets: u32,
     page_server: Option<ServePages>,
     undo: &mut UndoLog,
-) -> Result<Checkpoint> {
+    alongside: impl std::future::Future<Output = Result<T>>,
+) -> Result<(Checkpoint, T)> {
+    let work_dir = &state_dir.join("outgoing");
     crate::files::create_private_dir(work_dir)
         .with_context(|| format!("create work directory {}", work_dir.display()))?;
     let id = &undo.record.migration_id;
@@ -343,31 +348,48 @@ pub async fn checkpoint(
             Err(e) => problems.push(format!("CRIU froze the container itself (slower): {e:#}")),
         }
     }
-    let lazy = match armed.as_mut() {
-        None => {
-            podman.checkpoint_to_file(&container.name, &archive).await?;
-            None
-        }
-        Some((armed, credentials)) => {
-            let (podman, name, to) = (podman.clone(), container.name.clone(), export.clone());
-            let podman_call =
-                tokio::spawn(async move { podman.checkpoint_to_file(&name, &to).await });
-            let serving = crate::engine::lazy_pages::wait_serving(armed.server, &podman_call).await;
-            armed.disarm()?;
-            if let Err(e) = serving {
-                if podman_call.is_finished() {
-                    podman_call.await??; // podman's error says more
-                }
-                return Err(e);
+    let podman_checkpoint = async {
+        match armed.as_mut() {
+            None => {
+                podman.checkpoint_to_file(&container.name, &archive).await?;
+                Ok(None)
             }
+            Some((armed, credentials)) => {
+                let (podman, name, to) = (podman.clone(), container.name.clone(), export.clone());
+                let podman_call =
+                    tokio::spawn(async move { podman.checkpoint_to_file(&name, &to).await });
+                let serving =
+                    crate::engine::lazy_pages::wait_serving(armed.server, &podman_call).await;
+                armed.disarm()?;
+                if let Err(e) = serving {
+                    if podman_call.is_finished() {
+                        podman_call.await??; // podman's error says more
+                    }
+                    return Err(e);
+                }
+                Ok(Some((credentials.clone(), podman_call)))
+            }
+        }
+    };
+    let (checkpointed, beside) = if cgroup_frozen_in.is_some() {
+        tokio::join!(podman_checkpoint, alongside)
+    } else {
+        let checkpointed = podman_checkpoint.await;
+        (checkpointed, alongside.await)
+    };
+    let lazy = match checkpointed? {
+        None => None,
+        Some((credentials, podman_call)) => {
+            let server = armed.as_ref().expect("a lazy dump is armed").0.server;
             Some(LazyDump {
-                server: armed.server,
-                credentials: credentials.clone(),
+                server,
+                credentials,
                 held: container.cgroup_path.clone(),
                 podman_call,
             })
         }
     };
+    let beside = beside?;
     if let Some(ip) = container_ip {
         Routing::new()?
             .replace_route(&Route::blackhole_v4(ip, 32, MAIN_TABLE))
@@ -388,14 +410,15 @@ pub async fn checkpoint(
         })
         .await??;
     }
-    Ok(Checkpoint {
+    let checkpoint = Checkpoint {
         archive,
         frozen_at,
         cgroup_frozen_in,
         stack_refreezes,
         problems,
         lazy,
-    })
+    };
+    Ok((checkpoint, beside))
 }
 
 /// Post-copy, once the destination runs the container: the processes CRIU still holds
@@ -492,12 +515,10 @@ pub async fn begin(
         .await
 }
 
-/// Part of the restore phase: tell the destination about the container's flows, as it will
-/// see them (without this host's NAT), so it tracks them as established connections that
-/// came through the tunnel, and holds the container's address there. The destination
-/// removes them unless it comes to own the container. Not sent beside the checkpoint: a
-/// former host the container returns to stops forwarding it here on this request, which a
-/// rollback does not undo yet.
+/// Beside the checkpoint, once the container is frozen: tell the destination about the
+/// container's flows, as it will see them (without this host's NAT), so it tracks them as
+/// established connections that came through the tunnel, and holds the container's address
+/// there. The destination removes them unless it comes to own the container.
 pub async fn prepare_flows(
     remote: &mut RemoteAgent,
     keys: &KeyPair,

@@ -118,7 +118,8 @@ pub struct FreezeSteps {
     pub criu_dump: Option<crate::engine::criu::DumpTimes>,
     /// Sending the archive.
     pub transfer_ms: f64,
-    /// Reading the container's flows here and installing them on the destination.
+    /// Reading the container's flows here and installing them on the destination, beside
+    /// the checkpoint (not after it, unless the cgroup could not be frozen here).
     pub flows_ms: f64,
     /// The restore request, from sending it to the answer: the destination's restore.
     pub restore_ms: f64,

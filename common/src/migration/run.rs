@@ -279,7 +279,6 @@ pub async fn migrate(
             ))?;
         }
 
-        let work_dir = state_dir.join("outgoing");
         let lazy_pages = prepared.mode.memory == mode::MemoryPath::PageServer;
         // Pages go straight to the destination, under TLS (faster than the tunnel): CRIU
         // serves them where this session leaves this host.
@@ -295,20 +294,27 @@ pub async fn migrate(
         // Not cancellable halfway: podman would finish the checkpoint anyway. A cancel
         // is seen right after it, and the container restarted.
         let checkpointing = async {
+            let flows = async {
+                let started = Instant::now();
+                if let Some(ip) = container_ip {
+                    phases::prepare_flows(agent, &keys, ip).await?;
+                }
+                anyhow::Ok(millis(started.elapsed()))
+            };
             let checkpoint = phases::checkpoint(
                 &request.podman,
                 &prepared.container,
                 state_dir,
-                &work_dir,
                 request.hold_packets,
                 page_server,
                 log,
+                flows,
             )
             .await?;
             crate::fault::at(state_dir, "checkpointed")?;
             anyhow::Ok(checkpoint)
         };
-        let (checkpoint, _) = clock
+        let ((checkpoint, flows_ms), _) = clock
             .run(&mut phase, Phase::Checkpoint, may_cancel, checkpointing)
             .await?;
         let frozen_at = checkpoint.frozen_at;
@@ -341,11 +347,6 @@ pub async fn migrate(
 
         // The last chance to cancel: from the restore request on, the destination decides.
         let restoring = async {
-            let started = Instant::now();
-            if let Some(ip) = container_ip {
-                phases::prepare_flows(agent, &keys, ip).await?;
-            }
-            let flows_ms = millis(started.elapsed());
             let requested = Instant::now();
             let page_server = lazy.as_ref().map(|l| crate::protocol::LazyRestore {
                 page_server_port: l.server.port,
@@ -371,9 +372,9 @@ pub async fn migrate(
                     warnings.push(format!("{e:#}"));
                 }
             }
-            anyhow::Ok((resumed_at, destination, flows_ms, restore_ms))
+            anyhow::Ok((resumed_at, destination, restore_ms))
         };
-        let ((mut resumed_at, destination, flows_ms, restore_ms), _) = clock
+        let ((mut resumed_at, destination, restore_ms), _) = clock
             .run(&mut phase, Phase::Restore, may_cancel, restoring)
             .await?;
 

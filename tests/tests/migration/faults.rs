@@ -17,7 +17,7 @@ use lab::flow::FlowClient;
 use lab::{wait_for, Lab};
 use nix::sys::signal::Signal;
 
-use super::{agent_client, answers, flow_survived, is_running, migrate, migrate_fails};
+use super::{agent_client, answers, flow_survived, is_running};
 
 /// Where the fault hits.
 #[derive(Debug, Clone, Copy)]
@@ -507,49 +507,67 @@ pub fn second_migration_is_refused(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// A container that moved h1 -> h2 fails to come back (h1's restore fails): it runs on at
-/// h2, and h1 forwards it as before the attempt. Its address is routed into the tunnel
-/// again, not blackholed or routed locally; a flow that enters h1 keeps going, and so do
-/// new connections to h1's published port.
+/// A container that moved h1 -> h2 fails to come back, twice: the client fails right
+/// after the checkpoint (h1 has its flows already: they go beside the checkpoint), then
+/// h1's restore fails. Each time it runs on at h2, and h1 forwards it as before the
+/// attempt: its address is routed into the tunnel again, not blackholed or routed locally;
+/// a flow that enters h1 keeps going, and so do new connections to h1's published port.
 pub fn failed_return_keeps_the_former_host_forwarding(lab: &Lab) -> Result<()> {
     let name = "returner";
     lab.run_container("h1", name, &["-p", "5120:5000"], "localhost/tcp-echo", &[])?;
     let ip = lab.container_ip("h1", name)?;
     let addr = "10.77.0.11:5120";
     lab.wait_tcp("client", addr.parse()?, Duration::from_secs(10))?;
+    let routed = |lab: &Lab| -> Result<String> {
+        let routes = lab.exec_stdout("h1", &["ip", "route", "show", "table", "main"])?;
+        Ok(routes
+            .lines()
+            .find(|r| r.split_whitespace().next() == Some(ip.as_str()))
+            .unwrap_or_default()
+            .to_string())
+    };
     let outcome = (|| {
-        migrate(lab, "h1", name, "h2")?;
-        let routed = |lab: &Lab| -> Result<String> {
-            let routes = lab.exec_stdout("h1", &["ip", "route", "show", "table", "main"])?;
-            Ok(routes
-                .lines()
-                .find(|r| r.split_whitespace().next() == Some(ip.as_str()))
-                .unwrap_or_default()
-                .to_string())
-        };
+        super::migrate(lab, "h1", name, "h2")?;
         let before = routed(lab)?;
         ensure!(
             before.contains(" dev lmwg-"),
             "h1 does not route {ip} into a tunnel after the move: {before:?}"
         );
-        let flow = FlowClient::start(lab, "tcp", addr, None)?;
-        lab.inject_agent_fault("h1", "restore:fail")?;
-        let failed = migrate_fails(lab, "h2", name, "h1", "injected fault at restore");
-        let _ = lab.clear_agent_fault("h1");
-        failed?;
-        ensure!(is_running(lab, "h2", name)?, "{name} no longer runs on h2");
-        ensure!(!is_running(lab, "h1", name)?, "{name} runs on h1 as well");
-        let after = routed(lab)?;
-        ensure!(
-            after == before,
-            "h1 routes {ip} as {after:?} after the failed return, not {before:?}"
-        );
-        ensure!(
-            !lab.agent_state("h1", "forwards")?.is_empty(),
-            "h1 dropped its forward record"
-        );
-        answers(lab, "tcp", addr)?;
-        flow_survived(flow)?;
+        for (client_fault, agent_fault) in [
+            (Some("checkpointed:fail"), None),
+            (None, Some("restore:fail")),
+        ] {
+            let flow = FlowClient::start(lab, "tcp", addr, None)?;
+            if let Some(fault) = agent_fault {
+                lab.inject_agent_fault("h1", fault)?;
+            }
+            let mut command =
+                lab.command("h2", &["agent-client", "--container", name, "--dest", "h1"])?;
+            if let Some(fault) = client_fault {
+                command.env("LM_FAULT", fault);
+            }
+            let out = command.output()?;
+            let _ = lab.clear_agent_fault("h1");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            eprintln!("[h2] agent-client ({client_fault:?} {agent_fault:?}):\n{stderr}");
+            ensure!(
+                !out.status.success() && stderr.contains("injected fault"),
+                "the return did not fail as injected: {stderr}"
+            );
+            ensure!(is_running(lab, "h2", name)?, "{name} no longer runs on h2");
+            ensure!(!is_running(lab, "h1", name)?, "{name} runs on h1 as well");
+            let after = routed(lab)?;
+            ensure!(
+                after == before,
+                "h1 routes {ip} as {after:?} after the failed return, not {before:?}"
+            );
+            ensure!(
+                !lab.agent_state("h1", "forwards")?.is_empty(),
+                "h1 dropped its forward record"
+            );
+            answers(lab, "tcp", addr)?;
+            flow_survived(flow)?;
+        }
         Ok(())
     })();
     for host in ["h1", "h2"] {

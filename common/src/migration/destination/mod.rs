@@ -12,7 +12,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::fs::{File, TryLockError};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,9 +24,9 @@ use crate::engine::lazy_pages::PageServer;
 use crate::kernel::conntrack::Flow;
 use crate::migration::forwarding::ForwardRecord;
 use crate::migration::ownership::{self, DestinationAction, DestinationStage};
-use crate::protocol::ContainerRef;
 use crate::protocol::HoldReport;
 use crate::protocol::Verdict;
+use crate::protocol::{ContainerRef, Proto};
 
 /// How long a restarted agent waits for a restore that podman may still finish on its own
 /// (the agent died after handing podman the archive) before it counts it as not coming:
@@ -187,6 +187,11 @@ pub struct IncomingMigration {
     /// restore waits for it before it answers.
     #[serde(skip)]
     pub ahead_of_restore: Vec<tokio::task::JoinHandle<Result<()>>>,
+    /// How the packets of flows that entered this host arrive back through the tunnel
+    /// (protocol, from, to): untracked from the restore on. Not journaled: before the
+    /// restore a restarted agent drops the migration, and the untracking times out.
+    #[serde(skip)]
+    pub returning: Vec<(Proto, SocketAddrV4, SocketAddrV4)>,
     /// Restored post-copy, and not all of its memory is here yet: it needs the source's
     /// page server until then ([`crate::engine::lazy_pages`]).
     #[serde(default)]
@@ -241,6 +246,7 @@ impl IncomingMigration {
             forwarded_via: None,
             archive_verified: false,
             ahead_of_restore: Vec::new(),
+            returning: Vec::new(),
             pages_pending: false,
             page_server: None,
             replica: false,
