@@ -49,10 +49,6 @@ use rule::{install_rule, remove_rule, remove_rules};
 mod nfqueue;
 mod rule;
 
-/// The hold's table (family `ip`).
-pub const TABLE: &str = "live_migrate_hold";
-/// Its base chain.
-pub const CHAIN: &str = "prerouting";
 /// Packets held per container unless configured: 2 s at 10,000 packets/s.
 pub const DEFAULT_BOUND: u32 = 20_000;
 

@@ -17,9 +17,12 @@ use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
 
-use super::{CHAIN, TABLE};
 use crate::kernel::nfnetlink::{self, errno_of, Errno};
 
+/// The hold's table (family `ip`).
+const TABLE: &str = "live_migrate_hold";
+/// Its base chain.
+const CHAIN: &str = "prerouting";
 /// After `dstnat` (-100), before `filter` (0).
 const CHAIN_PRIORITY: i32 = -50;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
