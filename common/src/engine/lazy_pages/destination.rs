@@ -150,7 +150,7 @@ impl PagesDaemon {
                 let _ = child.kill().await;
                 bail!("criu lazy-pages did not open its socket within 10 s");
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(super::READY_POLL).await;
         }
         Ok(Self {
             process: Process::Child(child),

@@ -150,7 +150,7 @@ pub async fn wait_serving<T>(
         if checkpoint.is_finished() {
             bail!("the checkpoint ended before CRIU served the container's memory");
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(super::READY_POLL).await;
     }
     Ok(())
 }
