@@ -253,19 +253,19 @@ async fn handle(
             }
             let end = TunnelEnd::to_peer(&context.keys.public_base64(), &source_public_key).await?;
             if migration.held_ip.is_none() {
+                // Coming back to a former host: the route into the tunnel that the
+                // blackhole below replaces is put back if the container does not come.
+                // Read before anything changes, so that a failure here leaves all as it was.
+                let forwarded_via = switch::tunnel_of(container_ip).await?;
                 // Until the restored sockets exist, packets for the container must be
                 // held or dropped here, not answered with a reset by its half-restored
-                // network namespace. This also replaces a route into a tunnel left from when the
-                // container lived here.
+                // network namespace.
                 migration.held_ip = Some(container_ip);
+                migration.forwarded_via = forwarded_via;
                 // Armed by `BeginMigration`: from now on `held_ip` stands for that hold
                 // too, and its release ends both.
                 let held_already = migration.holding.take() == Some(container_ip)
                     && common::kernel::hold::hold_back(container_ip).await;
-                // Coming back to a former host: the route into the tunnel that the
-                // blackhole below replaces is journaled first, to be put back if the
-                // container does not come.
-                migration.forwarded_via = switch::tunnel_of(container_ip).await?;
                 migration.save()?;
                 // Held before the blackhole replaces the route: the hold comes before
                 // routing, and a packet routed in between would be dropped.
