@@ -13,6 +13,31 @@ pub fn kill(pid: i32) -> nix::Result<()> {
     }
 }
 
+/// SIGKILL to `pid` if it is a process of the container `container_id` (its cgroup names
+/// it): a PID that its process gave back, and that another one took since, is left alone.
+/// The signal goes through a pidfd opened before the check, so it reaches the process that
+/// was checked or none. Returns whether it was sent.
+pub fn kill_in(pid: i32, container_id: &str) -> std::io::Result<bool> {
+    use rustix::process::{pidfd_open, pidfd_send_signal, Pid as RawPid, PidfdFlags};
+    let Some(raw) = RawPid::from_raw(pid) else {
+        return Ok(false);
+    };
+    let pidfd = match pidfd_open(raw, PidfdFlags::empty()) {
+        Ok(pidfd) => pidfd,
+        Err(rustix::io::Errno::SRCH) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    if container_id.is_empty() || !cgroup.contains(container_id) {
+        return Ok(false);
+    }
+    match pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::SRCH) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// SIGTERM to `pid`; a process that is gone already is fine.
 pub fn terminate(pid: i32) -> nix::Result<()> {
     match signal(Pid::from_raw(pid), Signal::SIGTERM) {

@@ -429,7 +429,9 @@ pub fn end_source_processes(container: &ContainerInfo) -> Result<()> {
     let Some(pid) = container.pid else {
         bail!("podman did not say which process is the container's init");
     };
-    crate::kernel::process::kill(pid)
+    // Gone already if CRIU ended them: the PID may be another process's by now.
+    crate::kernel::process::kill_in(pid, &container.id)
+        .map(drop)
         .with_context(|| format!("kill the source's processes (pid {pid})"))
 }
 

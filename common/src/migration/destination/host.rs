@@ -31,7 +31,7 @@ impl DestinationActions for PodmanClient {
             tokio::task::spawn_blocking(move || crate::kernel::freezer::freeze(&cgroup)).await??;
         }
         if let Some(pid) = info.pid {
-            crate::kernel::process::kill(pid)
+            crate::kernel::process::kill_in(pid, id)
                 .with_context(|| format!("kill container {id} (pid {pid})"))?;
         }
         if let Some(cgroup) = info.cgroup_path {
