@@ -16,7 +16,7 @@ use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
 
 use super::archive::append_bytes;
 use super::criu_config::{CONFIG_ANNOTATION, RESTORE_CONF};
-use super::page_server::{tune_page_connection, PageServer};
+use super::page_server::{tune_page_connection, PageServer, READY_POLL};
 use super::procfs::{borrow_fd, connections_to, descriptors, processes_running};
 use crate::protocol::PageCredentials;
 
@@ -150,7 +150,7 @@ impl PagesDaemon {
                 let _ = child.kill().await;
                 bail!("criu lazy-pages did not open its socket within 10 s");
             }
-            tokio::time::sleep(super::READY_POLL).await;
+            tokio::time::sleep(READY_POLL).await;
         }
         Ok(Self {
             process: Process::Child(child),

@@ -39,9 +39,3 @@ pub use source::{
     ArmedDump, NetworkAttachment,
 };
 pub use stacks::{refreeze_off_aligned_stacks, Refrozen};
-
-/// How often the freeze looks whether CRIU is ready: its page server listening on the
-/// source (only podman hears runc's status pipe), its lazy-pages daemon's socket on the
-/// destination. Every millisecond of the wait is the container's; a look costs
-/// microseconds.
-const READY_POLL: std::time::Duration = std::time::Duration::from_millis(1);

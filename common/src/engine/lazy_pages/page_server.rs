@@ -7,6 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use super::criu_config::{foreign_config, RUNC_CONF};
 
+/// How often the freeze looks whether CRIU is ready: its page server listening on the
+/// source (only podman hears runc's status pipe), its lazy-pages daemon's socket on the
+/// destination. Every millisecond of the wait is the container's; a look costs
+/// microseconds.
+pub(super) const READY_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Where the source serves the container's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageServer {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::archive::append_bytes;
 use super::criu_config::{foreign_config, foreign_options, MARKER, RUNC_CONF};
-use super::page_server::{tune_page_connection, PageServer};
+use super::page_server::{tune_page_connection, PageServer, READY_POLL};
 use super::procfs::{borrow_fd, descriptors, listening, socket_holder, tcp_sockets};
 
 /// Held while a configuration of ours exists: one post-copy checkpoint starts at a time.
@@ -150,7 +150,7 @@ pub async fn wait_serving<T>(
         if checkpoint.is_finished() {
             bail!("the checkpoint ended before CRIU served the container's memory");
         }
-        tokio::time::sleep(super::READY_POLL).await;
+        tokio::time::sleep(READY_POLL).await;
     }
     Ok(())
 }
