@@ -5,14 +5,18 @@
 //! Runs only as root, on x86_64, with gcc, and when `LM_LAB_SKIP` is unset; otherwise its
 //! tests are reported as ignored, and it says why.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::engine::lazy_pages::refreeze_off_aligned_stacks;
 use common::kernel::freezer;
 
+#[path = "support/contained.rs"]
+mod contained;
 mod support;
+
+use contained::Contained;
 
 fn main() {
     support::run_tests(
@@ -71,9 +75,7 @@ const PAGE: u64 = 4096;
 
 /// The spinning process in its own freezer cgroup; killed, and the cgroup removed, on drop.
 struct Spinner {
-    child: Child,
-    cgroup: String,
-    dir: PathBuf,
+    contained: Contained,
     build: PathBuf,
 }
 
@@ -93,37 +95,20 @@ impl Spinner {
             .status()
             .unwrap();
         assert!(built.success(), "gcc failed to build {}", source.display());
-        // Where the freezer is: cgroup v1's hierarchy (hybrid hosts), else the v2 root.
-        let v1 = Path::new("/sys/fs/cgroup/freezer");
-        let dir = if v1.is_dir() {
-            v1
-        } else {
-            Path::new("/sys/fs/cgroup")
-        }
-        .join(&name);
-        std::fs::create_dir(&dir).unwrap();
         let mut command = Command::new(&program);
         if alternate {
             command.arg("alternate");
         }
-        let child = command.spawn().unwrap();
-        let spinner = Spinner {
-            child,
-            cgroup: format!("/{name}"),
-            dir,
+        Spinner {
+            contained: Contained::spawn(&name, &mut command),
             build,
-        };
-        std::fs::write(
-            spinner.dir.join("cgroup.procs"),
-            spinner.child.id().to_string(),
-        )
-        .unwrap();
-        spinner
+        }
     }
 
     /// Its stack pointer while frozen (`/proc/<pid>/syscall`: `-1 sp pc` in user mode).
     fn stack_pointer(&self) -> u64 {
-        let line = std::fs::read_to_string(format!("/proc/{}/syscall", self.child.id())).unwrap();
+        let line = std::fs::read_to_string(format!("/proc/{}/syscall", self.contained.child.id()))
+            .unwrap();
         let fields: Vec<&str> = line.split_whitespace().collect();
         assert!(fields.len() >= 3, "not stopped: {line:?}");
         u64::from_str_radix(fields[fields.len() - 2].trim_start_matches("0x"), 16).unwrap()
@@ -134,7 +119,7 @@ impl Spinner {
     fn freeze_on_the_boundary(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            freezer::freeze(&self.cgroup).unwrap();
+            freezer::freeze(&self.contained.cgroup).unwrap();
             if self.stack_pointer().is_multiple_of(PAGE) {
                 return;
             }
@@ -142,7 +127,7 @@ impl Spinner {
                 Instant::now() < deadline,
                 "never frozen on the page boundary"
             );
-            freezer::thaw(&self.cgroup).unwrap();
+            freezer::thaw(&self.contained.cgroup).unwrap();
             std::thread::sleep(Duration::from_micros(300));
         }
     }
@@ -150,14 +135,6 @@ impl Spinner {
 
 impl Drop for Spinner {
     fn drop(&mut self) {
-        let _ = freezer::thaw(&self.cgroup);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // The cgroup can be removed once its last process is reaped.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
         let _ = std::fs::remove_dir_all(&self.build);
     }
 }
@@ -165,7 +142,7 @@ impl Drop for Spinner {
 fn a_stack_pointer_that_leaves_the_page_boundary_is_refrozen_off_it() {
     let spinner = Spinner::start("leaves", true);
     spinner.freeze_on_the_boundary();
-    let refrozen = refreeze_off_aligned_stacks(&spinner.cgroup).unwrap();
+    let refrozen = refreeze_off_aligned_stacks(&spinner.contained.cgroup).unwrap();
     assert!(refrozen.times >= 1, "it was on the boundary: refrozen");
     assert_eq!(refrozen.costly, None);
     assert!(
@@ -177,7 +154,7 @@ fn a_stack_pointer_that_leaves_the_page_boundary_is_refrozen_off_it() {
 fn a_stack_pointer_that_stays_on_the_page_boundary_is_reported() {
     let spinner = Spinner::start("stays", false);
     spinner.freeze_on_the_boundary();
-    let refrozen = refreeze_off_aligned_stacks(&spinner.cgroup).unwrap();
+    let refrozen = refreeze_off_aligned_stacks(&spinner.contained.cgroup).unwrap();
     assert!(refrozen.times > 1, "tried more than once");
     let costly = refrozen.costly.expect("the freeze's cost is reported");
     assert!(costly.contains("page-aligned"), "{costly}");
