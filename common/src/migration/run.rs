@@ -353,20 +353,26 @@ pub async fn migrate(
                 until_resumed: replica,
                 credentials: l.credentials.clone(),
             });
-            let (resumed_at, destination) = phases::restore(
+            let container = prepared.container.to_ref();
+            let restore = phases::restore(
                 agent,
-                &prepared.container.to_ref(),
+                &container,
                 page_server,
                 log,
                 state_dir,
-            )
-            .await?;
-            let restore_ms = millis(requested.elapsed());
-            if let Some(dump) = &lazy {
-                if let Err(e) = crate::engine::lazy_pages::tune_serving(dump.server).await {
-                    tracing::warn!("CRIU's page server keeps its defaults: {e:#}");
+            );
+            let (resumed_at, destination) = match &lazy {
+                None => restore.await?,
+                Some(dump) => {
+                    let (restored, tuned) =
+                        crate::engine::lazy_pages::tune_serving_during(dump.server, restore).await;
+                    if let Err(e) = tuned {
+                        tracing::warn!("CRIU's page server keeps its defaults: {e:#}");
+                    }
+                    restored?
                 }
-            }
+            };
+            let restore_ms = millis(requested.elapsed());
             if lazy.is_some() && !replica {
                 if let Err(e) = phases::end_source_processes(&prepared.container) {
                     warnings.push(format!("{e:#}"));

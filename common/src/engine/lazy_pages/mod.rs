@@ -35,7 +35,7 @@ pub use criu_config::{dump_config, CONFIG_ANNOTATION, RUNC_CONF};
 pub use destination::{prepare_import, LeftBehind, PagesDaemon};
 pub use page_server::{host_problem, PageServer};
 pub use source::{
-    arm, pack_images, remove_stale_config, stop_serving, tune_serving, unguard, wait_serving,
-    ArmedDump, NetworkAttachment,
+    arm, pack_images, remove_stale_config, stop_serving, tune_serving_during, unguard,
+    wait_serving, ArmedDump, NetworkAttachment,
 };
 pub use stacks::{refreeze_off_aligned_stacks, Refrozen};

@@ -259,22 +259,61 @@ async fn ended_within(pid: i32, patience: Duration) -> bool {
     true
 }
 
-/// Once the destination's daemon is connected (its restore has answered): CRIU's end of
-/// the connection is tuned ([`super::page_server::tune_page_connection`]).
-pub async fn tune_serving(server: PageServer) -> Result<()> {
+/// Runs `work` (the destination's restore) and meanwhile tunes CRIU's end of the page
+/// connection ([`super::page_server::tune_page_connection`]) as soon as CRIU serves the
+/// destination's daemon on it, within that restore: until then CRIU's answers can wait in
+/// the kernel, and the restore, then the pages, wait on them. Returns `work`'s output, and
+/// whether the connection was tuned.
+pub async fn tune_serving_during<T>(
+    server: PageServer,
+    work: impl std::future::Future<Output = T>,
+) -> (T, Result<()>) {
+    let mut work = std::pin::pin!(work);
+    let mut tuned = false;
+    let output = loop {
+        tokio::select! {
+            output = &mut work => break output,
+            // Not there yet (or not readable): looked for again at the next poll.
+            _ = tokio::time::sleep(READY_POLL), if !tuned => {
+                tuned = tune_serving(server).await.unwrap_or(false);
+            }
+        }
+    };
+    let tuned = match tuned {
+        true => Ok(()),
+        false => tune_serving(server).await.and_then(|tuned| {
+            tuned
+                .then_some(())
+                .context("no connection to CRIU's page server")
+        }),
+    };
+    (output, tuned)
+}
+
+/// Tunes CRIU's end of the daemon's connection; false if there is none yet, or CRIU does
+/// not serve on it yet: it corks the connection when it starts to (`page_server_serve`),
+/// which would undo an uncork made before.
+async fn tune_serving(server: PageServer) -> Result<bool> {
     let at = SocketAddrV4::new(server.address, server.port);
     let tuned = tokio::task::spawn_blocking(move || {
-        let inode = tcp_sockets()?
+        let Some(inode) = tcp_sockets()?
             .into_iter()
             .find(|s| s.local == at && !s.listening)
             .map(|s| s.inode)
-            .context("no connection to CRIU's page server")?;
+        else {
+            return Ok(false);
+        };
         let pid = socket_holder(inode).context("no process holds the page server's connection")?;
         let wanted = format!("socket:[{inode}]");
         let fd = *descriptors(pid, |link| link == wanted)
             .first()
             .context("the page server's connection is gone")?;
-        tune_page_connection(&borrow_fd(pid, fd)?)
+        let connection = borrow_fd(pid, fd)?;
+        if !rustix::net::sockopt::tcp_cork(&connection)? {
+            return Ok(false);
+        }
+        tune_page_connection(&connection)?;
+        Ok(true)
     });
     tuned.await?
 }
