@@ -27,8 +27,7 @@ pub fn kill_in(pid: i32, container_id: &str) -> std::io::Result<bool> {
         Err(rustix::io::Errno::SRCH) => return Ok(false),
         Err(e) => return Err(e.into()),
     };
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    if container_id.is_empty() || !cgroup.contains(container_id) {
+    if !in_container(pid, container_id) {
         return Ok(false);
     }
     match pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
@@ -61,7 +60,7 @@ pub fn resume(pid: i32) -> nix::Result<()> {
 /// died yet).
 pub fn alive_in(pid: i32, container_id: &str) -> bool {
     let read = |file: &str| std::fs::read_to_string(format!("/proc/{pid}/{file}"));
-    let (Ok(stat), Ok(status), Ok(cgroup)) = (read("stat"), read("status"), read("cgroup")) else {
+    let (Ok(stat), Ok(status)) = (read("stat"), read("status")) else {
         return false;
     };
     let state = state_of(&stat);
@@ -71,7 +70,14 @@ pub fn alive_in(pid: i32, container_id: &str) -> bool {
             .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
             .is_some_and(|mask| mask & (1 << (Signal::SIGKILL as u64 - 1)) != 0)
     });
-    !matches!(state, None | Some("Z" | "X" | "x")) && !dying && cgroup.contains(container_id)
+    !matches!(state, None | Some("Z" | "X" | "x")) && !dying && in_container(pid, container_id)
+}
+
+/// Whether the cgroup of `pid` names the container `container_id` (podman's cgroups do).
+fn in_container(pid: i32, container_id: &str) -> bool {
+    !container_id.is_empty()
+        && std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|cgroup| cgroup.contains(container_id))
 }
 
 /// Whether `pid` is gone, or dead and not reaped yet (a zombie).
