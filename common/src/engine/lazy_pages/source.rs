@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -269,53 +270,67 @@ pub async fn tune_serving_during<T>(
     work: impl std::future::Future<Output = T>,
 ) -> (T, Result<()>) {
     let mut work = std::pin::pin!(work);
+    let mut connection = None;
     let mut tuned = false;
     let output = loop {
         tokio::select! {
             output = &mut work => break output,
             // Not there yet (or not readable): looked for again at the next poll.
             _ = tokio::time::sleep(READY_POLL), if !tuned => {
-                tuned = tune_serving(server).await.unwrap_or(false);
+                tuned = tune_serving(server, &mut connection).await.unwrap_or(false);
             }
         }
     };
     let tuned = match tuned {
         true => Ok(()),
-        false => tune_serving(server).await.and_then(|tuned| {
-            tuned
-                .then_some(())
-                .context("no connection to CRIU's page server")
-        }),
+        false => tune_serving(server, &mut connection)
+            .await
+            .and_then(|tuned| {
+                tuned
+                    .then_some(())
+                    .context("no connection to CRIU's page server")
+            }),
     };
     (output, tuned)
 }
 
-/// Tunes CRIU's end of the daemon's connection; false if there is none yet, or CRIU does
-/// not serve on it yet: it corks the connection when it starts to (`page_server_serve`),
-/// which would undo an uncork made before.
-async fn tune_serving(server: PageServer) -> Result<bool> {
+/// Tunes CRIU's end of the daemon's connection, found once and kept in `connection`;
+/// false if there is none yet, or CRIU does not serve on it yet: it corks the connection
+/// when it starts to (`page_server_serve`), which would undo an uncork made before. Only
+/// the first look at a connection reads every process's descriptors; this runs every
+/// millisecond of the destination's restore, on the cores the restore needs.
+async fn tune_serving(server: PageServer, connection: &mut Option<OwnedFd>) -> Result<bool> {
+    if connection.is_none() {
+        *connection = tokio::task::spawn_blocking(move || criu_end_of_connection(server)).await??;
+    }
+    let Some(connection) = connection.as_ref() else {
+        return Ok(false);
+    };
+    if !rustix::net::sockopt::tcp_cork(connection)? {
+        return Ok(false);
+    }
+    tune_page_connection(connection)?;
+    Ok(true)
+}
+
+/// A duplicate of CRIU's end of the connection to the page server on `server`, if there
+/// is one.
+fn criu_end_of_connection(server: PageServer) -> Result<Option<OwnedFd>> {
     let at = SocketAddrV4::new(server.address, server.port);
-    let tuned = tokio::task::spawn_blocking(move || {
-        let Some(inode) = tcp_sockets()?
-            .into_iter()
-            .find(|s| s.local == at && !s.listening)
-            .map(|s| s.inode)
-        else {
-            return Ok(false);
-        };
-        let pid = socket_holder(inode).context("no process holds the page server's connection")?;
-        let wanted = format!("socket:[{inode}]");
-        let fd = *descriptors(pid, |link| link == wanted)
-            .first()
-            .context("the page server's connection is gone")?;
-        let connection = borrow_fd(pid, fd)?;
-        if !rustix::net::sockopt::tcp_cork(&connection)? {
-            return Ok(false);
-        }
-        tune_page_connection(&connection)?;
-        Ok(true)
-    });
-    tuned.await?
+    let Some(inode) = tcp_sockets()?
+        .into_iter()
+        // Inode 0: a connection that no process holds any more (TIME_WAIT).
+        .find(|s| s.local == at && !s.listening && s.inode != 0)
+        .map(|s| s.inode)
+    else {
+        return Ok(None);
+    };
+    let pid = socket_holder(inode).context("no process holds the page server's connection")?;
+    let wanted = format!("socket:[{inode}]");
+    let fd = *descriptors(pid, |link| link == wanted)
+        .first()
+        .context("the page server's connection is gone")?;
+    Ok(Some(borrow_fd(pid, fd)?))
 }
 
 /// What the source knows of the container's network, for `network.status` in the archive:
