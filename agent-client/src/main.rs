@@ -322,8 +322,21 @@ fn say(text: &str) {
     let _ = writeln!(std::io::stderr(), "{text}");
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before anything else: as CRIU's hook, some runs are in the freeze.
+    if let Some(code) = common::engine::lazy_pages::freeze_hook::run_if_invoked() {
+        return code;
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(client_main()),
+        Err(e) => {
+            say(&format!("error: cannot start: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn client_main() -> ExitCode {
     let cli: Cli = match agent_config::parse_with_matches("client")
         .and_then(|(cli, matches)| migration_flags_alone(&matches).map(|()| cli))
     {

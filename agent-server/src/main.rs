@@ -96,13 +96,6 @@ async fn main() -> Result<()> {
         tracing::info!("{line}");
     }
     actions.recovered("restart", recovered.len());
-    // A lazy-dump configuration left by a crash would make every later checkpoint here wait
-    // for a destination.
-    match common::engine::lazy_pages::remove_stale_config() {
-        Ok(Some(line)) => tracing::info!("{line}"),
-        Ok(None) => {}
-        Err(e) => tracing::warn!("{e:#}"),
-    }
     let context = Arc::new(ServerContext {
         token,
         keys,

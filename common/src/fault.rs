@@ -10,7 +10,8 @@
 //! - `fail`: the step fails with an error.
 //!
 //! Points: `guarded` (source, lazy dumps: the page server's port is guarded and
-//! journaled, nothing frozen yet), `checkpointed` (source: the container is stopped,
+//! journaled, nothing frozen yet), `frozen` (source, lazy dumps: the container's packets
+//! are held and its cgroup frozen, and CRIU waits on the pre-dump hook), `checkpointed` (source: the container is stopped,
 //! before the transfer), `transferring` (source: after the first part of the archive is sent),
 //! `restore-requested` (source: the restore request is sent, before its answer), `pages`
 //! (source, lazy dumps: before it waits for the destination's last page), `restored`

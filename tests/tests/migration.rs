@@ -74,6 +74,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         streamed::client_killed_while_memory_streams_rolls_back,
     ),
     (
+        "streamed_client_killed_at_the_pre_dump_hook_rolls_back",
+        streamed::client_killed_at_the_pre_dump_hook_rolls_back,
+    ),
+    (
         "streamed_client_killed_after_the_last_page_resumes_the_replica",
         streamed::client_killed_after_the_last_page_resumes_the_replica,
     ),

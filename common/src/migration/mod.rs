@@ -18,6 +18,7 @@ mod crash;
 pub mod destination;
 pub mod events;
 pub mod forwarding;
+mod freeze;
 pub mod history;
 pub mod mode;
 pub mod ownership;

@@ -15,12 +15,13 @@ use crate::migration::source::held_processes_alive;
 use crate::migration::source::journal::Undo;
 use crate::migration::source::UndoLog;
 
-use crate::engine::lazy_pages::{refreeze_off_aligned_stacks, PageServer};
+use crate::engine::lazy_pages::{FreezeHook, PageServer};
 use crate::engine::podman::{ContainerInfo, PodmanClient};
 use crate::kernel::conntrack;
 use crate::kernel::overlay::{TunnelEnd, MAIN_TABLE};
 use crate::kernel::routing::{Route, Routing};
 use crate::kernel::wireguard::KeyPair;
+use crate::migration::freeze;
 use crate::migration::preflight::{self, Finding};
 use crate::protocol::{
     ContainerRef, HostReport, LazyRestore, PageCredentials, RestoreTimes, MAX_FLOWS_PER_BATCH,
@@ -183,7 +184,7 @@ pub struct Checkpoint {
     /// When the container's traffic stopped reaching it (held or dropped), the start of
     /// the freeze its clients see; what came before (the lazy dump armed) did not stop it.
     pub frozen_at: std::time::Instant,
-    /// How long freezing the container's cgroup took, if it was frozen before podman's call.
+    /// How long freezing the container's cgroup took, if it was frozen before CRIU's work.
     pub cgroup_frozen_in: Option<std::time::Duration>,
     /// How many times the cgroup was frozen again, for a lazy dump, to step around a
     /// page-aligned stack pointer ([`crate::engine::lazy_pages::refreeze_off_aligned_stacks`]).
@@ -221,10 +222,11 @@ pub struct LazyDump {
 /// Packets for it are held, at most `hold_packets` ([`crate::kernel::hold`]), and the address is
 /// blackholed, so that whatever is not held is dropped. Answering them, or letting them
 /// reach a network namespace whose sockets are not restored yet, would reset the client's
-/// connections; dropped ones are retransmitted. Its cgroup is frozen just before podman's
-/// call ([`crate::kernel::freezer`]). Undo: start it again on the source (and thaw it), route its
-/// address locally again, then let the held packets through (in that order, for the same
-/// reason).
+/// connections; dropped ones are retransmitted. Its packets are held and its cgroup frozen
+/// ([`freeze`]) just before CRIU stops it: before podman's call, or for a lazy dump at
+/// CRIU's pre-dump hook ([`FreezeHook`]), so that podman's and runc's start is not in the
+/// freeze. Undo: start it again on the source (and thaw it), route its address locally
+/// again, then let the held packets through (in that order, for the same reason).
 ///
 /// Post-copy or streamed stop-copy (`page_server` is the address to serve the memory on):
 /// CRIU dumps lazily ([`crate::engine::lazy_pages`]), under TLS with credentials made for
@@ -233,8 +235,7 @@ pub struct LazyDump {
 /// again.
 ///
 /// `alongside` runs beside podman's call once the cgroup is frozen, so that it costs the
-/// freeze nothing: the container can then open no connection that it would miss. If the
-/// cgroup could not be frozen here (CRIU freezes it itself), it runs after the call.
+/// freeze nothing ([`freeze::Stopped::beside`]).
 pub async fn checkpoint<T>(
     podman: &PodmanClient,
     container: &ContainerInfo,
@@ -247,7 +248,7 @@ pub async fn checkpoint<T>(
     let work_dir = &state_dir.join("outgoing");
     crate::files::create_private_dir(work_dir)
         .with_context(|| format!("create work directory {}", work_dir.display()))?;
-    let id = &undo.record.migration_id;
+    let id = undo.record.migration_id.clone();
     let archive = work_dir.join(format!("{id}.tar"));
     let export = work_dir.join(format!("{id}.export.tar"));
     let container_ip = container.ipv4();
@@ -263,11 +264,19 @@ pub async fn checkpoint<T>(
                 .map_err(|problem| anyhow::anyhow!(problem))?;
             let server = PageServer::on_a_free_port(at)?;
             // Journaled first: an agent that dies right after leaves nothing unaccounted.
-            undo.register([Undo::RemoveFile(tls.clone()), Undo::Unguard(server)])?;
+            undo.register(
+                FreezeHook::paths(work_dir, &id)
+                    .into_iter()
+                    .chain([tls.clone()])
+                    .map(Undo::RemoveFile)
+                    .chain([Undo::Unguard(server)]),
+            )?;
             let credentials = PageCredentials::generate()?;
             credentials.write(&tls)?;
-            let armed = crate::engine::lazy_pages::arm(server, to, &tls, &config).await?;
-            Some((armed, credentials))
+            let hook = FreezeHook::create(work_dir, &id)?;
+            let armed =
+                crate::engine::lazy_pages::arm(server, to, &tls, &config, hook.script()).await?;
+            Some((armed, credentials, hook, pid))
         }
         None => None,
     };
@@ -291,91 +300,68 @@ pub async fn checkpoint<T>(
                 container: container.name.clone(),
                 archive: archive.clone(),
             }])
-            .chain(armed.as_ref().map(|(a, _)| Undo::StopPageServer {
+            .chain(armed.as_ref().map(|(a, ..)| Undo::StopPageServer {
                 server: a.server,
                 held: container.cgroup_path.clone(),
             })),
     )?;
     let mut problems = Vec::new();
-    let mut not_held = |ip: Ipv4Addr, why: String| {
-        tracing::warn!("packets for {ip} are dropped during the freeze: {why}");
-        problems.push(format!(
-            "packets for {ip} were dropped during the freeze, not held: {why}"
-        ));
-    };
     // The hold's rule is an nftables commit (10-15 ms here): made while the container
     // still runs, its packets passing through the queue as they come.
     let hold = match container_ip.filter(|_| hold_packets > 0) {
         Some(ip) => match crate::kernel::hold::arm(ip, hold_packets, None).await {
             Ok(()) => Some(ip),
             Err(e) => {
-                not_held(ip, format!("{e:#}"));
+                freeze::not_held(&mut problems, ip, &format!("{e:#}"));
                 None
             }
         },
         None => None,
     };
-    let frozen_at = std::time::Instant::now();
-    // Held from before the freeze: packets that arrive while CRIU stops the container
-    // would be dropped by its network lock.
-    if let Some(ip) = hold {
-        if !crate::kernel::hold::hold_back(ip).await {
-            not_held(ip, "the hold ended before the freeze".into());
+    let cgroup = container.cgroup_path.clone();
+    let (stopped, checkpointed, beside) = match armed.as_mut() {
+        None => {
+            let stopped = freeze::stop(hold, cgroup, false, &mut problems).await?;
+            let checkpointing = podman.checkpoint_to_file(&container.name, &archive);
+            let (checkpointed, beside) = stopped.beside(checkpointing, alongside).await;
+            (
+                stopped,
+                checkpointed.map(|_| None).map_err(Into::into),
+                beside,
+            )
         }
-    }
-    let mut cgroup_frozen_in = None;
-    let mut stack_refreezes = 0;
-    if let Some(cgroup) = container.cgroup_path.clone() {
-        let lazy = armed.is_some();
-        let freezing = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            crate::kernel::freezer::freeze(&cgroup)?;
-            let refrozen = if lazy {
-                Some(refreeze_off_aligned_stacks(&cgroup)?)
-            } else {
-                None
-            };
-            anyhow::Ok((started.elapsed(), refrozen))
-        });
-        match freezing.await? {
-            Ok((took, refrozen)) => {
-                cgroup_frozen_in = Some(took);
-                if let Some(refrozen) = refrozen {
-                    stack_refreezes = refrozen.times;
-                    problems.extend(refrozen.costly);
+        Some((armed, credentials, hook, pid)) => {
+            let (podman, name, to) = (podman.clone(), container.name.clone(), export.clone());
+            let mut podman_call =
+                tokio::spawn(async move { podman.checkpoint_to_file(&name, &to).await });
+            // The container runs on while podman, runc and CRIU start.
+            let pre_dump = tokio::select! {
+                pre_dump = hook.pre_dump(*pid) => pre_dump?,
+                called = &mut podman_call => {
+                    called??;
+                    bail!("podman's checkpoint returned before CRIU's pre-dump hook ran");
                 }
-            }
-            Err(e) => problems.push(format!("CRIU froze the container itself (slower): {e:#}")),
-        }
-    }
-    let podman_checkpoint = async {
-        match armed.as_mut() {
-            None => {
-                podman.checkpoint_to_file(&container.name, &archive).await?;
-                Ok(None)
-            }
-            Some((armed, credentials)) => {
-                let (podman, name, to) = (podman.clone(), container.name.clone(), export.clone());
-                let podman_call =
-                    tokio::spawn(async move { podman.checkpoint_to_file(&name, &to).await });
+            };
+            // CRIU has read its configuration: later checkpoints here are plain ones again.
+            armed.disarm()?;
+            let stopped = freeze::stop(hold, cgroup, true, &mut problems).await?;
+            crate::fault::at(state_dir, "frozen")?;
+            pre_dump.proceed().await?;
+            let serving = async {
                 let serving =
                     crate::engine::lazy_pages::wait_serving(armed.server, &podman_call).await;
-                armed.disarm()?;
                 if let Err(e) = serving {
                     if podman_call.is_finished() {
-                        podman_call.await??; // podman's error says more
+                        (&mut podman_call).await??; // podman's error says more
                     }
                     return Err(e);
                 }
-                Ok(Some((credentials.clone(), podman_call)))
-            }
+                Ok(())
+            };
+            let (served, beside) = stopped.beside(serving, alongside).await;
+            let checkpointed = served.map(|()| Some((credentials.clone(), podman_call)));
+            (stopped, checkpointed, beside)
         }
-    };
-    let (checkpointed, beside) = if cgroup_frozen_in.is_some() {
-        tokio::join!(podman_checkpoint, alongside)
-    } else {
-        let checkpointed = podman_checkpoint.await;
-        (checkpointed, alongside.await)
     };
     let lazy = match checkpointed? {
         None => None,
@@ -412,9 +398,9 @@ pub async fn checkpoint<T>(
     }
     let checkpoint = Checkpoint {
         archive,
-        frozen_at,
-        cgroup_frozen_in,
-        stack_refreezes,
+        frozen_at: stopped.at,
+        cgroup_frozen_in: stopped.cgroup_frozen_in,
+        stack_refreezes: stopped.stack_refreezes,
         problems,
         lazy,
     };

@@ -2,10 +2,10 @@
 //! goes from CRIU's page server into a stopped replica on the destination, which runs only
 //! once all of it is there and the source's processes are gone. Memory intact and nothing
 //! left; and the faults that decide it: the link cut while the memory streams (the source
-//! runs it again), the source's agent-client killed before and after the last page (its
-//! agent-server rolls back, or has the destination resume the replica), and the
-//! destination's agent-server killed while it streams (restarted, it takes over the
-//! transfer, or learns that it ended, and keeps the replica).
+//! runs it again), the source's agent-client killed at CRIU's pre-dump hook, and before
+//! and after the last page (its agent-server rolls back, or has the destination resume
+//! the replica), and the destination's agent-server killed while it streams (restarted,
+//! it takes over the transfer, or learns that it ended, and keeps the replica).
 
 use std::time::Duration;
 
@@ -122,6 +122,38 @@ pub fn client_killed_while_memory_streams_rolls_back(lab: &Lab) -> Result<()> {
         no_post_copy_left(lab, host)?;
     }
     lab.podman("h1", &["rm", "-f", "-t", "0", "killstream"])?;
+    Ok(())
+}
+
+/// agent-client dies while CRIU waits on its pre-dump hook, the container frozen and its
+/// packets held: the hook fails CRIU's dump, so nothing was checkpointed; h1's
+/// agent-server rolls the migration back from its journal, the container runs on h1
+/// again (thawed: memhog answers), and nothing is left on either host.
+pub fn client_killed_at_the_pre_dump_hook_rolls_back(lab: &Lab) -> Result<()> {
+    let name = "hookstream";
+    start_memhog(lab, "h1", name, 16, 0)?;
+    let client = Client::start_with(lab, name, Some("frozen:stop"), &["--mode", "stop-copy"])?;
+    wait_for("the fault point frozen", Duration::from_secs(60), || {
+        Ok(lab::procfs::is_stopped(client.pid))
+    })?;
+    let cgroup = lab.podman(
+        "h1",
+        &["inspect", "--format", "{{.State.CgroupPath}}", name],
+    )?;
+    let freezer = format!("/sys/fs/cgroup/freezer{}/freezer.state", cgroup.trim());
+    let state = std::fs::read_to_string(&freezer).with_context(|| format!("read {freezer}"))?;
+    ensure!(state.trim() == "FROZEN", "not frozen at the hook: {state}");
+    lab::procfs::kill(client.pid, Signal::SIGKILL);
+    let (ok, _) = client.finish_with_status()?;
+    ensure!(!ok, "the killed client reported success");
+    wait_settled(lab)?;
+    ensure!(is_running(lab, "h1", name)?, "h1 does not run it");
+    ensure!(!exists(lab, "h2", name)?, "h2 has a copy");
+    memhog_verify(lab, "h1", name, 16 * 256)?;
+    for host in ["h1", "h2"] {
+        no_post_copy_left(lab, host)?;
+    }
+    lab.podman("h1", &["rm", "-f", "-t", "0", name])?;
     Ok(())
 }
 

@@ -20,11 +20,13 @@
 //! the options; `tls.rs` the credentials of the page connection; `page_server.rs` where
 //! the memory is served, and whether a host can take part at all ([`host_problem`]);
 //! `archive.rs` the entries the agent packs itself; `stacks.rs` a CRIU bug that would make
-//! a lazy dump copy all of the memory, stepped around.
+//! a lazy dump copy all of the memory, stepped around; `freeze_hook.rs` CRIU's pre-dump
+//! hook, where the migration starts the freeze.
 
 mod archive;
 mod criu_config;
 mod destination;
+pub mod freeze_hook;
 mod page_server;
 mod procfs;
 mod source;
@@ -33,6 +35,7 @@ mod tls;
 
 pub use criu_config::{dump_config, CONFIG_ANNOTATION, RUNC_CONF};
 pub use destination::{prepare_import, LeftBehind, PagesDaemon};
+pub use freeze_hook::FreezeHook;
 pub use page_server::{host_problem, PageServer};
 pub use source::{
     arm, pack_images, remove_stale_config, stop_serving, tune_serving_during, unguard,

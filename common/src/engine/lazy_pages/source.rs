@@ -33,7 +33,8 @@ pub struct ArmedDump {
 /// found free, [`PageServer::on_a_free_port`]) to `peer` alone ([`guard`], until
 /// [`stop_serving`] or [`unguard`]), under TLS with the credentials in `tls`
 /// ([`crate::protocol::PageCredentials::write`]), with options in `config` (where runc
-/// reads them for the container, [`super::dump_config`]). Waits up to 10 s for another
+/// reads them for the container, [`super::dump_config`]), and CRIU's hook
+/// `action_script` ([`super::FreezeHook`]). Waits up to 10 s for another
 /// lazy checkpoint of this host to start first. A runc configuration of the operator's own
 /// is left alone: post-copy is refused instead.
 pub async fn arm(
@@ -41,6 +42,7 @@ pub async fn arm(
     peer: Ipv4Addr,
     tls: &Path,
     config: &Path,
+    action_script: &Path,
 ) -> Result<ArmedDump> {
     let lock = open_lock()?;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -67,8 +69,10 @@ pub async fn arm(
     guard(server, peer).await?;
     // No network lock of CRIU's: a failed lazy dump never lifts it (`cr_dump_finish`),
     // and the agent's packet hold, outside the container, keeps its traffic away anyway.
-    let mut content =
-        format!("{MARKER}\nlazy-pages\nnetwork-lock skip\naddress {address}\nport {port}\n");
+    let mut content = format!(
+        "{MARKER}\nlazy-pages\nnetwork-lock skip\naddress {address}\nport {port}\naction-script {}\n",
+        action_script.display()
+    );
     for (option, value) in super::tls::criu_options(tls) {
         match value {
             Some(path) => content.push_str(&format!("{option} {}\n", path.display())),
