@@ -9,6 +9,9 @@
 //! is removed), rolls it forward (the destination owns it), or keeps it stopped while the
 //! destination's answer is outstanding. The destination's state is [`destination`].
 //!
+//! The freeze starts in `freeze`: the container's packets held, then its cgroup frozen,
+//! just before CRIU stops it.
+//!
 //! Before it: the [`preflight`] and the choice of [`mode`]. While it runs: [`report`]'s
 //! progress, as JSON [`events`]. After it: the traffic switch ([`switch`]) and the
 //! [`forwarding`] it leaves on the source, and a line of [`history`] on both hosts.

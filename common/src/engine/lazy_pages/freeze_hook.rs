@@ -7,8 +7,8 @@
 //! The migration holds the container's packets and freezes its cgroup, then answers.
 //!
 //! The exchange: the hook sends the PID CRIU dumps (`CRTOOLS_INIT_PID`) and a newline; the
-//! migration answers one byte, [`PROCEED`] or, for a dump that is not its container's
-//! (another checkpoint on this host while the configuration is there), [`NOT_OURS`]. Any
+//! migration answers one byte, `PROCEED` or, for a dump that is not its container's
+//! (another checkpoint on this host while the configuration is there), `NOT_OURS`. Any
 //! other outcome (no socket, no answer) fails the hook, and with it CRIU's dump: the
 //! container runs on, and the migration fails before its freeze.
 
