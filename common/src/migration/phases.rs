@@ -319,7 +319,7 @@ pub async fn checkpoint<T>(
         None => None,
     };
     let cgroup = container.cgroup_path.clone();
-    let (stopped, checkpointed, beside) = match armed.as_mut() {
+    let (stopped, lazy, beside) = match armed.as_mut() {
         None => {
             let stopped = freeze::stop(hold, cgroup, false, &mut problems).await?;
             let checkpointing = podman.checkpoint_to_file(&container.name, &archive);
@@ -359,22 +359,18 @@ pub async fn checkpoint<T>(
                 Ok(())
             };
             let (served, beside) = stopped.beside(serving, alongside).await;
-            let checkpointed = served.map(|()| Some((credentials.clone(), podman_call)));
-            (stopped, checkpointed, beside)
+            let lazy = served.map(|()| {
+                Some(LazyDump {
+                    server: armed.server,
+                    credentials: credentials.clone(),
+                    held: container.cgroup_path.clone(),
+                    podman_call,
+                })
+            });
+            (stopped, lazy, beside)
         }
     };
-    let lazy = match checkpointed? {
-        None => None,
-        Some((credentials, podman_call)) => {
-            let server = armed.as_ref().expect("a lazy dump is armed").0.server;
-            Some(LazyDump {
-                server,
-                credentials,
-                held: container.cgroup_path.clone(),
-                podman_call,
-            })
-        }
-    };
+    let lazy = lazy?;
     let beside = beside?;
     if let Some(ip) = container_ip {
         Routing::new()?
