@@ -102,6 +102,11 @@ pub fn thaw(cgroup: &str) -> Result<()> {
     }
 }
 
+/// Whether the cgroup is frozen.
+pub fn is_frozen(cgroup: &str) -> Result<bool> {
+    Freezer::of(cgroup)?.is_frozen()
+}
+
 /// The processes in the cgroup (by the freezer's hierarchy).
 pub fn processes(cgroup: &str) -> Result<Vec<i32>> {
     read_ids(Freezer::of(cgroup)?.processes())

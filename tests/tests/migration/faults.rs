@@ -414,6 +414,18 @@ impl Client {
         Self::start_with(lab, name, fault, &["--mode", "stop-copy", "--archive"])
     }
 
+    /// [`Self::start_with`] with `LM_FAULT=POINT:stop`, once the client has stopped at
+    /// fault point `point`.
+    pub(super) fn stopped_at(lab: &Lab, name: &str, point: &str, options: &[&str]) -> Result<Self> {
+        let client = Self::start_with(lab, name, Some(&format!("{point}:stop")), options)?;
+        wait_for(
+            &format!("the fault point {point}"),
+            Duration::from_secs(60),
+            || Ok(lab::procfs::is_stopped(client.pid)),
+        )?;
+        Ok(client)
+    }
+
     /// [`Self::start`] with more options for `agent-client`.
     pub(super) fn start_with(
         lab: &Lab,

@@ -121,10 +121,7 @@ pub(super) fn wait_settled(lab: &Lab) -> Result<()> {
 pub fn guard_left_by_a_killed_client_is_cleaned_up(lab: &Lab) -> Result<()> {
     let name = "guardme";
     start_memhog(lab, "h1", name, 16, 0)?;
-    let client = Client::start_with(lab, name, Some("guarded:stop"), &["--mode", "post-copy"])?;
-    wait_for("the fault point guarded", Duration::from_secs(60), || {
-        Ok(lab::procfs::is_stopped(client.pid))
-    })?;
+    let client = Client::stopped_at(lab, name, "guarded", &["--mode", "post-copy"])?;
     ensure!(
         page_server_guard(lab, "h1")?.is_some(),
         "h1 has no guard at the fault point"

@@ -132,17 +132,15 @@ pub fn client_killed_while_memory_streams_rolls_back(lab: &Lab) -> Result<()> {
 pub fn client_killed_at_the_pre_dump_hook_rolls_back(lab: &Lab) -> Result<()> {
     let name = "hookstream";
     start_memhog(lab, "h1", name, 16, 0)?;
-    let client = Client::start_with(lab, name, Some("frozen:stop"), &["--mode", "stop-copy"])?;
-    wait_for("the fault point frozen", Duration::from_secs(60), || {
-        Ok(lab::procfs::is_stopped(client.pid))
-    })?;
+    let client = Client::stopped_at(lab, name, "frozen", &["--mode", "stop-copy"])?;
     let cgroup = lab.podman(
         "h1",
         &["inspect", "--format", "{{.State.CgroupPath}}", name],
     )?;
-    let freezer = format!("/sys/fs/cgroup/freezer{}/freezer.state", cgroup.trim());
-    let state = std::fs::read_to_string(&freezer).with_context(|| format!("read {freezer}"))?;
-    ensure!(state.trim() == "FROZEN", "not frozen at the hook: {state}");
+    ensure!(
+        common::kernel::freezer::is_frozen(cgroup.trim())?,
+        "not frozen at the hook"
+    );
     lab::procfs::kill(client.pid, Signal::SIGKILL);
     let (ok, _) = client.finish_with_status()?;
     ensure!(!ok, "the killed client reported success");
