@@ -3,7 +3,8 @@
 //! is migrated h1 -> h2 -> h3 at set times, and writes report.json, summary.md and
 //! throughput.png. Optional: the same run with plain podman checkpoint/restore
 //! (`--baseline`), a memory sweep with memhog (`--sensitivity`), and the client-observed
-//! outage of the small TCP echo workload over N hops (`--echo N`). See README, Performance.
+//! outage of the small TCP echo workload over N hops (`--echo N`), and the steady
+//! throughput of the forwarded path (`--forwarded N`). See README, Performance.
 
 #[path = "../harness/mod.rs"]
 mod harness;
@@ -69,6 +70,11 @@ struct Args {
     /// With --baseline, plain podman checkpoint/restore of the same workload first.
     #[arg(long, default_value_t = 0)]
     echo: usize,
+    /// Steady throughput of the forwarded path: N runs of 10 s of iperf3 --bidir to a port
+    /// published on h1, straight to the container there, then N more after it moved to h2
+    /// (through h1's WireGuard tunnel).
+    #[arg(long, default_value_t = 0)]
+    forwarded: usize,
     /// Quick check for `make test`: TCP, 12 s, one migration at 2 s, two hosts (the
     /// migration must end before iperf3 does, also on a loaded machine).
     #[arg(long)]
@@ -109,6 +115,7 @@ fn main() -> Result<()> {
         args.baseline = false;
         args.sensitivity = false;
         args.echo = 0;
+        args.forwarded = 0;
     }
     args.mode.retain(|m| !m.is_empty());
     if args.mode.iter().any(|m| m == "both") {
@@ -178,6 +185,12 @@ fn run(lab: &Lab, args: &Args, report: &mut Report, pb: &ProgressBar) -> Result<
     // UDP runs last: their conntrack entries keep the former hosts' forwards for 120 s.
     let (tcp, udp): (Vec<&String>, Vec<&String>) = args.mode.iter().partition(|m| *m == "tcp");
     iperf_runs(lab, args, &tcp, report, pb, &bar)?;
+    if args.forwarded > 0 {
+        pb.set_style(bar.clone());
+        pb.set_length(2 * args.forwarded as u64);
+        pb.set_position(0);
+        report.forwarded = Some(harness::forwarded::measure(lab, args.forwarded, pb)?);
+    }
     if args.sensitivity {
         pb.set_style(bar.clone());
         pb.set_length((args.sizes.len() * args.dirty.len() * args.sweep_modes.len()) as u64);

@@ -5,6 +5,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use super::analysis::{spread, DirectionStats, Spread};
+use super::forwarded::Forwarded;
 use super::runs::{EchoHop, IperfRun, Migration, SensitivityPoint, UDP_RATES};
 
 /// Everything one harness invocation measured (written as report.json).
@@ -29,6 +30,8 @@ pub struct Report {
     pub echo_steps: Vec<(String, Spread)>,
     /// UDP datagrams lost per hop, by rate: count, and percent of those sent in the freeze.
     pub echo_udp_lost: Vec<UdpSpread>,
+    /// Steady throughput before and after a move (`--forwarded`).
+    pub forwarded: Option<Forwarded>,
     /// Number of migrations (all runs), for quick checks.
     pub migrations: usize,
 }
@@ -112,6 +115,9 @@ pub fn markdown(r: &Report) -> String {
             }
         }
         let _ = writeln!(s, "\nPlot: `throughput.png`.\n");
+    }
+    if let Some(f) = &r.forwarded {
+        s.push_str(&f.markdown());
     }
     if !r.sensitivity.is_empty() {
         let _ = writeln!(
