@@ -1,5 +1,6 @@
 //! Ending processes by PID: the copies of a container that must never run again, CRIU's
-//! page server, and a userspace WireGuard daemon that outlives its interface.
+//! page server, and a userspace WireGuard daemon that outlives its interface; and what
+//! procfs says of one (alive, parent).
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill as signal, Signal};
@@ -78,6 +79,18 @@ fn in_container(pid: i32, container_id: &str) -> bool {
     !container_id.is_empty()
         && std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .is_ok_and(|cgroup| cgroup.contains(container_id))
+}
+
+/// The parent of `pid`, if it is still there.
+pub fn parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the state: `<state> <ppid> ...`.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Whether `pid` is gone, or dead and not reaped yet (a zombie).

@@ -212,6 +212,9 @@ pub struct LazyDump {
     pub credentials: PageCredentials,
     /// The cgroup of the processes CRIU holds.
     pub held: Option<String>,
+    /// The CRIU process that dumped the container and serves its pages, as its pre-dump
+    /// hook showed it (None if the hook's process had gone).
+    pub criu: Option<i32>,
     /// podman's checkpoint call: it returns once the last page has moved (its export,
     /// of what CRIU wrote without the memory, is of no use).
     pub podman_call: tokio::task::JoinHandle<Result<u64, crate::engine::podman::PodmanError>>,
@@ -346,6 +349,7 @@ pub async fn checkpoint<T>(
             armed.disarm()?;
             let stopped = freeze::stop(hold, cgroup, true, &mut problems).await?;
             crate::fault::at(state_dir, "frozen")?;
+            let criu = pre_dump.criu;
             pre_dump.proceed().await?;
             let serving = async {
                 let serving =
@@ -364,6 +368,7 @@ pub async fn checkpoint<T>(
                     server: armed.server,
                     credentials: credentials.clone(),
                     held: container.cgroup_path.clone(),
+                    criu,
                     podman_call,
                 })
             });

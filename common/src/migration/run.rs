@@ -365,7 +365,8 @@ pub async fn migrate(
                 None => restore.await?,
                 Some(dump) => {
                     let (restored, tuned) =
-                        crate::engine::lazy_pages::tune_serving_during(dump.server, restore).await;
+                        crate::engine::lazy_pages::tune_serving_during(dump.server, dump.criu, restore)
+                            .await;
                     if let Err(e) = tuned {
                         tracing::warn!("CRIU's page server keeps its defaults: {e:#}");
                     }

@@ -17,7 +17,7 @@ use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
 use super::archive::append_bytes;
 use super::criu_config::{CONFIG_ANNOTATION, RESTORE_CONF};
 use super::page_server::{tune_page_connection, PageServer, READY_POLL};
-use super::procfs::{borrow_fd, connections_to, descriptors, processes_running};
+use super::procfs::{borrow_fd, connection_held, descriptors, processes_running};
 use crate::protocol::PageCredentials;
 
 /// The socket `criu lazy-pages` opens in its work directory for the restore.
@@ -186,9 +186,9 @@ impl PagesDaemon {
         let lazy = !self.held_uffds.is_empty();
         let to = SocketAddrV4::new(self.source.address, self.source.port);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let fd = loop {
-            if let Some(&(_, fd)) = connections_to(pid, to)?.first() {
-                break fd;
+        let connection = loop {
+            if let Some(connection) = connection_held(pid, |_, peer| peer == to)? {
+                break connection;
             }
             // A daemon without a userfaultfd may be done already, its connection closed.
             if !lazy {
@@ -201,7 +201,7 @@ impl PagesDaemon {
         };
         // Also when it has no userfaultfd left: its goodbye to the page server may still
         // sit corked (200 ms).
-        tune_page_connection(&borrow_fd(pid, fd)?)?;
+        tune_page_connection(&connection.socket)?;
         Ok(lazy)
     }
 
@@ -243,11 +243,10 @@ impl PagesDaemon {
         if let Some(pid) = self.process.pid() {
             let source = SocketAddrV4::new(self.source.address, self.source.port);
             let reset = tokio::task::spawn_blocking(move || {
-                connections_to(pid, source)?
-                    .into_iter()
-                    .try_for_each(|(s, _)| {
-                        crate::kernel::sock_diag::destroy_tcp(s.local, Some(s.remote))
-                    })
+                match connection_held(pid, |_, peer| peer == source)? {
+                    Some(c) => crate::kernel::sock_diag::destroy_tcp(c.local, Some(c.peer)),
+                    None => Ok(()),
+                }
             });
             if let Err(e) = reset.await? {
                 tracing::error!("the source's page server may take the lazy-pages daemon's end for a finished transfer: {e:#}");

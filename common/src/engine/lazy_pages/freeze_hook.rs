@@ -42,6 +42,8 @@ pub struct FreezeHook {
 /// A `pre-dump` of the migration's container, waiting for [`PreDump::proceed`].
 pub struct PreDump {
     stream: tokio::net::UnixStream,
+    /// The CRIU process that runs the hook: it dumps the container, then serves its pages.
+    pub criu: Option<i32>,
 }
 
 impl FreezeHook {
@@ -80,7 +82,10 @@ impl FreezeHook {
                 .read_line(&mut line)
                 .await?;
             if line.trim().parse::<i32>().ok() == Some(init) {
-                return Ok(PreDump { stream });
+                // The hook waits for the answer, so its parent is still the CRIU that ran it.
+                let hook = stream.peer_cred()?.pid();
+                let criu = hook.and_then(crate::kernel::process::parent);
+                return Ok(PreDump { stream, criu });
             }
             tracing::warn!(
                 "CRIU dumps PID {} on this host during the migration's checkpoint",
@@ -179,7 +184,11 @@ mod tests {
         let ours = ask_for(42);
         let (_hook, pre_dump) = waiting.await.unwrap();
         assert!(!ours.is_finished(), "answered before the freeze");
-        pre_dump.unwrap().proceed().await.unwrap();
+        let pre_dump = pre_dump.unwrap();
+        // The "hook" is a thread of this test: its process's parent.
+        let parent = nix::unistd::getppid().as_raw();
+        assert_eq!(pre_dump.criu, Some(parent));
+        pre_dump.proceed().await.unwrap();
         assert_eq!(ours.join().unwrap(), "y");
     }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::archive::append_bytes;
 use super::criu_config::{foreign_config, foreign_options, MARKER, RUNC_CONF};
 use super::page_server::{tune_page_connection, PageServer, READY_POLL};
-use super::procfs::{borrow_fd, descriptors, listening, socket_holder, tcp_sockets};
+use super::procfs::{borrow_fd, connection_held, descriptors, socket_holder, tcp_sockets};
 
 /// Held while a configuration of ours exists: one post-copy checkpoint starts at a time.
 const LOCK: &str = "/run/live-migrate/criu.lock";
@@ -150,8 +150,9 @@ pub async fn wait_serving<T>(
     server: PageServer,
     checkpoint: &tokio::task::JoinHandle<T>,
 ) -> Result<()> {
+    let at = SocketAddrV4::new(server.address, server.port);
     // Not awaited here: the caller reads the call's error from it.
-    while !listening(server)? {
+    while !crate::kernel::sock_diag::tcp_listening(at)? {
         if checkpoint.is_finished() {
             bail!("the checkpoint ended before CRIU served the container's memory");
         }
@@ -267,12 +268,17 @@ async fn ended_within(pid: i32, patience: Duration) -> bool {
 /// Runs `work` (the destination's restore) and meanwhile tunes CRIU's end of the page
 /// connection ([`super::page_server::tune_page_connection`]) as soon as CRIU serves the
 /// destination's daemon on it, within that restore: until then CRIU's answers can wait in
-/// the kernel, and the restore, then the pages, wait on them. Returns `work`'s output, and
-/// whether the connection was tuned.
+/// the kernel, and the restore, then the pages, wait on them. `criu` is the CRIU process
+/// that serves. Returns `work`'s output, and whether the connection was tuned.
 pub async fn tune_serving_during<T>(
     server: PageServer,
+    criu: Option<i32>,
     work: impl std::future::Future<Output = T>,
 ) -> (T, Result<()>) {
+    let Some(criu) = criu else {
+        let tuned = Err(anyhow::anyhow!("CRIU's process is not known"));
+        return (work.await, tuned);
+    };
     let mut work = std::pin::pin!(work);
     let mut connection = None;
     let mut tuned = false;
@@ -281,31 +287,30 @@ pub async fn tune_serving_during<T>(
             output = &mut work => break output,
             // Not there yet (or not readable): looked for again at the next poll.
             _ = tokio::time::sleep(READY_POLL), if !tuned => {
-                tuned = tune_serving(server, &mut connection).await.unwrap_or(false);
+                tuned = tune_serving(server, criu, &mut connection).unwrap_or(false);
             }
         }
     };
     let tuned = match tuned {
         true => Ok(()),
-        false => tune_serving(server, &mut connection)
-            .await
-            .and_then(|tuned| {
-                tuned
-                    .then_some(())
-                    .context("no connection to CRIU's page server")
-            }),
+        false => tune_serving(server, criu, &mut connection).and_then(|tuned| {
+            tuned
+                .then_some(())
+                .context("no connection to CRIU's page server")
+        }),
     };
     (output, tuned)
 }
 
-/// Tunes CRIU's end of the daemon's connection, found once and kept in `connection`;
-/// false if there is none yet, or CRIU does not serve on it yet: it corks the connection
-/// when it starts to (`page_server_serve`), which would undo an uncork made before. Only
-/// the first look at a connection reads every process's descriptors; this runs every
-/// millisecond of the destination's restore, on the cores the restore needs.
-async fn tune_serving(server: PageServer, connection: &mut Option<OwnedFd>) -> Result<bool> {
+/// Tunes CRIU's end of the daemon's connection, found among the descriptors of process
+/// `criu` and kept in `connection`; false if there is none yet, or CRIU does not serve on
+/// it yet: it corks the connection when it starts to (`page_server_serve`), which would
+/// undo an uncork made before. This runs every millisecond of the destination's restore,
+/// on the cores the restore needs: each look costs some microseconds.
+fn tune_serving(server: PageServer, criu: i32, connection: &mut Option<OwnedFd>) -> Result<bool> {
     if connection.is_none() {
-        *connection = tokio::task::spawn_blocking(move || criu_end_of_connection(server)).await??;
+        let at = SocketAddrV4::new(server.address, server.port);
+        *connection = connection_held(criu, |local, _| local == at)?.map(|c| c.socket);
     }
     let Some(connection) = connection.as_ref() else {
         return Ok(false);
@@ -315,26 +320,6 @@ async fn tune_serving(server: PageServer, connection: &mut Option<OwnedFd>) -> R
     }
     tune_page_connection(connection)?;
     Ok(true)
-}
-
-/// A duplicate of CRIU's end of the connection to the page server on `server`, if there
-/// is one.
-fn criu_end_of_connection(server: PageServer) -> Result<Option<OwnedFd>> {
-    let at = SocketAddrV4::new(server.address, server.port);
-    let Some(inode) = tcp_sockets()?
-        .into_iter()
-        // Inode 0: a connection that no process holds any more (TIME_WAIT).
-        .find(|s| s.local == at && !s.listening && s.inode != 0)
-        .map(|s| s.inode)
-    else {
-        return Ok(None);
-    };
-    let pid = socket_holder(inode).context("no process holds the page server's connection")?;
-    let wanted = format!("socket:[{inode}]");
-    let fd = *descriptors(pid, |link| link == wanted)
-        .first()
-        .context("the page server's connection is gone")?;
-    Ok(Some(borrow_fd(pid, fd)?))
 }
 
 /// What the source knows of the container's network, for `network.status` in the archive:
