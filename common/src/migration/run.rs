@@ -146,8 +146,9 @@ pub async fn check(request: &MigrationRequest) -> anyhow::Result<phases::Survey>
                 &request.destination,
                 "tunnel",
                 format!(
-                    "{} up, agent reached through it ({:.0} ms)",
+                    "{} up ({} WireGuard), agent reached through it ({:.0} ms)",
                     tunnel.interface,
+                    crate::kernel::wireguard::backend(),
                     millis(took)
                 ),
             ));

@@ -73,6 +73,12 @@ pub fn check_reports_conflicts(lab: &Lab) -> Result<()> {
         stdout.contains("tunnel") && stdout.contains("runc") && stdout.contains("CRIU"),
         "check output lacks the tunnel, runtime or CRIU lines:\n{stdout}"
     );
+    ensure!(
+        ["(userspace WireGuard)", "(kernel WireGuard)"]
+            .iter()
+            .any(|backend| stdout.contains(backend)),
+        "check does not say which WireGuard serves the tunnel:\n{stdout}"
+    );
     // An unreachable destination is a problem with a fix, next to the source's findings.
     lab.stop_agent("h2")?;
     let checked = agent_client(
