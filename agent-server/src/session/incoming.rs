@@ -282,17 +282,21 @@ pub(super) async fn restore(
             }
             anyhow::bail!("the archive held {ids:?}, not the declared container");
         }
-        if !podman.inspect(&migration.container.id).await?.running {
+        let info = podman.inspect(&migration.container.id).await?;
+        if !info.running {
             anyhow::bail!(
                 "container {} was restored but is not running",
                 migration.container.name
             );
         }
-        anyhow::Ok(restored)
+        anyhow::Ok((restored, info.cgroup_path))
     }
     .await;
     let restored = match outcome {
-        Ok(restored) => restored,
+        Ok((restored, cgroup)) => {
+            migration.cgroup = cgroup;
+            restored
+        }
         Err(e) => {
             if let Some(lazy) = lazy {
                 lazy.abandon().await;

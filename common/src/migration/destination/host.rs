@@ -40,11 +40,14 @@ impl DestinationActions for PodmanClient {
         Ok(self.remove(id).await?)
     }
 
-    async fn resume_container(&self, id: &str) -> Result<()> {
-        let info = self.inspect(id).await?;
-        let cgroup = info
-            .cgroup_path
-            .with_context(|| format!("podman did not say which cgroup container {id} is in"))?;
+    async fn resume_container(&self, id: &str, cgroup: Option<&str>) -> Result<()> {
+        let cgroup =
+            match cgroup {
+                Some(cgroup) => cgroup.to_string(),
+                None => self.inspect(id).await?.cgroup_path.with_context(|| {
+                    format!("podman did not say which cgroup container {id} is in")
+                })?,
+            };
         let pids = tokio::task::spawn_blocking(move || crate::kernel::freezer::processes(&cgroup))
             .await??;
         for pid in pids {

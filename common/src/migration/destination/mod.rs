@@ -84,8 +84,9 @@ pub trait DestinationActions {
     /// Stops a container at once, without letting it run another instruction: its
     /// memory may be incomplete (a failed post-copy).
     async fn stop_container(&self, id: &str) -> Result<()>;
-    /// Lets a replica's stopped processes go on (SIGCONT to each).
-    async fn resume_container(&self, id: &str) -> Result<()>;
+    /// Lets a replica's stopped processes go on (SIGCONT to each), found in `cgroup` if
+    /// known, or else where podman says it is.
+    async fn resume_container(&self, id: &str, cgroup: Option<&str>) -> Result<()>;
     async fn delete_flow(&self, flow: &Flow) -> Result<()>;
     /// Ends the hold on `ip` (its blackhole, and its held packets): it is routed into the
     /// tunnel `into_tunnel`, or else locally, again. Says what the packet hold did, if this
@@ -202,6 +203,10 @@ pub struct IncomingMigration {
     /// Restored as a replica, to run only on the source's `Resume`.
     #[serde(default)]
     pub replica: bool,
+    /// The restored container's cgroup, as podman reported it right after the restore:
+    /// `Resume` needs no podman call in the freeze to find its processes.
+    #[serde(default)]
+    pub cgroup: Option<String>,
     /// How the page transfer of this process's restore goes; `None` when no process of
     /// this agent watches it (after a restart).
     #[serde(skip)]
@@ -250,6 +255,7 @@ impl IncomingMigration {
             pages_pending: false,
             page_server: None,
             replica: false,
+            cgroup: None,
             pages: None,
             done: false,
         };
@@ -521,7 +527,8 @@ impl IncomingMigration {
             )));
         }
         self.enter(DestinationStage::Owns)?;
-        host.resume_container(&self.container.id).await?;
+        host.resume_container(&self.container.id, self.cgroup.as_deref())
+            .await?;
         self.route_here(state_dir).await?;
         Ok(self.save()?)
     }

@@ -60,7 +60,7 @@ impl DestinationActions for Fake {
         self.remove_container(id).await
     }
 
-    async fn resume_container(&self, _: &str) -> Result<()> {
+    async fn resume_container(&self, _: &str, _: Option<&str>) -> Result<()> {
         self.step(|_| ()).await
     }
 
