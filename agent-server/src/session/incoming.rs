@@ -318,7 +318,9 @@ pub(super) async fn restore(
     let times = RestoreTimes {
         podman_us: podman_took.as_micros() as u64,
         runtime_us: restored.runtime_us,
-        criu_us: restored.criu_us,
+        criu_us: restored
+            .criu_us
+            .or_else(|| lazy.as_ref().and_then(|l| l.criu_restore_us())),
     };
     if let Some(lazy) = lazy {
         migration.pages = Some(lazy.watch(shared.clone(), podman.clone()));

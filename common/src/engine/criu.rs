@@ -79,12 +79,25 @@ pub struct DumpTimes {
     pub pages_written: Option<u64>,
 }
 
-/// `StatsEntry` of CRIU's `stats.proto`; only the dump's part is read.
+/// `StatsEntry` of CRIU's `stats.proto`: a `stats-dump` holds the dump's part, a
+/// `stats-restore` the restore's.
 #[derive(Clone, PartialEq, prost::Message)]
 struct StatsEntry {
     #[prost(message, optional, tag = "1")]
     dump: Option<DumpStatsEntry>,
+    #[prost(message, optional, tag = "2")]
+    restore: Option<RestoreStatsEntry>,
 }
+
+/// `RestoreStatsEntry` of CRIU's `stats.proto`; only the restore's duration is read.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RestoreStatsEntry {
+    #[prost(uint32, required, tag = "4")]
+    restore_time: u32,
+}
+
+/// The file in which CRIU's restore leaves its statistics, in its work directory.
+pub const RESTORE_STATS: &str = "stats-restore";
 
 /// `DumpStatsEntry` of CRIU's `stats.proto`: the times, in microseconds.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -105,8 +118,8 @@ struct DumpStatsEntry {
 const IMG_COMMON_MAGIC: u32 = 0x5476_4319;
 const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
 
-/// Decodes a `stats-dump` image: magic numbers, then one entry (u32 length, protobuf).
-pub fn dump_times(image: &[u8]) -> Option<DumpTimes> {
+/// Decodes a statistics image: magic numbers, then one entry (u32 length, protobuf).
+fn stats_entry(image: &[u8]) -> Option<StatsEntry> {
     let word = |at: usize| -> Option<u32> {
         Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?))
     };
@@ -116,7 +129,17 @@ pub fn dump_times(image: &[u8]) -> Option<DumpTimes> {
     }
     let len = word(at)? as usize;
     let entry = image.get(at + 4..at + 4 + len)?;
-    let dump = <StatsEntry as prost::Message>::decode(entry).ok()?.dump?;
+    <StatsEntry as prost::Message>::decode(entry).ok()
+}
+
+/// How long CRIU's restore took, microseconds, from its `stats-restore` image.
+pub fn restore_time_us(image: &[u8]) -> Option<u64> {
+    Some(stats_entry(image)?.restore?.restore_time.into())
+}
+
+/// Decodes a `stats-dump` image.
+pub fn dump_times(image: &[u8]) -> Option<DumpTimes> {
+    let dump = stats_entry(image)?.dump?;
     let ms = |us: u32| f64::from(us) / 1e3;
     Some(DumpTimes {
         freezing_ms: ms(dump.freezing_time),
@@ -157,6 +180,7 @@ mod tests {
                 memwrite_time: 2_000,
                 pages_written: Some(20),
             }),
+            restore: None,
         };
         let body = prost::Message::encode_to_vec(&entry);
         let mut image = Vec::new();
@@ -168,6 +192,18 @@ mod tests {
         assert_eq!((times.freezing_ms, times.frozen_ms), (100.25, 46.0));
         assert_eq!(times.pages_written, Some(20));
         assert_eq!(dump_times(&image[..10]), None);
+        assert_eq!(restore_time_us(&image), None);
+    }
+
+    #[test]
+    fn the_restore_time_is_read_from_a_stats_restore_image() {
+        // A lazy restore's stats-restore, written by CRIU 4.2.1 here: 42,925 us.
+        let image = [
+            0x40, 0x59, 0x10, 0x55, 0x06, 0x33, 0x09, 0x57, 0x0e, 0x00, 0x00, 0x00, 0x12, 0x0c,
+            0x08, 0x00, 0x10, 0x00, 0x18, 0x03, 0x20, 0xad, 0xcf, 0x02, 0x28, 0x14,
+        ];
+        assert_eq!(restore_time_us(&image), Some(42_925));
+        assert_eq!(dump_times(&image), None);
     }
 
     #[test]

@@ -114,7 +114,9 @@ pub struct FreezeSteps {
     /// Of that: how many times the cgroup was frozen again for a lazy dump, to step around
     /// a stack pointer on a page boundary (a CRIU bug, `engine::lazy_pages` `stacks.rs`).
     pub stack_refreezes: usize,
-    /// CRIU's part of it, from its statistics in the archive (`None` if unreadable).
+    /// CRIU's part of it, from its statistics in the archive (`None` if unreadable, and
+    /// for a lazy dump: its archive is packed before CRIU writes them, and the statistics
+    /// of a lazy dump count the time it served pages as frozen).
     pub criu_dump: Option<crate::engine::criu::DumpTimes>,
     /// Sending the archive.
     pub transfer_ms: f64,
@@ -126,8 +128,9 @@ pub struct FreezeSteps {
     /// Streamed stop-copy: from the restore's answer until the replica ran (every page
     /// moved, then `Resume`).
     pub pages_ms: Option<f64>,
-    /// Of the restore: podman's restore there, runc's part of it, and CRIU's part of
-    /// runc's.
+    /// Of the restore: podman's restore there, runc's part of it (podman measures it only
+    /// for a restore that is not lazy), and CRIU's part of runc's (from its statistics; a
+    /// lazy restore's CRIU leaves them in the lazy-pages daemon's work directory).
     pub destination_podman_ms: f64,
     pub destination_runtime_ms: Option<f64>,
     pub destination_criu_ms: Option<f64>,

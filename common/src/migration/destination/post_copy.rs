@@ -68,6 +68,13 @@ impl Prepared {
         remove_dir(&self.work_dir);
     }
 
+    /// How long CRIU's restore took, microseconds: it leaves its statistics in the work
+    /// directory, where podman does not look for them.
+    pub fn criu_restore_us(&self) -> Option<u64> {
+        let image = std::fs::read(self.work_dir.join(crate::engine::criu::RESTORE_STATS)).ok()?;
+        crate::engine::criu::restore_time_us(&image)
+    }
+
     /// The container is restored: watch the page transfer until it ends ([`watch`]).
     pub fn watch(self, migration: Shared, host: PodmanClient) -> watch::Receiver<PagesState> {
         watch(self.daemon, self.work_dir, migration, host)
