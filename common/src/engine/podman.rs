@@ -377,15 +377,12 @@ impl PodmanClient {
         let report = self
             .post_archive("restore from archive", &path, archive)
             .await?;
-        let restored = Restored::from_report(&report);
-        // Without the statistics podman reports runc's time as 0, not as unknown.
-        Ok(match stats {
-            true => restored,
-            false => Restored {
-                runtime_us: None,
-                ..restored
-            },
-        })
+        let mut restored = Restored::from_report(&report);
+        if !stats {
+            // Without the statistics podman reports runc's time as 0, not as unknown.
+            restored.runtime_us = None;
+        }
+        Ok(restored)
     }
 
     /// POSTs the file `archive` as a tar body to `path_and_query`, streamed; returns the

@@ -84,13 +84,7 @@ fn in_container(pid: i32, container_id: &str) -> bool {
 /// The parent of `pid`, if it is still there.
 pub fn parent(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the state: `<state> <ppid> ...`.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    after_command(&stat)?.nth(1)?.parse().ok()
 }
 
 /// Whether `pid` is gone, or dead and not reaped yet (a zombie).
@@ -103,9 +97,13 @@ pub fn gone(pid: i32) -> bool {
 
 /// The state letter in the text of `/proc/<pid>/stat`.
 fn state_of(stat: &str) -> Option<&str> {
-    // The state follows the command name, which is in parentheses and may hold anything.
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
+    after_command(stat)?.next()
+}
+
+/// The fields of the text of `/proc/<pid>/stat` after the command name, from the state
+/// on (`<state> <ppid> ...`): the name is in parentheses and may hold anything.
+fn after_command(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat.rsplit_once(')')?.1.split_whitespace())
 }
 
 #[cfg(test)]
@@ -133,6 +131,10 @@ mod tests {
         assert!(!gone(std::process::id() as i32));
         assert!(gone(i32::MAX));
         assert_eq!(state_of("12 (a) b) S 1 2"), Some("S"));
+        assert_eq!(
+            after_command("12 (a) b) S 1 2").and_then(|mut f| f.nth(1)),
+            Some("1")
+        );
         assert_eq!(state_of("12 (a"), None);
     }
 }

@@ -101,12 +101,13 @@ fn measure_placed(lab: &Lab, runs: usize, pb: &ProgressBar) -> Result<Forwarded>
     }
     pb.set_message("moving the iperf3 server h1 -> h2");
     let moved = migrate(lab, Method::LiveMigrate, NAME, "h1", "h2");
-    let ok = moved.ok;
-    let error = moved.error.clone();
-    report.migration = Some(moved);
-    if !ok {
-        bail!("moving {NAME} h1 -> h2: {}", error.unwrap_or_default());
+    if !moved.ok {
+        bail!(
+            "moving {NAME} h1 -> h2: {}",
+            moved.error.unwrap_or_default()
+        );
     }
+    report.migration = Some(moved);
     report.tunnel = tunnel_daemon(lab)?;
     for i in 0..runs {
         pb.set_message(format!("forwarded path, run {}/{runs}", i + 1));
