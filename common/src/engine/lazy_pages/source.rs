@@ -306,10 +306,17 @@ pub async fn tune_serving_during<T>(
 /// `criu` and kept in `connection`; false if there is none yet, or CRIU does not serve on
 /// it yet: it corks the connection when it starts to (`page_server_serve`), which would
 /// undo an uncork made before. This runs every millisecond of the destination's restore,
-/// on the cores the restore needs: each look costs some microseconds.
+/// on the cores the restore needs, so each look must cost microseconds.
 fn tune_serving(server: PageServer, criu: i32, connection: &mut Option<OwnedFd>) -> Result<bool> {
     if connection.is_none() {
         let at = SocketAddrV4::new(server.address, server.port);
+        // CRIU closes its listening socket once it accepted the daemon (`run_tcp_server`):
+        // until then there is no connection to look for. Looking costs a read of every
+        // descriptor's link, and CRIU holds two pipes for each 4 MiB of the memory it
+        // serves: at 2 GiB, each look took 2 ms, most of a core beside the restore.
+        if crate::kernel::sock_diag::tcp_listening(at)? {
+            return Ok(false);
+        }
         *connection = connection_held(criu, |local, _| local == at)?.map(|c| c.socket);
     }
     let Some(connection) = connection.as_ref() else {
