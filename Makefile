@@ -27,12 +27,12 @@ test: build lint deb-tool
 	$(CARGO) test --workspace
 
 # Measurements, not tests (README, Performance): iperf3 TCP and UDP with live-migrate and
-# with plain podman checkpoint/restore, the memhog sweep, 20 echo migrations and the
+# with plain podman checkpoint/restore, the memhog sweep (3 rounds), 20 echo migrations and the
 # forwarded path's steady throughput (8 runs each way). Results in
 # target/harness/bench/ (report.json, summary.md, throughput.png, sensitivity.png).
 bench: release
 	target/release/lab gc
-	target/release/harness --mode tcp,udp --baseline --sensitivity --with-2g --dirty 0,20,100 --echo 20 --forwarded 8 --out target/harness/bench
+	target/release/harness --mode tcp,udp --baseline --sensitivity --with-2g --dirty 0,20,100 --rounds 3 --echo 20 --forwarded 8 --out target/harness/bench
 
 # On real hosts (README, "On real hosts"): the programs, the service unit and the default
 # configuration. PROFILE=debug packages the debug build instead (the packaging test does).

@@ -63,6 +63,10 @@ struct Args {
         value_delimiter = ','
     )]
     sweep_modes: Vec<String>,
+    /// Passes over the whole sweep; each cell reports the median and 95th percentile of
+    /// its runs.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Migrate the small TCP echo workload N times (h1 <-> h2) and report the p50, p95 and
     /// worst of the client-observed pause, the freeze, and the pause beyond the freeze, where
     /// the freeze went, and the UDP datagrams lost at 50/s and 6,250/s as a UDP echo server
@@ -116,6 +120,9 @@ fn main() -> Result<()> {
         args.sensitivity = false;
         args.echo = 0;
         args.forwarded = 0;
+    }
+    if args.rounds == 0 {
+        bail!("--rounds: at least 1");
     }
     args.mode.retain(|m| !m.is_empty());
     if args.mode.iter().any(|m| m == "both") {
@@ -193,10 +200,18 @@ fn run(lab: &Lab, args: &Args, report: &mut Report, pb: &ProgressBar) -> Result<
     }
     if args.sensitivity {
         pb.set_style(bar.clone());
-        pb.set_length((args.sizes.len() * args.dirty.len() * args.sweep_modes.len()) as u64);
+        pb.set_length(
+            (args.rounds * args.sizes.len() * args.dirty.len() * args.sweep_modes.len()) as u64,
+        );
         pb.set_position(0);
-        report.sensitivity =
-            runs::sensitivity(lab, &args.sizes, &args.dirty, &args.sweep_modes, pb)?;
+        report.sensitivity = runs::sensitivity(
+            lab,
+            &args.sizes,
+            &args.dirty,
+            &args.sweep_modes,
+            args.rounds,
+            pb,
+        )?;
     }
     if args.echo > 0 {
         pb.set_style(bar.clone());

@@ -446,6 +446,9 @@ pub struct SensitivityPoint {
     /// `stop-copy` (streamed where the hosts can), `stop-copy-archive`, `post-copy` or
     /// `podman` ([`sweep_method`]).
     pub mode: String,
+    /// Which pass over the whole sweep measured it (`--rounds`), from 0.
+    #[serde(default)]
+    pub round: usize,
     #[serde(flatten)]
     pub migration: Migration,
     /// Post-copy: from the start of the checkpoint until the last page was there.
@@ -456,49 +459,53 @@ pub struct SensitivityPoint {
     pub memory_intact: bool,
 }
 
-/// memhog of each size and dirty rate, migrated once in each mode, alternating h1 -> h2,
-/// h2 -> h1; memhog checks its memory after every move.
+/// memhog of each size and dirty rate, migrated once in each mode per round, alternating
+/// h1 -> h2, h2 -> h1; memhog checks its memory after every move. Each round passes over
+/// the whole sweep, so that the machine's drift spreads over every cell rather than
+/// falling on a few.
 pub fn sensitivity(
     lab: &Lab,
     sizes: &[u64],
     dirty: &[u64],
     modes: &[String],
+    rounds: usize,
     pb: &ProgressBar,
 ) -> Result<Vec<SensitivityPoint>> {
     wait_swept(lab, pb)?;
     let mut points = Vec::new();
     let mut on = "h1";
-    for &mib in sizes {
-        for &d in dirty {
-            for mode in modes {
-                let other = if on == "h1" { "h2" } else { "h1" };
-                pb.set_message(format!(
-                    "memhog {mib} MiB, {d}% dirty/s, {mode}: {on} -> {other}"
-                ));
-                let name = format!("memhog-{mib}-{d}");
-                let env_mib = format!("MEMHOG_MIB={mib}");
-                let env_d = format!("MEMHOG_DIRTY_PERCENT={d}");
-                lab.run_container(
-                    on,
-                    &name,
-                    &["-e", &env_mib, "-e", &env_d],
-                    "localhost/memhog",
-                    &[],
-                )?;
-                wait_logged(lab, on, &name, "memhog: ready", 0)?;
-                // Let the dirtying run for a moment.
-                std::thread::sleep(Duration::from_secs(1));
-                let (method, options) = sweep_method(mode);
-                let m = migrate_with(lab, method, &name, on, other, &options);
-                let here = if m.ok { other } else { on };
-                let memory_intact = memhog_intact(lab, here, &name, mib).unwrap_or(false);
-                let report = m.agent_report.as_ref();
-                let last_page_ms = report.and_then(|r| r["last_page_ms"].as_f64());
-                let pages = report
-                    .and_then(|r| r["pages"]["pages"].as_u64())
-                    .unwrap_or(0);
-                let bytes_moved = m.checkpoint_bytes.map(|b| b + pages * 4096);
-                pb.suspend(|| {
+    for round in 0..rounds {
+        for &mib in sizes {
+            for &d in dirty {
+                for mode in modes {
+                    let other = if on == "h1" { "h2" } else { "h1" };
+                    pb.set_message(format!(
+                        "memhog {mib} MiB, {d}% dirty/s, {mode}: {on} -> {other}"
+                    ));
+                    let name = format!("memhog-{mib}-{d}");
+                    let env_mib = format!("MEMHOG_MIB={mib}");
+                    let env_d = format!("MEMHOG_DIRTY_PERCENT={d}");
+                    lab.run_container(
+                        on,
+                        &name,
+                        &["-e", &env_mib, "-e", &env_d],
+                        "localhost/memhog",
+                        &[],
+                    )?;
+                    wait_logged(lab, on, &name, "memhog: ready", 0)?;
+                    // Let the dirtying run for a moment.
+                    std::thread::sleep(Duration::from_secs(1));
+                    let (method, options) = sweep_method(mode);
+                    let m = migrate_with(lab, method, &name, on, other, &options);
+                    let here = if m.ok { other } else { on };
+                    let memory_intact = memhog_intact(lab, here, &name, mib).unwrap_or(false);
+                    let report = m.agent_report.as_ref();
+                    let last_page_ms = report.and_then(|r| r["last_page_ms"].as_f64());
+                    let pages = report
+                        .and_then(|r| r["pages"]["pages"].as_u64())
+                        .unwrap_or(0);
+                    let bytes_moved = m.checkpoint_bytes.map(|b| b + pages * 4096);
+                    pb.suspend(|| {
                     eprintln!(
                         "  memhog {mib} MiB {d}% {mode}: {} freeze-to-resume {:.0} ms, total {:.0} ms, last page {:.0} ms, memory {}",
                         if m.ok { "ok" } else { "FAILED" },
@@ -508,20 +515,22 @@ pub fn sensitivity(
                         if memory_intact { "intact" } else { "NOT INTACT" },
                     )
                 });
-                let _ = lab.exec_unchecked(here, &["podman", "rm", "-f", "-t", "0", &name]);
-                if m.ok {
-                    on = other;
+                    let _ = lab.exec_unchecked(here, &["podman", "rm", "-f", "-t", "0", &name]);
+                    if m.ok {
+                        on = other;
+                    }
+                    points.push(SensitivityPoint {
+                        mib,
+                        dirty_percent: d,
+                        mode: mode.clone(),
+                        round,
+                        migration: m,
+                        last_page_ms,
+                        bytes_moved,
+                        memory_intact,
+                    });
+                    pb.inc(1);
                 }
-                points.push(SensitivityPoint {
-                    mib,
-                    dirty_percent: d,
-                    mode: mode.clone(),
-                    migration: m,
-                    last_page_ms,
-                    bytes_moved,
-                    memory_intact,
-                });
-                pb.inc(1);
             }
         }
     }

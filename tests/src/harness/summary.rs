@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use super::analysis::{spread, DirectionStats, Spread};
+use super::analysis::{spread, sweep_cells, DirectionStats, Spread, SweepCell};
 use super::forwarded::Forwarded;
 use super::runs::{EchoHop, IperfRun, Migration, SensitivityPoint, UDP_RATES};
 
@@ -122,23 +122,29 @@ pub fn markdown(r: &Report) -> String {
     if !r.sensitivity.is_empty() {
         let _ = writeln!(
             s,
-            "## Memory sensitivity (memhog, live-migrate)\n\n| MiB | dirty %/s | mode | freeze-to-resume ms | total ms | last page ms | moved MiB | memory intact | ok |\n|---|---|---|---|---|---|---|---|---|"
+            "## Memory sensitivity (memhog, live-migrate)\n\nMilliseconds; p50 and p95 over the runs of each cell that succeeded (`--rounds`).\n\n| MiB | dirty %/s | mode | runs | freeze-to-resume p50 | p95 | total p50 | last page p50 | p95 | moved MiB | memory intact | ok |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
-        for p in &r.sensitivity {
-            let m = &p.migration;
+        for cell in sweep_cells(&r.sensitivity) {
+            let n = cell.runs.len();
+            let of = |k: usize| match k == n {
+                true => format!("{k}/{n}"),
+                false => format!("**{k}/{n}**"),
+            };
+            let (freeze, last_page) = (cell.freeze(), cell.last_page());
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                p.mib,
-                p.dirty_percent,
-                p.mode,
-                opt(m.freeze_to_resume_ms),
-                opt(m.total_ms),
-                opt(p.last_page_ms),
-                p.bytes_moved
-                    .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1048576.0)),
-                if p.memory_intact { "yes" } else { "**no**" },
-                if m.ok { "yes" } else { "**no**" }
+                "| {} | {} | {} | {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                cell.mib,
+                cell.dirty_percent,
+                cell.mode,
+                opt(freeze.map(|v| v.p50)),
+                opt(freeze.map(|v| v.p95)),
+                opt(cell.total().map(|v| v.p50)),
+                opt(last_page.map(|v| v.p50)),
+                opt(last_page.map(|v| v.p95)),
+                opt(cell.bytes_moved().map(|v| v.p50 / 1048576.0)),
+                of(cell.runs.iter().filter(|p| p.memory_intact).count()),
+                of(cell.runs.iter().filter(|p| p.migration.ok).count()),
             );
         }
         for line in post_copy_ratios(&r.sensitivity) {
@@ -335,12 +341,14 @@ fn step_spreads(hops: &[EchoHop]) -> Vec<(String, Spread)> {
         .collect()
 }
 
-/// The post-copy freeze at each size beside the smallest size's, per dirty rate (the
-/// target: at most 1.5 times); and the time until the last page beside what the bytes
-/// moved would take at the rate the archive of a stop-copy through it was sent at (the
-/// target: at most 1.5 times that, plus 1 s).
+/// The post-copy freeze at each size beside the smallest size's, per dirty rate, medians
+/// (the target: at most 1.5 times); and the time until the last page beside what the
+/// bytes moved would take at the rate the archive of a stop-copy through it was sent at
+/// (the target: at most 1.5 times that, plus 1 s).
 fn post_copy_ratios(points: &[SensitivityPoint]) -> Vec<String> {
-    let mut lines = freeze_ratios(points);
+    let cells = sweep_cells(points);
+    let post: Vec<&SweepCell> = cells.iter().filter(|c| c.mode == "post-copy").collect();
+    let mut lines = freeze_ratios(&post);
     let mut rates: Vec<f64> = points
         .iter()
         .filter(|p| p.mode == "stop-copy-archive" && p.migration.ok && p.mib >= 256)
@@ -354,51 +362,52 @@ fn post_copy_ratios(points: &[SensitivityPoint]) -> Vec<String> {
     let Some(&rate) = rates.get(rates.len() / 2) else {
         return lines;
     };
-    let checks: Vec<String> = points
+    let checks: Vec<String> = post
         .iter()
-        .filter(|p| p.mode == "post-copy" && p.migration.ok)
-        .filter_map(|p| {
-            let (moved, last) = (p.bytes_moved? as f64, p.last_page_ms?);
+        .filter_map(|c| {
+            let (moved, last) = (c.bytes_moved()?.p50, c.last_page()?);
             let bound = 1.5 * moved / rate * 1e3 + 1000.0;
             Some(format!(
-                "{} MiB {}%: {last:.0} ms (bound {bound:.0} ms{})",
-                p.mib,
-                p.dirty_percent,
-                if last <= bound { "" } else { ", **over**" }
+                "{} MiB {}%: p50 {:.0} ms, p95 {:.0} ms (bound {bound:.0} ms{})",
+                c.mib,
+                c.dirty_percent,
+                last.p50,
+                last.p95,
+                if last.p95 <= bound {
+                    ""
+                } else if last.p50 <= bound {
+                    ", p95 **over**"
+                } else {
+                    ", **over**"
+                }
             ))
         })
         .collect();
     lines.push(format!(
-        "Post-copy, until the last page, against 1.5 x bytes moved / {:.0} MB/s (the median rate of the stop-copy archives' transfer) + 1 s: {}",
+        "Post-copy, until the last page, against 1.5 x bytes moved (p50) / {:.0} MB/s (the median rate of the stop-copy archives' transfer) + 1 s: {}",
         rate / 1e6,
         checks.join("; ")
     ));
     lines
 }
 
-fn freeze_ratios(points: &[SensitivityPoint]) -> Vec<String> {
-    let post: Vec<&SensitivityPoint> = points
-        .iter()
-        .filter(|p| p.mode == "post-copy" && p.migration.ok)
-        .collect();
-    let Some(smallest) = post.iter().map(|p| p.mib).min() else {
+/// Each size's median post-copy freeze beside the smallest size's, per dirty rate.
+fn freeze_ratios(post: &[&SweepCell]) -> Vec<String> {
+    let Some(smallest) = post.iter().map(|c| c.mib).min() else {
         return Vec::new();
     };
     let mut lines = Vec::new();
-    for base in post.iter().filter(|p| p.mib == smallest) {
-        let Some(base_ms) = base.migration.freeze_to_resume_ms else {
+    for base in post.iter().filter(|c| c.mib == smallest) {
+        let Some(base_ms) = base.freeze().map(|f| f.p50) else {
             continue;
         };
         let ratios: Vec<String> = post
             .iter()
-            .filter(|p| p.dirty_percent == base.dirty_percent && p.mib != smallest)
-            .filter_map(|p| {
-                let ms = p.migration.freeze_to_resume_ms?;
-                Some(format!("{} MiB {:.2}x", p.mib, ms / base_ms))
-            })
+            .filter(|c| c.dirty_percent == base.dirty_percent && c.mib != smallest)
+            .filter_map(|c| Some(format!("{} MiB {:.2}x", c.mib, c.freeze()?.p50 / base_ms)))
             .collect();
         lines.push(format!(
-            "Post-copy freeze against {smallest} MiB ({base_ms:.0} ms) at {}% dirtied/s: {}",
+            "Post-copy freeze, p50 against {smallest} MiB's ({base_ms:.0} ms), at {}% dirtied/s: {}",
             base.dirty_percent,
             ratios.join(", ")
         ));
