@@ -1,6 +1,7 @@
 //! `agent-server`: the daemon on every host that can receive a migrating container.
 
 mod adopter;
+mod engine_info;
 mod metrics;
 mod server;
 mod session;

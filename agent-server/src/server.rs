@@ -1,5 +1,5 @@
-//! The running agent: accepts sessions, runs the sweeper and the adopter, and shuts down
-//! in order when told to.
+//! The running agent: accepts sessions, runs the sweeper, the adopter and the refresh of
+//! podman's kept answer about itself, and shuts down in order when told to.
 //!
 //! On shutdown it stops accepting. Sessions without a migration close at once (at their
 //! next request, or in their handshake); a session with a migration goes on until the
@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{adopter, session, sweeper, ServerContext};
+use crate::{adopter, engine_info, session, sweeper, ServerContext};
 
 /// Connections still in the handshake at once; more wait in the listen queue.
 const MAX_UNAUTHENTICATED: usize = 16;
@@ -47,6 +47,7 @@ pub async fn run(
         ADOPT_INTERVAL,
         stopping.clone(),
     ));
+    background.spawn(engine_info::run(context.clone(), stopping.clone()));
     background.close();
     let sessions = TaskTracker::new();
 

@@ -109,6 +109,18 @@ impl PodmanClient {
         }
     }
 
+    /// podman's version as its `_ping` names it: a millisecond, where `/info` and
+    /// `/version` take a third of a second or more ([`super::kept_info`]).
+    pub async fn pinged_version(&self) -> Result<String, PodmanError> {
+        let ping = self
+            .api
+            .ping()
+            .await
+            .map_err(|e| self.error("cannot reach the podman service", e))?;
+        Ok(ping.libpod_api_version)
+    }
+
+    /// podman's own answer (`/info`); [`super::kept_info::engine_info`] keeps it.
     pub async fn engine_info(&self) -> Result<EngineInfo, PodmanError> {
         let info = self
             .api

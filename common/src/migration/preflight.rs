@@ -21,7 +21,7 @@ pub async fn host_report(
 ) -> Result<HostReport> {
     // Each CRIU question is a process of its own: ask them all at once.
     let (engine, criu_version, criu_check_problem, features) = tokio::join!(
-        podman.engine_info(),
+        crate::engine::kept_info::engine_info(podman, state_dir),
         criu::version(),
         criu::check(),
         futures_util::future::join_all(criu::OPTIONAL_FEATURES.map(criu::has_feature)),
