@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use super::analysis::{spread, sweep_cells, DirectionStats, Spread, SweepCell};
+use super::analysis::{spread, DirectionStats, Spread};
 use super::forwarded::Forwarded;
 use super::runs::{EchoHop, IperfRun, Migration, SensitivityPoint, UDP_RATES};
 
@@ -413,4 +413,125 @@ fn freeze_ratios(post: &[&SweepCell]) -> Vec<String> {
         ));
     }
     lines
+}
+
+/// The runs of one cell of the memory sweep (a size, a dirty rate and a mode) over the
+/// rounds (`--rounds`). Its spreads are over the runs that succeeded.
+pub struct SweepCell<'a> {
+    pub mib: u64,
+    pub dirty_percent: u64,
+    pub mode: &'a str,
+    pub runs: Vec<&'a SensitivityPoint>,
+}
+
+impl SweepCell<'_> {
+    fn spread_of(&self, value: impl Fn(&SensitivityPoint) -> Option<f64>) -> Option<Spread> {
+        let v: Vec<f64> = self
+            .runs
+            .iter()
+            .filter(|p| p.migration.ok)
+            .filter_map(|p| value(p))
+            .collect();
+        spread(&v)
+    }
+
+    pub fn freeze(&self) -> Option<Spread> {
+        self.spread_of(|p| p.migration.freeze_to_resume_ms)
+    }
+
+    pub fn total(&self) -> Option<Spread> {
+        self.spread_of(|p| p.migration.total_ms)
+    }
+
+    pub fn last_page(&self) -> Option<Spread> {
+        self.spread_of(|p| p.last_page_ms)
+    }
+
+    pub fn bytes_moved(&self) -> Option<Spread> {
+        self.spread_of(|p| p.bytes_moved.map(|b| b as f64))
+    }
+}
+
+/// The sweep's points grouped by cell, in the order the sweep first measured each.
+pub fn sweep_cells(points: &[SensitivityPoint]) -> Vec<SweepCell<'_>> {
+    let mut cells: Vec<SweepCell> = Vec::new();
+    for p in points {
+        let same = |c: &&mut SweepCell| {
+            (c.mib, c.dirty_percent, c.mode) == (p.mib, p.dirty_percent, p.mode.as_str())
+        };
+        match cells.iter_mut().find(same) {
+            Some(cell) => cell.runs.push(p),
+            None => cells.push(SweepCell {
+                mib: p.mib,
+                dirty_percent: p.dirty_percent,
+                mode: &p.mode,
+                runs: vec![p],
+            }),
+        }
+    }
+    cells
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(mib: u64, mode: &str, round: usize, freeze: f64, ok: bool) -> SensitivityPoint {
+        SensitivityPoint {
+            mib,
+            dirty_percent: 20,
+            mode: mode.into(),
+            round,
+            migration: Migration {
+                from: "h1".into(),
+                to: "h2".into(),
+                start_s: 0.0,
+                end_s: 0.0,
+                ok,
+                error: None,
+                freeze_to_resume_ms: Some(freeze),
+                total_ms: Some(2.0 * freeze),
+                checkpoint_bytes: None,
+                agent_report: None,
+            },
+            last_page_ms: None,
+            bytes_moved: None,
+            memory_intact: ok,
+        }
+    }
+
+    #[test]
+    fn sweep_cells_gather_each_cells_rounds_and_spread_the_runs_that_succeeded() {
+        let points = [
+            point(16, "post-copy", 0, 300.0, true),
+            point(1024, "post-copy", 0, 450.0, true),
+            point(16, "post-copy", 1, 200.0, true),
+            point(1024, "post-copy", 1, 9999.0, false),
+            point(16, "post-copy", 2, 250.0, true),
+            point(16, "stop-copy", 2, 280.0, true),
+        ];
+        let cells = sweep_cells(&points);
+        let shape: Vec<(u64, &str, usize)> = cells
+            .iter()
+            .map(|c| (c.mib, c.mode, c.runs.len()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (16, "post-copy", 3),
+                (1024, "post-copy", 2),
+                (16, "stop-copy", 1)
+            ]
+        );
+        let small = cells[0].freeze().unwrap();
+        assert_eq!((small.p50, small.p95, small.n), (250.0, 300.0, 3));
+        let large = cells[1].freeze().unwrap();
+        assert_eq!(
+            (large.p50, large.n),
+            (450.0, 1),
+            "the failed run is not measured"
+        );
+        assert_eq!(cells[0].total().unwrap().p50, 500.0);
+        assert!(cells[0].last_page().is_none());
+    }
 }
