@@ -22,7 +22,7 @@ pub const REFRESH: Duration = Duration::from_secs(5 * 60);
 
 const FILE: &str = "engine-info.json";
 
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Kept {
     /// What `_ping` named when the answer came.
     pinged_version: String,
