@@ -51,9 +51,16 @@ pub fn exists(pid: i32) -> bool {
     signal(Pid::from_raw(pid), None).is_ok()
 }
 
-/// SIGCONT to `pid`: it goes on after a stop (CRIU's `leave-stopped` restore).
-pub fn resume(pid: i32) -> nix::Result<()> {
-    signal(Pid::from_raw(pid), Signal::SIGCONT)
+/// SIGCONT to each of `pids`: they go on after a stop (CRIU's `leave-stopped` restore).
+/// One that is gone meanwhile needs none. Err names the first that refused.
+pub fn resume_all(pids: &[i32]) -> Result<(), (i32, nix::Error)> {
+    for &pid in pids {
+        match signal(Pid::from_raw(pid), Signal::SIGCONT) {
+            Ok(()) | Err(nix::Error::ESRCH) => {}
+            Err(e) => return Err((pid, e)),
+        }
+    }
+    Ok(())
 }
 
 /// Whether `pid` is a live process of the container `container_id` (its cgroup names
@@ -109,6 +116,17 @@ fn after_command(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resuming_passes_over_a_process_that_is_gone() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id() as i32;
+        child.wait().unwrap();
+        let me = std::process::id() as i32;
+        assert_eq!(resume_all(&[gone, me]), Ok(()));
+        // Above pid_max: no such process either.
+        assert_eq!(resume_all(&[i32::MAX]), Ok(()));
+    }
 
     #[test]
     fn this_process_is_alive_only_in_its_own_cgroup() {

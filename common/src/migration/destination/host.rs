@@ -50,11 +50,10 @@ impl DestinationActions for PodmanClient {
             };
         let pids = tokio::task::spawn_blocking(move || crate::kernel::freezer::processes(&cgroup))
             .await??;
-        for pid in pids {
-            crate::kernel::process::resume(pid)
-                .with_context(|| format!("resume pid {pid} of {id}"))?;
-        }
-        Ok(())
+        // A process gone since the cgroup was read is passed over: in the lab, where the
+        // hosts share one cgroup tree, the source's copy, which CRIU ended, is listed too.
+        crate::kernel::process::resume_all(&pids)
+            .map_err(|(pid, e)| anyhow::anyhow!("resume pid {pid} of {id}: {e}"))
     }
 
     async fn delete_flow(&self, flow: &Flow) -> Result<()> {
