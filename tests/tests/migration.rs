@@ -204,6 +204,12 @@ fn main() {
                             format!("\n--- agent-server log of {h}, last lines ---\n{tail}")
                         })
                         .collect();
+                    // What a failed scenario left would fail those after it (some wait for
+                    // the hosts' forwarding to go): its containers go, and with them, at
+                    // the sweepers' next round, the forwarding they kept.
+                    for h in ["h1", "h2"] {
+                        let _ = lab.exec_unchecked(h, &["podman", "rm", "-a", "-f", "-t", "0"]);
+                    }
                     Failed::from(format!("{e:#}{logs}"))
                 }),
                 // Run although ignored (`--include-ignored`): no lab, no pass.
