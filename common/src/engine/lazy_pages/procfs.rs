@@ -69,32 +69,39 @@ pub(super) fn connection_held(
     wanted: impl Fn(SocketAddrV4, SocketAddrV4) -> bool,
 ) -> Result<Option<HeldConnection>> {
     use rustix::net::{getpeername, getsockname};
+    socket_held(pid, |socket| {
+        // Not IPv4, or not connected (a listening socket): not it.
+        let local = getsockname(&socket).ok()?.try_into().ok()?;
+        let peer = getpeername(&socket).ok().flatten()?.try_into().ok()?;
+        wanted(local, peer).then_some(HeldConnection {
+            socket,
+            local,
+            peer,
+        })
+    })
+}
+
+/// The listening IPv4 socket of process `pid` bound to `at`, like [`connection_held`].
+pub(super) fn listener_held(pid: i32, at: SocketAddrV4) -> Result<Option<OwnedFd>> {
+    socket_held(pid, |socket| {
+        let local: SocketAddrV4 = rustix::net::getsockname(&socket).ok()?.try_into().ok()?;
+        let listening = rustix::net::sockopt::socket_acceptconn(&socket).ok()?;
+        (local == at && listening).then_some(socket)
+    })
+}
+
+/// The first of the sockets of process `pid`, each duplicated here, that `pick` takes.
+fn socket_held<T>(pid: i32, pick: impl FnMut(OwnedFd) -> Option<T>) -> Result<Option<T>> {
     let sockets = descriptors(pid, |link| link.starts_with("socket:["));
     if sockets.is_empty() {
         return Ok(None);
     }
     let pidfd = pidfd(pid)?;
-    for fd in sockets {
-        // Closed meanwhile, or not IPv4, or not connected (a listening socket): not it.
-        let Ok(socket) = getfd(&pidfd, fd) else {
-            continue;
-        };
-        let local = getsockname(&socket).ok().and_then(|a| a.try_into().ok());
-        let peer = getpeername(&socket)
-            .ok()
-            .flatten()
-            .and_then(|a| a.try_into().ok());
-        if let (Some(local), Some(peer)) = (local, peer) {
-            if wanted(local, peer) {
-                return Ok(Some(HeldConnection {
-                    socket,
-                    local,
-                    peer,
-                }));
-            }
-        }
-    }
-    Ok(None)
+    // One closed meanwhile is passed over.
+    Ok(sockets
+        .into_iter()
+        .filter_map(|fd| getfd(&pidfd, fd).ok())
+        .find_map(pick))
 }
 
 /// The process that holds socket `inode`.
@@ -175,6 +182,22 @@ mod tests {
         assert_eq!((held.local, held.peer), (at, from));
         let held = connection_held(me, |_, peer| peer == at).unwrap().unwrap();
         assert_eq!((held.local, held.peer), (from, at));
+    }
+
+    #[test]
+    fn finds_a_listener_whose_connections_take_its_options() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(at) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let me = std::process::id() as i32;
+        let other = SocketAddrV4::new(*at.ip(), at.port().wrapping_add(1));
+        assert!(listener_held(me, other).unwrap().is_none());
+        let held = listener_held(me, at).unwrap().expect("the listener");
+        rustix::net::sockopt::set_tcp_nodelay(&held, true).unwrap();
+        let _client = std::net::TcpStream::connect(at).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[test]

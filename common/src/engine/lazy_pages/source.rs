@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use super::archive::append_bytes;
 use super::criu_config::{foreign_config, foreign_options, MARKER, RUNC_CONF};
 use super::page_server::{tune_page_connection, PageServer, READY_POLL};
-use super::procfs::{borrow_fd, connection_held, descriptors, socket_holder, tcp_sockets};
+use super::procfs::{
+    borrow_fd, connection_held, descriptors, listener_held, socket_holder, tcp_sockets,
+};
 
 /// Held while a configuration of ours exists: one post-copy checkpoint starts at a time.
 const LOCK: &str = "/run/live-migrate/criu.lock";
@@ -280,20 +282,20 @@ pub async fn tune_serving_during<T>(
         return (work.await, tuned);
     };
     let mut work = std::pin::pin!(work);
-    let mut connection = None;
+    let mut serving = Serving::default();
     let mut tuned = false;
     let output = loop {
         tokio::select! {
             output = &mut work => break output,
             // Not there yet (or not readable): looked for again at the next poll.
             _ = tokio::time::sleep(READY_POLL), if !tuned => {
-                tuned = tune_serving(server, criu, &mut connection).unwrap_or(false);
+                tuned = tune_serving(server, criu, &mut serving).unwrap_or(false);
             }
         }
     };
     let tuned = match tuned {
         true => Ok(()),
-        false => tune_serving(server, criu, &mut connection).and_then(|tuned| {
+        false => tune_serving(server, criu, &mut serving).and_then(|tuned| {
             tuned
                 .then_some(())
                 .context("no connection to CRIU's page server")
@@ -302,24 +304,46 @@ pub async fn tune_serving_during<T>(
     (output, tuned)
 }
 
+/// What [`tune_serving`] found of CRIU's page server so far.
+#[derive(Default)]
+struct Serving {
+    /// Its listening socket is without Nagle's delay.
+    listener_tuned: bool,
+    /// CRIU's end of the daemon's connection.
+    connection: Option<OwnedFd>,
+}
+
 /// Tunes CRIU's end of the daemon's connection, found among the descriptors of process
-/// `criu` and kept in `connection`; false if there is none yet, or CRIU does not serve on
+/// `criu` and kept in `serving`; false if there is none yet, or CRIU does not serve on
 /// it yet: it corks the connection when it starts to (`page_server_serve`), which would
 /// undo an uncork made before. This runs every millisecond of the destination's restore,
 /// on the cores the restore needs, so each look must cost microseconds.
-fn tune_serving(server: PageServer, criu: i32, connection: &mut Option<OwnedFd>) -> Result<bool> {
-    if connection.is_none() {
+///
+/// While CRIU listens, its listener loses Nagle's delay (TCP_NODELAY), which the
+/// connection it accepts inherits. The TLS handshake comes first on that connection, and
+/// CRIU writes its part in several pieces: with Nagle, a piece written while the one
+/// before is not acknowledged yet waited for the daemon's delayed acknowledgement (40 ms),
+/// and the restore waited too, on its first fault (every second migration of a small
+/// container here).
+fn tune_serving(server: PageServer, criu: i32, serving: &mut Serving) -> Result<bool> {
+    if serving.connection.is_none() {
         let at = SocketAddrV4::new(server.address, server.port);
         // CRIU closes its listening socket once it accepted the daemon (`run_tcp_server`):
         // until then there is no connection to look for. Looking costs a read of every
         // descriptor's link, and CRIU holds two pipes for each 4 MiB of the memory it
         // serves: at 2 GiB, each look took 2 ms, most of a core beside the restore.
         if crate::kernel::sock_diag::tcp_listening(at)? {
+            if !serving.listener_tuned {
+                if let Some(listener) = listener_held(criu, at)? {
+                    rustix::net::sockopt::set_tcp_nodelay(&listener, true)?;
+                    serving.listener_tuned = true;
+                }
+            }
             return Ok(false);
         }
-        *connection = connection_held(criu, |local, _| local == at)?.map(|c| c.socket);
+        serving.connection = connection_held(criu, |local, _| local == at)?.map(|c| c.socket);
     }
-    let Some(connection) = connection.as_ref() else {
+    let Some(connection) = serving.connection.as_ref() else {
         return Ok(false);
     };
     if !rustix::net::sockopt::tcp_cork(connection)? {
