@@ -34,7 +34,7 @@
 //! never deleted while a hold may be live; rules come and go, the chain stays.
 //!
 //! Each hold answers the kernel from a thread of its own at real-time priority
-//! ([`run_before_others`]): when the rule goes, a packet that met it just before must get
+//! (`run_before_others`): when the rule goes, a packet that met it just before must get
 //! its verdict before newer ones, which no longer meet it, overtake it.
 
 use std::collections::BTreeMap;
