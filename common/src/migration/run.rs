@@ -506,6 +506,7 @@ pub async fn migrate(
         }
         None => None,
     };
+    warnings.extend(source::forward_new_connections(log, &host).await);
     clock.finish(Phase::SwitchTraffic, t);
     let mut pages = streamed;
     if let Some(lazy) = lazy {

@@ -62,15 +62,20 @@ impl SwitchPlan {
 }
 
 /// Switch traffic: flows that still arrive here for the container go through the tunnel,
-/// and so do new connections to its published ports in the plan; the packets held during
-/// the freeze go first. A forward record tells `agent-server` to remove all this once
-/// nothing needs it ([`crate::migration::forwarding`]). Runs after the destination owns the
+/// the packets held during the freeze first. Runs after the destination owns the
 /// container, so it is never undone; every step is idempotent, so it can be run again
-/// after a crash. Returns what the hold did, if this process held the packets.
-pub async fn switch_traffic(plan: &SwitchPlan, state_dir: &Path) -> Result<Option<HoldReport>> {
+/// after a crash. Returns what the hold did, if this process held the packets. New
+/// connections follow with [`forward_new_connections`], once the destination has let its
+/// own held packets go: its hold need not wait for nftables commits here.
+pub async fn switch_traffic(plan: &SwitchPlan) -> Result<Option<HoldReport>> {
     route_container_into(plan.container_ip, &plan.interface).await?;
-    // Reported once the rest is done: new connections and the record do not wait on it.
-    let held = crate::kernel::hold::release(plan.container_ip).await;
+    crate::kernel::hold::release(plan.container_ip).await
+}
+
+/// New connections to the container's published ports in the plan go through the tunnel
+/// too, and a forward record tells `agent-server` to remove all this once nothing needs it
+/// ([`crate::migration::forwarding`]). Idempotent, never undone, like [`switch_traffic`].
+pub async fn forward_new_connections(plan: &SwitchPlan, state_dir: &Path) -> Result<()> {
     for &(protocol, host_port, container_port) in &plan.ports {
         let container_ip = plan.container_ip;
         tokio::task::spawn_blocking(move || {
@@ -87,7 +92,7 @@ pub async fn switch_traffic(plan: &SwitchPlan, state_dir: &Path) -> Result<Optio
         downstream_alive: true,
     }
     .save(state_dir)?;
-    held
+    Ok(())
 }
 
 /// Undo of the blackhole route [`crate::migration::phases::checkpoint`] makes for the container.

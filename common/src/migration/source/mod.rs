@@ -36,6 +36,9 @@ pub trait SourceActions {
     /// Also lets the held packets through; says what the hold did, if this process held
     /// them.
     async fn switch_traffic(&self, plan: &SwitchPlan) -> Result<Option<HoldReport>>;
+    /// New connections to the published ports follow the container, and the forward record
+    /// is written ([`switch::forward_new_connections`]).
+    async fn forward_new_connections(&self, plan: &SwitchPlan) -> Result<()>;
     /// Removes the stopped source copy (none is fine).
     async fn remove_source_copy(&self, container_id: &str) -> Result<()>;
     /// Tells the destination, on a connection of its own, that the source copy is gone.
@@ -132,7 +135,11 @@ impl SourceActions for SourceHost<'_> {
     }
 
     async fn switch_traffic(&self, plan: &SwitchPlan) -> Result<Option<HoldReport>> {
-        switch::switch_traffic(plan, self.state_dir).await
+        switch::switch_traffic(plan).await
+    }
+
+    async fn forward_new_connections(&self, plan: &SwitchPlan) -> Result<()> {
+        switch::forward_new_connections(plan, self.state_dir).await
     }
 
     async fn remove_source_copy(&self, container_id: &str) -> Result<()> {
@@ -273,6 +280,7 @@ pub async fn settle(
                 };
             }
             let (_, mut warnings) = switch_traffic(log, host).await;
+            warnings.extend(forward_new_connections(log, host).await);
             warnings.extend(release_source(log, host, None).await);
             Resolution::RolledForward { warnings }
         }
@@ -419,6 +427,18 @@ pub async fn switch_traffic(
     match host.switch_traffic(plan).await {
         Ok(held) => (held, Vec::new()),
         Err(e) => (None, vec![format!("could not switch the traffic: {e:#}")]),
+    }
+}
+
+/// Then new connections: as the journal's plan says. Returns warnings: nothing here may
+/// undo the migration.
+pub async fn forward_new_connections(log: &UndoLog, host: &impl SourceActions) -> Vec<String> {
+    let Some(plan) = &log.record.switch else {
+        return Vec::new();
+    };
+    match host.forward_new_connections(plan).await {
+        Ok(()) => Vec::new(),
+        Err(e) => vec![format!("could not forward new connections: {e:#}")],
     }
 }
 

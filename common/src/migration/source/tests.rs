@@ -24,6 +24,8 @@ struct World {
     dest_fenced: bool,
     dest_settled: bool,
     switched: bool,
+    /// New connections to the published ports follow the container.
+    forwarded: bool,
     reachable: bool,
     two_copies_seen: bool,
 }
@@ -123,6 +125,14 @@ impl SourceActions for Fake {
             w.switched = true;
             w.held = false;
             Ok(None)
+        })
+        .await
+    }
+
+    async fn forward_new_connections(&self, _: &SwitchPlan) -> Result<()> {
+        self.step(|w| {
+            w.forwarded = true;
+            Ok(())
         })
         .await
     }
@@ -282,7 +292,12 @@ fn assert_resolved(end: &World, case: &str) {
     );
     if end.dest_runs {
         assert!(
-            !end.source_copy && end.switched && end.dest_settled && !end.archive && !end.held,
+            !end.source_copy
+                && end.switched
+                && end.forwarded
+                && end.dest_settled
+                && !end.archive
+                && !end.held,
             "rolled forward only in part: {case}: {end:?}"
         );
     } else {
