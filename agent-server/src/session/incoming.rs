@@ -115,7 +115,6 @@ pub(super) async fn begin_migration(
     if let Some(ip) = address {
         // Journaled before it exists: a crash right after leaves no hold unaccounted.
         migration.holding = Some(ip);
-        migration.source_tunnel = Some(end.peer_address);
     }
     if let Err(e) = migration.save() {
         context.migrations.remove(&migration_id);
@@ -148,22 +147,6 @@ pub(super) async fn hold_packets(ip: std::net::Ipv4Addr, end: &TunnelEnd) -> any
         Some(&end.interface),
     )
     .await
-}
-
-/// How long the packets held here wait for those the source let through before them.
-const THROUGH_TUNNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Waits until the packets for `ip` that the source let through into the tunnel (its hold's
-/// and those routed after it) have arrived here, so that the ones held here, which came
-/// later, do not overtake them on their way to the container. The source has let its
-/// packets through before it says so (`TrafficSwitched`), and the answer to an echo to
-/// `source` comes back through the tunnel behind them. Without an answer in time the hold
-/// goes anyway: order is worth a short wait, not a longer outage.
-pub(super) async fn through_tunnel_from(source: std::net::Ipv4Addr, ip: std::net::Ipv4Addr) {
-    match common::kernel::icmp::round_trip(source, THROUGH_TUNNEL_TIMEOUT).await {
-        Ok(took) => tracing::info!(%ip, ?took, "the source's packets are through the tunnel"),
-        Err(e) => tracing::warn!(%ip, "the packets held here may overtake the source's: {e:#}"),
-    }
 }
 
 /// Receives the checkpoint archive of the migration begun on this connection.

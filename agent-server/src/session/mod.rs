@@ -365,9 +365,6 @@ async fn handle(
                     anyhow!("the container of this migration is not restored here"),
                 ));
             }
-            if let (Some(ip), Some(source)) = (migration.holding, migration.source_tunnel) {
-                through_tunnel_from(source, ip).await;
-            }
             let held = migration.release_held_ip(podman, true).await?;
             migration.save()?;
             Ok(ServerMessage::HoldReleased { held })

@@ -2,13 +2,11 @@
 //! ([`routing`]), nftables ([`nft`]), conntrack ([`conntrack`]) and their shared netlink
 //! exchange ([`nfnetlink`]), packets held during the freeze ([`hold`]), WireGuard
 //! ([`wireguard`]) and the tunnel plumbing built from them ([`overlay`]), the cgroup
-//! freezer ([`freezer`]), processes ([`process`]), ending sockets ([`sock_diag`]) and an
-//! ICMP echo ([`icmp`]).
+//! freezer ([`freezer`]), processes ([`process`]) and ending sockets ([`sock_diag`]).
 
 pub mod conntrack;
 pub mod freezer;
 pub mod hold;
-pub mod icmp;
 pub mod nfnetlink;
 pub mod nft;
 pub mod overlay;

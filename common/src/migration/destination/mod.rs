@@ -175,12 +175,6 @@ pub struct IncomingMigration {
     /// here, until the source's held packets are through (`TrafficSwitched`).
     #[serde(default)]
     pub holding: Option<Ipv4Addr>,
-    /// The source's end of the tunnel from it. An echo to it before the hold here goes
-    /// shows that the packets the source let through into the tunnel have arrived, so that
-    /// the ones held here come after them. Not journaled: after a restart the hold goes
-    /// without it.
-    #[serde(skip)]
-    pub source_tunnel: Option<Ipv4Addr>,
     /// The tunnel this host routed the container's address into until `PrepareTraffic`
     /// blackholed it: the container had moved on from here and comes back. Its address
     /// goes back into that tunnel if it does not come, and this host's forwarding of it
@@ -254,7 +248,6 @@ impl IncomingMigration {
             flows: Vec::new(),
             held_ip: None,
             holding: None,
-            source_tunnel: None,
             forwarded_via: None,
             archive_verified: false,
             ahead_of_restore: Vec::new(),
