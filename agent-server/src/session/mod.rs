@@ -367,6 +367,7 @@ async fn handle(
             }
             let held = migration.release_held_ip(podman, true).await?;
             migration.save()?;
+            tracing::info!(container = %migration.container.name, ?held, "traffic switched: the packets held here are through");
             Ok(ServerMessage::HoldReleased { held })
         }
         ClientMessage::Finish => {
