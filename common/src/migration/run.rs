@@ -487,25 +487,26 @@ pub async fn migrate(
     if let Err(e) = crate::fault::at(state_dir, "switching") {
         warnings.push(format!("{e:#}"));
     }
-    let (held_packets, switch_warnings) = source::switch_traffic(log, &host).await;
-    warnings.extend(switch_warnings);
-    // The packets held here are through: now the destination's go.
-    let held_at_destination = match tunneled.as_mut() {
-        Some(agent) => {
-            let told = async {
-                let held = agent.traffic_switched(&log.record.migration_id).await?;
-                agent.finish().await?;
-                anyhow::Ok(held)
-            };
-            told.await.unwrap_or_else(|e| {
-                warnings.push(format!(
-                    "destination not told that the traffic is switched: {e:#}"
-                ));
-                None
-            })
-        }
-        None => None,
+    // Once the packets held here are on their way, the destination's go: told through the
+    // tunnel, the message comes behind them.
+    let migration_id = log.record.migration_id.clone();
+    let tell_destination = async {
+        let Some(agent) = tunneled.as_mut() else {
+            return Ok(None);
+        };
+        let held = agent.traffic_switched(&migration_id).await?;
+        agent.finish().await?;
+        anyhow::Ok(held)
     };
+    let (held_packets, switch_warnings, told) =
+        source::switch_traffic(log, &host, tell_destination).await;
+    warnings.extend(switch_warnings);
+    let held_at_destination = told.unwrap_or_else(|e| {
+        warnings.push(format!(
+            "destination not told that the traffic is switched: {e:#}"
+        ));
+        None
+    });
     warnings.extend(source::forward_new_connections(log, &host).await);
     clock.finish(Phase::SwitchTraffic, t);
     let mut pages = streamed;

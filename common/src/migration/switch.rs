@@ -2,6 +2,7 @@
 //! address into the tunnel, new connections to its published ports after it, and the
 //! forward record that keeps them until nothing needs them.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
@@ -64,12 +65,22 @@ impl SwitchPlan {
 /// Switch traffic: flows that still arrive here for the container go through the tunnel,
 /// the packets held during the freeze first. Runs after the destination owns the
 /// container, so it is never undone; every step is idempotent, so it can be run again
-/// after a crash. Returns what the hold did, if this process held the packets. New
-/// connections follow with [`forward_new_connections`], once the destination has let its
-/// own held packets go: its hold need not wait for nftables commits here.
-pub async fn switch_traffic(plan: &SwitchPlan) -> Result<Option<HoldReport>> {
-    route_container_into(plan.container_ip, &plan.interface).await?;
-    crate::kernel::hold::release(plan.container_ip).await
+/// after a crash. Returns what the hold did, if this process held the packets, and what
+/// `then` returned: it runs once the held packets are on their way (or the switch
+/// failed), while the hold's rule goes, so that the destination, told there, lets its own
+/// held packets go without waiting for that nftables commit. New connections follow with
+/// [`forward_new_connections`], for the same reason.
+pub async fn switch_traffic<T>(
+    plan: &SwitchPlan,
+    then: impl Future<Output = T>,
+) -> (Result<Option<HoldReport>>, T) {
+    if let Err(e) = route_container_into(plan.container_ip, &plan.interface).await {
+        return (Err(e), then.await);
+    }
+    let mut releasing = crate::kernel::hold::start_release(plan.container_ip);
+    releasing.held_through().await;
+    let then = then.await;
+    (releasing.finish().await, then)
 }
 
 /// New connections to the container's published ports in the plan go through the tunnel

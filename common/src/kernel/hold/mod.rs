@@ -66,8 +66,12 @@ struct Live {
     hold_back: Option<oneshot::Sender<HeldBack>>,
 }
 
-/// Asks a hold's task to let its packets through and report.
-type Release = oneshot::Sender<Result<HoldReport>>;
+/// Asks a hold's task to let its packets through: it says when the held ones are on their
+/// way, and reports once the rule is gone and every packet through.
+struct Release {
+    held_through: oneshot::Sender<()>,
+    report: oneshot::Sender<Result<HoldReport>>,
+}
 /// Answered by a hold's task once it holds every packet it has not let through yet.
 type HeldBack = oneshot::Sender<()>;
 
@@ -194,8 +198,15 @@ async fn run_hold(
     );
     let _ = ready.send(Ok(()));
     let held = hold_packets(&mut socket, hold.queue, passing.then_some(asked), released).await;
-    if let Some((held, reply)) = held {
-        let _ = reply.send(let_through(&mut socket, &hold, held, &commits).await);
+    if let Some((
+        held,
+        Release {
+            held_through,
+            report,
+        },
+    )) = held
+    {
+        let _ = report.send(let_through(&mut socket, &hold, held, held_through, &commits).await);
     }
 }
 
@@ -203,17 +214,62 @@ async fn run_hold(
 /// address where it belongs first), and the rule goes. Without a hold of this process
 /// (it died, or none was started) only the rule, if any, is removed. Idempotent.
 pub async fn release(ip: Ipv4Addr) -> Result<Option<HoldReport>> {
+    start_release(ip).finish().await
+}
+
+/// Starts [`release`]: [`Releasing::held_through`] says when the held packets are on their
+/// way, [`Releasing::finish`] when the rule is gone too.
+pub fn start_release(ip: Ipv4Addr) -> Releasing {
     let live = LIVE.lock().expect("hold registry poisoned").remove(&ip);
+    let mut releasing = Releasing {
+        ip,
+        held_through: None,
+        report: None,
+    };
     if let Some(live) = live {
-        let (reply, report) = oneshot::channel();
-        if live.release.send(reply).is_ok() {
-            if let Ok(report) = report.await {
+        let (held_through, on_their_way) = oneshot::channel();
+        let (report, reported) = oneshot::channel();
+        if live
+            .release
+            .send(Release {
+                held_through,
+                report,
+            })
+            .is_ok()
+        {
+            releasing.held_through = Some(on_their_way);
+            releasing.report = Some(reported);
+        }
+    }
+    releasing
+}
+
+/// A [`release`] under way.
+pub struct Releasing {
+    ip: Ipv4Addr,
+    held_through: Option<oneshot::Receiver<()>>,
+    report: Option<oneshot::Receiver<Result<HoldReport>>>,
+}
+
+impl Releasing {
+    /// Returns once the packets held so far are on their way; those that meet the rule
+    /// until it is gone follow as they come, in order. At once without a live hold.
+    pub async fn held_through(&mut self) {
+        if let Some(on_their_way) = self.held_through.take() {
+            let _ = on_their_way.await;
+        }
+    }
+
+    /// Returns once the rule is gone and every packet is through, with what the hold did.
+    pub async fn finish(mut self) -> Result<Option<HoldReport>> {
+        if let Some(reported) = self.report.take() {
+            if let Ok(report) = reported.await {
                 return report.map(Some);
             }
         }
+        remove_rules(self.ip).await?;
+        Ok(None)
     }
-    remove_rules(ip).await?;
-    Ok(None)
 }
 
 /// How long the release waits for the packets that met the rule before it went.
@@ -284,6 +340,7 @@ async fn let_through(
     socket: &mut TokioSocket,
     hold: &Queue,
     mut held: Held,
+    held_through: oneshot::Sender<()>,
     commits: &tokio::runtime::Handle,
 ) -> Result<HoldReport> {
     let Queue {
@@ -298,6 +355,7 @@ async fn let_through(
     if let Some(last) = held.last_id {
         accept_up_to(socket, queue, last).await?;
     }
+    let _ = held_through.send(());
     // Removing the rule is an nftables commit, which can take tens of milliseconds: the
     // packets that still meet it meanwhile are let through as they come, so that none waits
     // in the queue while a newer one, that no longer meets the rule, overtakes it. The

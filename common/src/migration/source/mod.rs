@@ -8,6 +8,7 @@
 
 pub mod journal;
 
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -34,8 +35,12 @@ pub trait SourceActions {
     async fn ask(&self, record: &JournalRecord, patience: Duration) -> Result<Verdict>;
     async fn undo(&self, step: &Undo) -> Result<()>;
     /// Also lets the held packets through; says what the hold did, if this process held
-    /// them.
-    async fn switch_traffic(&self, plan: &SwitchPlan) -> Result<Option<HoldReport>>;
+    /// them, and what `then` returned ([`switch::switch_traffic`]).
+    async fn switch_traffic<T>(
+        &self,
+        plan: &SwitchPlan,
+        then: impl Future<Output = T>,
+    ) -> (Result<Option<HoldReport>>, T);
     /// New connections to the published ports follow the container, and the forward record
     /// is written ([`switch::forward_new_connections`]).
     async fn forward_new_connections(&self, plan: &SwitchPlan) -> Result<()>;
@@ -134,8 +139,12 @@ impl SourceActions for SourceHost<'_> {
         }
     }
 
-    async fn switch_traffic(&self, plan: &SwitchPlan) -> Result<Option<HoldReport>> {
-        switch::switch_traffic(plan).await
+    async fn switch_traffic<T>(
+        &self,
+        plan: &SwitchPlan,
+        then: impl Future<Output = T>,
+    ) -> (Result<Option<HoldReport>>, T) {
+        switch::switch_traffic(plan, then).await
     }
 
     async fn forward_new_connections(&self, plan: &SwitchPlan) -> Result<()> {
@@ -279,7 +288,7 @@ pub async fn settle(
                     reason: format!("{e:#}"),
                 };
             }
-            let (_, mut warnings) = switch_traffic(log, host).await;
+            let (_, mut warnings, ()) = switch_traffic(log, host, async {}).await;
             warnings.extend(forward_new_connections(log, host).await);
             warnings.extend(release_source(log, host, None).await);
             Resolution::RolledForward { warnings }
@@ -415,18 +424,25 @@ async fn roll_back(
     Resolution::RolledBack { problems }
 }
 
-/// The destination runs the container: route its traffic there as the journal's plan says.
-/// Returns what the packet hold did, and warnings: nothing here may undo the migration.
-pub async fn switch_traffic(
+/// The destination runs the container: route its traffic there as the journal's plan says,
+/// running `then` once the held packets are on their way ([`switch::switch_traffic`]).
+/// Returns what the packet hold did, warnings (nothing here may undo the migration), and
+/// what `then` returned.
+pub async fn switch_traffic<T>(
     log: &UndoLog,
     host: &impl SourceActions,
-) -> (Option<HoldReport>, Vec<String>) {
+    then: impl Future<Output = T>,
+) -> (Option<HoldReport>, Vec<String>, T) {
     let Some(plan) = &log.record.switch else {
-        return (None, Vec::new());
+        return (None, Vec::new(), then.await);
     };
-    match host.switch_traffic(plan).await {
-        Ok(held) => (held, Vec::new()),
-        Err(e) => (None, vec![format!("could not switch the traffic: {e:#}")]),
+    match host.switch_traffic(plan, then).await {
+        (Ok(held), then) => (held, Vec::new(), then),
+        (Err(e), then) => (
+            None,
+            vec![format!("could not switch the traffic: {e:#}")],
+            then,
+        ),
     }
 }
 

@@ -120,13 +120,19 @@ impl SourceActions for Fake {
         Ok(())
     }
 
-    async fn switch_traffic(&self, _: &SwitchPlan) -> Result<Option<HoldReport>> {
-        self.step(|w| {
-            w.switched = true;
-            w.held = false;
-            Ok(None)
-        })
-        .await
+    async fn switch_traffic<T>(
+        &self,
+        _: &SwitchPlan,
+        then: impl std::future::Future<Output = T>,
+    ) -> (Result<Option<HoldReport>>, T) {
+        let switched = self
+            .step(|w| {
+                w.switched = true;
+                w.held = false;
+                Ok(None)
+            })
+            .await;
+        (switched, then.await)
     }
 
     async fn forward_new_connections(&self, _: &SwitchPlan) -> Result<()> {
