@@ -54,7 +54,8 @@
 //!    - `TrafficSwitched` -> `HoldReleased`, after `Restored`, on the session the source
 //!      keeps through the tunnel (so that it arrives behind the packets it names): the
 //!      source has routed the container's address into the tunnel and let through the
-//!      packets it held. Packets the destination held meanwhile (those that reach it
+//!      packets it held (its hold's rule may still be going: what meets it meanwhile
+//!      follows in order). Packets the destination held meanwhile (those that reach it
 //!      directly, not through the source's tunnel) are newer: only now are they let
 //!      through, so that the container gets them after the source's, in order
 //!      ([`crate::kernel::hold`]). They are let through too if the migration's connection closes
