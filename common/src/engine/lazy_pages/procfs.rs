@@ -161,21 +161,25 @@ mod tests {
         assert!(parse_tcp_line("  sl  local_address rem_address").is_none());
     }
 
+    /// A local address of these tests' sockets, all IPv4.
+    fn v4(address: std::io::Result<SocketAddr>) -> SocketAddrV4 {
+        match address.unwrap() {
+            SocketAddr::V4(address) => address,
+            other => panic!("not IPv4: {other}"),
+        }
+    }
+
     #[test]
     fn finds_a_connection_among_a_processs_descriptors_not_its_listener() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let SocketAddr::V4(at) = listener.local_addr().unwrap() else {
-            unreachable!()
-        };
+        let at = v4(listener.local_addr());
         let me = std::process::id() as i32;
         assert!(connection_held(me, |local, _| local == at)
             .unwrap()
             .is_none());
         let client = std::net::TcpStream::connect(at).unwrap();
         let (_accepted, _) = listener.accept().unwrap();
-        let SocketAddr::V4(from) = client.local_addr().unwrap() else {
-            unreachable!()
-        };
+        let from = v4(client.local_addr());
         let held = connection_held(me, |local, _| local == at)
             .unwrap()
             .unwrap();
@@ -187,9 +191,7 @@ mod tests {
     #[test]
     fn finds_a_listener_whose_connections_take_its_options() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let SocketAddr::V4(at) = listener.local_addr().unwrap() else {
-            unreachable!()
-        };
+        let at = v4(listener.local_addr());
         let me = std::process::id() as i32;
         let other = SocketAddrV4::new(*at.ip(), at.port().wrapping_add(1));
         assert!(listener_held(me, other).unwrap().is_none());
