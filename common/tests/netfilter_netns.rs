@@ -110,9 +110,10 @@ where
 }
 
 /// Runs `body` on a fresh thread inside a fresh host namespace, joined to a fresh client
-/// namespace by a veth: `host_if` here, up and holding `host_address` (with its prefix),
-/// and `c0` there, down and without an address. `body` gets the client namespace's name.
-/// Panics in `body` are re-raised after both namespaces are deleted.
+/// namespace by a veth: `host_if` here, up, ready to send (see [`wait_until_sending`])
+/// and holding `host_address` (with its prefix), and `c0` there, up and without an
+/// address. `body` gets the client namespace's name. Panics in `body` are re-raised
+/// after both namespaces are deleted.
 fn host_and_client<F>(suffix: &str, host_if: &str, host_address: &str, body: F)
 where
     F: FnOnce(String) + Send + 'static,
@@ -138,6 +139,11 @@ where
         ]);
         ip(&["addr", "add", &host_address, "dev", &host_if]);
         ip(&["link", "set", &host_if, "up"]);
+        // The host end comes up first, without a carrier; it gets one when `c0` comes
+        // up, and can send only once the kernel's link watcher has seen that.
+        let events = link_events();
+        ip(&["-n", &client_name, "link", "set", "c0", "up"]);
+        wait_until_sending(&events, &host_if);
         body(client_name);
     })
     .join();
@@ -145,6 +151,72 @@ where
     drop(host);
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
+    }
+}
+
+/// A socket that gets the link notifications of the current network namespace.
+fn link_events() -> netlink_sys::Socket {
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+    const RTMGRP_LINK: u32 = 1;
+    let mut socket = Socket::new(NETLINK_ROUTE).expect("opening a netlink socket");
+    socket
+        .bind(&SocketAddr::new(0, RTMGRP_LINK))
+        .expect("joining the link notifications");
+    socket
+}
+
+/// Waits, on `events` (from [`link_events`], made before the carrier came), until the
+/// link `ifname` is announced operationally up. A veth end brought up while its peer is
+/// down has its transmit queue started only when its carrier comes, and then not at
+/// once: by the kernel's link watcher, a work item that runs later (on a busy machine,
+/// after the peer has already sent). Until then every packet it sends is dropped (a
+/// `noop` qdisc: QDISC_DROP), an ARP reply too, and the other side asks again only a
+/// second later. The link watcher announces the link up (RTM_NEWLINK, operstate UP)
+/// after it has started the queue.
+fn wait_until_sending(events: &netlink_sys::Socket, ifname: &str) {
+    use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+    use rtnetlink::packet_route::{
+        link::{LinkAttribute, State},
+        RouteNetlinkMessage,
+    };
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = deadline
+            .checked_duration_since(std::time::Instant::now())
+            .unwrap_or_else(|| panic!("{ifname} not announced up within 10 s"));
+        let timeout = Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut ready = [PollFd::new(events, PollFlags::IN)];
+        if poll(&mut ready, Some(&timeout)).expect("polling the link notifications") == 0 {
+            continue;
+        }
+        let (buffer, _) = events
+            .recv_from_full()
+            .expect("reading the link notifications");
+        let mut at = 0;
+        while at < buffer.len() {
+            let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buffer[at..])
+                .expect("a link notification");
+            at += message.header.length as usize;
+            let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) = message.payload
+            else {
+                continue;
+            };
+            let (mut name, mut up) = (false, false);
+            for attribute in &link.attributes {
+                match attribute {
+                    LinkAttribute::IfName(n) => name = n == ifname,
+                    LinkAttribute::OperState(state) => up = *state == State::Up,
+                    _ => {}
+                }
+            }
+            if name && up {
+                return;
+            }
+        }
     }
 }
 
@@ -412,7 +484,6 @@ fn tunnel_mark_and_forward_with_traffic() {
             enter(&client_name);
             ip(&["link", "set", "lo", "up"]);
             ip(&["addr", "add", "10.9.0.2/24", "dev", "c0"]);
-            ip(&["link", "set", "c0", "up"]);
             let s = TcpStream::connect_timeout(
                 &"10.9.0.1:8080".parse().unwrap(),
                 std::time::Duration::from_secs(5),
@@ -462,7 +533,6 @@ fn page_server_guard_lets_only_the_peer_in() {
                     ip(&["link", "set", "lo", "up"]);
                     ip(&["addr", "add", "10.9.1.2/24", "dev", "c0"]);
                     ip(&["addr", "add", "10.9.1.3/24", "dev", "c0"]);
-                    ip(&["link", "set", "c0", "up"]);
                 }
                 (connect_from(peer, server), connect_from(stranger, server))
             })
@@ -503,7 +573,6 @@ fn armed_hold_passes_then_holds_in_order() {
                 enter(&client_name);
                 if first {
                     ip(&["addr", "add", "10.9.2.2/24", "dev", "c0"]);
-                    ip(&["link", "set", "c0", "up"]);
                 }
                 let socket = std::net::UdpSocket::bind("10.9.2.2:0").unwrap();
                 for message in messages {
