@@ -172,18 +172,16 @@ async fn run_hold(
         let rule = install_rule(ip, queue, except_from.as_deref())
             .await
             .with_context(|| format!("installing the hold rule for {ip}"))?;
-        anyhow::Ok((socket, queue, rule))
+        let hold = Queue {
+            queue,
+            ip,
+            rule,
+            bound,
+        };
+        anyhow::Ok((socket, hold))
     };
     let (mut socket, hold) = match set_up.await {
-        Ok((socket, queue, rule)) => (
-            socket,
-            Queue {
-                queue,
-                ip,
-                rule,
-                bound,
-            },
-        ),
+        Ok(set_up) => set_up,
         Err(e) => return drop(ready.send(Err(e))),
     };
     let (release, released) = oneshot::channel();
