@@ -39,6 +39,11 @@ wait_for() { # FILE PATTERN TENTHS
     return 1
 }
 
+# The memhog processes in the namespace: the dumped copy, and after the restore its successor.
+memhogs() {
+    for p in $(ip netns pids "$NS"); do [ "$(cat "/proc/$p/comm")" = memhog ] && echo "$p"; done
+}
+
 # CRIU's own log clock, in seconds: the line's "(SS.UUUUUU)" prefix.
 log_time() { grep -m1 "$2" "$1" | sed -E 's/^\(([0-9.]+)\).*/\1/'; }
 
@@ -58,8 +63,7 @@ one_move() {
         unshare --pid --fork setsid "$MEMHOG" >"$dir/out.log" 2>&1 </dev/null &)
     wait_for "$dir/out.log" "memhog: ready" 600 || exit 1
     local pid
-    pid=$(for p in $(ip netns pids "$NS"); do
-        [ "$(cat "/proc/$p/comm")" = memhog ] && echo "$p"; done | head -1)
+    pid=$(memhogs | head -1)
     in_ns env CRIU_LAZY_FROM_TASK="$from_task" "$CRIU" dump -t "$pid" -D "$dir/img" \
         -o dump.log -v4 --lazy-pages --address 127.0.0.1 --port "$port" --shell-job &
     local dump=$!
@@ -74,8 +78,7 @@ one_move() {
     wait "$dump" || fail "dump (serving the pages)" "$dir/img/dump.log"
     wait "$lazy" || fail lazy-pages "$dir/img/lazy.log"
     local restored
-    restored=$(for p in $(ip netns pids "$NS"); do
-        [ "$(cat "/proc/$p/comm")" = memhog ] && [ "$p" != "$pid" ] && echo "$p"; done | head -1)
+    restored=$(memhogs | grep -vx "$pid" | head -1)
     [ -n "$restored" ] || fail "finding the restored memhog" "$dir/out.log"
     kill -USR1 "$restored"
     wait_for "$dir/out.log" "memhog: verify" 1200 || exit 1
